@@ -1,0 +1,1 @@
+"""Cameras and renderers: volume (NeRF) and mesh rasterization."""
