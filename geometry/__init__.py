@@ -1,0 +1,1 @@
+"""Geometry: hash-grid encoding, NeRF field, tetrahedral grids, marching tetrahedra and DMTet."""
