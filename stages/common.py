@@ -1,0 +1,60 @@
+"""What every stage shares: progress events, cancellation, and turning tensors into preview images."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepEvent:
+    """One report of a stage's progress, sent to the caller's callback."""
+
+    stage: str  # "coarse", "refine" or "export"
+    step: int  # steps done so far (1-based after the first step)
+    total: int  # steps the stage will take
+    loss: float | None = None  # the step's total loss
+    preview: np.ndarray | None = None  # [H, W, 3] uint8 image, when one was rendered this step
+    message: str = ""  # a short human-readable line
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent per part of the step
+
+
+Callback = Callable[[StepEvent], None]
+StopCheck = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """The caller asked the run to stop (the app's Cancel button)."""
+
+
+class StageError(RuntimeError):
+    """A stage failed at a known step; the message names the stage, the step and the cause."""
+
+    def __init__(self, stage: str, step: int, cause: str):
+        super().__init__(f"{stage} stage failed at step {step}: {cause}")
+        self.stage, self.step, self.cause = stage, step, cause
+
+
+def check_stop(should_stop: StopCheck | None, stage: str, step: int) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled(f"{stage} stage cancelled at step {step}")
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """[H, W, 3] float in [0, 1] -> [H, W, 3] uint8."""
+    return (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def image_grid(images: Tensor, columns: int | None = None) -> np.ndarray:
+    """[N, H, W, 3] float in [0, 1] -> one [rows*H, columns*W, 3] uint8 mosaic."""
+    n, h, w, c = images.shape
+    columns = columns or n
+    rows = (n + columns - 1) // columns
+    canvas = torch.ones(rows * h, columns * w, c, dtype=images.dtype, device=images.device)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = images[i]
+    return to_uint8(canvas)
