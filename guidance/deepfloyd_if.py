@@ -1,0 +1,130 @@
+"""DeepFloyd IF stage I as a frozen pixel-space guidance model (64 px).
+
+Loads the stage-I UNet, the T5 text encoder and tokenizer and the noise schedule from
+a diffusers IF folder or hub id (layout of diffusers' IFPipeline: unet/, text_encoder/,
+tokenizer/, scheduler/). The UNet predicts 2 x 3 channels: the noise and a learned
+variance; SDS uses the noise only. The hub repository is gated.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+from torch import Tensor
+
+from guidance.hub import (
+    DEFAULT_IF_MODEL_ID,
+    GuidanceLoadError,
+    incomplete_folder_error,
+    load_component,
+    load_error,
+    missing_subfolders,
+    resolve_local_files_only,
+)
+from guidance.stable_diffusion import PREDICTION_TYPES, default_dtype, epsilon_from_prediction, freeze
+
+IF_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")  # the stage-I parts SDS needs
+MAX_PROMPT_TOKENS = 77  # IF's T5 prompt length (as in diffusers' IFPipeline)
+GATED_NOTE = (
+    f" DeepFloyd IF is gated: accept its licence on https://huggingface.co/{DEFAULT_IF_MODEL_ID} "
+    "(logged in) and set HF_TOKEN to a token of that account."
+)
+
+
+class DeepFloydIFGuidance:
+    """Frozen DeepFloyd IF stage I: `encode_prompt`, `predict_noise` (epsilon) on 64 px pixels."""
+
+    space = "pixel"  # SDS runs on the image in [-1, 1]
+    default_guidance_scale = 20.0  # IF needs a far lower CFG scale than SD for SDS
+    view_dependent_uncond = False  # the empty prompt needs no view word
+
+    def __init__(
+        self,
+        model_id: str | os.PathLike = DEFAULT_IF_MODEL_ID,  # hub id or local folder in the diffusers IF layout
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,  # None: fp16 on CUDA, fp32 elsewhere
+        local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE
+    ):
+        self.model_id = str(model_id)
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else default_dtype(self.device)
+        offline = resolve_local_files_only(local_files_only)
+        if os.path.isdir(self.model_id):
+            missing = missing_subfolders(self.model_id, IF_SUBFOLDERS)
+            if missing:
+                raise incomplete_folder_error(self.model_id, "DeepFloyd IF", missing)
+        try:
+            self._load(offline)
+        except GuidanceLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
+            note = "" if os.path.isdir(self.model_id) else GATED_NOTE
+            raise load_error(self.model_id, "DeepFloyd IF", exc, DEFAULT_IF_MODEL_ID, note=note) from exc
+
+    def _load(self, local_files_only: bool) -> None:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        half = self.dtype == torch.float16
+        common = {"local_files_only": local_files_only}
+        # The UNet first: a wrong id, a gated repository or no network fails here, before the T5 download.
+        unet = load_component(
+            UNet2DConditionModel, self.model_id, "unet", fp16_variant=half, torch_dtype=self.dtype, **common
+        )
+        text_encoder = load_component(
+            T5EncoderModel, self.model_id, "text_encoder", fp16_variant=half, dtype=self.dtype, **common
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, subfolder="tokenizer", **common)
+        scheduler = DDPMScheduler.from_pretrained(self.model_id, subfolder="scheduler", **common)
+
+        self.unet = freeze(unet, self.device)
+        self.text_encoder = freeze(text_encoder, self.device)
+        self.channels = self.unet.config.in_channels  # 3: RGB
+        if self.unet.config.out_channels < self.channels:
+            raise ValueError(
+                f"the IF UNet must predict at least in_channels={self.channels} channels, "
+                f"got out_channels={self.unet.config.out_channels}"
+            )
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type must be one of {list(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T]
+        sample_size = self.unet.config.sample_size
+        self.resolution = sample_size if isinstance(sample_size, int) else int(sample_size[0])  # 64 for IF-I
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> Tensor:  # [N, 77, D] T5 hidden states
+        if self.text_encoder is None:
+            raise RuntimeError("encode_prompt needs the text encoder, but release_text_encoder() was called")
+        # IFPipeline's text preprocessing without caption cleaning: lower case, no outer spaces.
+        tokens = self.tokenizer(
+            [text.lower().strip() for text in texts],
+            padding="max_length",
+            max_length=MAX_PROMPT_TOKENS,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device))
+        return hidden[0]
+
+    def predict_noise(
+        self,
+        x_t: Tensor,  # [B, 3, 64, 64] noisy image
+        t: Tensor,  # [B] integer timesteps
+        cond: Tensor,  # [B, 77, D] from encode_prompt
+    ) -> Tensor:  # [B, 3, 64, 64] predicted noise, in x_t's dtype
+        t = t.to(self.device)
+        output = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        prediction = output[:, : self.channels]  # the rest is the learned variance
+        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return epsilon_from_prediction(prediction.float(), x_t.float(), alpha_bar, self.prediction_type).to(x_t.dtype)
+
+    def release_text_encoder(self) -> None:
+        """Drop the T5 encoder once the prompts are embedded (about 9 GB in fp16 for IF)."""
+        self.text_encoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

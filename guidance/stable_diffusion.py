@@ -1,0 +1,155 @@
+"""Stable Diffusion as a frozen latent-space guidance model (diffusers components).
+
+Loads the UNet, VAE, CLIP text encoder, tokenizer and the noise schedule of a diffusers
+pipeline folder or hub id (default: the SD 2.1 base community mirror). Nothing is
+trained: every module is frozen and in eval mode. The SDS loss lives in guidance/sds.py.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+from torch import Tensor
+
+from guidance.hub import (
+    DEFAULT_SD_MODEL_ID,
+    GuidanceLoadError,
+    incomplete_folder_error,
+    load_component,
+    load_error,
+    missing_subfolders,
+    resolve_local_files_only,
+)
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # diffusers layout of the parts we load
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPU fp16 is slow or unsupported)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def freeze(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move to `device`, eval mode, no parameter gradients."""
+    module.to(device)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def epsilon_from_prediction(
+    prediction: Tensor,  # [B, C, h, w] the UNet's output
+    x_t: Tensor,  # [B, C, h, w] the noisy input
+    alpha_bar: Tensor,  # [B, 1, 1, 1] cumulative alpha at t
+    prediction_type: str,  # the scheduler's prediction_type
+) -> Tensor:  # [B, C, h, w] the noise
+    """Convert a v- or x0-prediction to the noise, from x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    if prediction_type == "epsilon":
+        return prediction
+    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0
+        return alpha_bar.sqrt() * prediction + (1.0 - alpha_bar).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - alpha_bar.sqrt() * prediction) / (1.0 - alpha_bar).sqrt()
+    raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+class StableDiffusionGuidance:
+    """Frozen Stable Diffusion: `encode_prompt`, `encode_images`, `predict_noise` (epsilon)."""
+
+    space = "latent"  # SDS runs on VAE latents
+    default_guidance_scale = 100.0  # DreamFusion's CFG scale for SDS
+    view_dependent_uncond = False  # the empty prompt needs no view word
+
+    def __init__(
+        self,
+        model_id: str | os.PathLike = DEFAULT_SD_MODEL_ID,  # hub id or local folder in the diffusers layout
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,  # None: fp16 on CUDA, fp32 elsewhere
+        local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE
+    ):
+        self.model_id = str(model_id)
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else default_dtype(self.device)
+        offline = resolve_local_files_only(local_files_only)
+        if os.path.isdir(self.model_id):
+            missing = missing_subfolders(self.model_id, SD_SUBFOLDERS)
+            if missing:
+                raise incomplete_folder_error(self.model_id, "Stable Diffusion", missing)
+        try:
+            self._load(offline)
+        except GuidanceLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
+            raise load_error(self.model_id, "Stable Diffusion", exc, DEFAULT_SD_MODEL_ID) from exc
+
+    def _load(self, local_files_only: bool) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        half = self.dtype == torch.float16
+        common = {"local_files_only": local_files_only}
+        # The UNet first: a wrong id or a missing network fails here, before the big downloads.
+        unet = load_component(
+            UNet2DConditionModel, self.model_id, "unet", fp16_variant=half, torch_dtype=self.dtype, **common
+        )
+        vae = load_component(AutoencoderKL, self.model_id, "vae", fp16_variant=half, torch_dtype=self.dtype, **common)
+        text_encoder = load_component(
+            CLIPTextModel, self.model_id, "text_encoder", fp16_variant=half, dtype=self.dtype, **common
+        )
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.model_id, subfolder="tokenizer", **common)
+        # Any scheduler config of the repository (PNDM, DDIM, ...) gives the same training schedule.
+        scheduler = DDPMScheduler.from_pretrained(self.model_id, subfolder="scheduler", **common)
+
+        self.unet = freeze(unet, self.device)
+        self.vae = freeze(vae, self.device)
+        self.text_encoder = freeze(text_encoder, self.device)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type must be one of {list(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T]
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        sample_size = self.unet.config.sample_size
+        sample_size = sample_size if isinstance(sample_size, int) else int(sample_size[0])
+        self.resolution = sample_size * vae_scale  # 512 for SD 2.1 base (64 latents x 8)
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> Tensor:  # [N, 77, D] CLIP hidden states
+        if self.text_encoder is None:
+            raise RuntimeError("encode_prompt needs the text encoder, but release_text_encoder() was called")
+        tokens = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def encode_images(
+        self,
+        images: Tensor,  # [B, 3, H, W] in [0, 1] at `resolution`, differentiable
+    ) -> Tensor:  # [B, 4, H/8, W/8] scaled latents, in the model dtype
+        # The posterior mean: deterministic, and the VAE's posterior std is tiny anyway.
+        posterior = self.vae.encode((images * 2.0 - 1.0).to(self.dtype)).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    def predict_noise(
+        self,
+        x_t: Tensor,  # [B, 4, h, w] noisy latents
+        t: Tensor,  # [B] integer timesteps
+        cond: Tensor,  # [B, 77, D] from encode_prompt
+    ) -> Tensor:  # [B, 4, h, w] predicted noise, in x_t's dtype
+        t = t.to(self.device)
+        prediction = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return epsilon_from_prediction(prediction.float(), x_t.float(), alpha_bar, self.prediction_type).to(x_t.dtype)
+
+    def release_text_encoder(self) -> None:
+        """Drop the text encoder once the prompts are embedded (about 0.7 GB for SD 2.1)."""
+        self.text_encoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
