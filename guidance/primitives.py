@@ -1,0 +1,171 @@
+"""The primitives prior: an exact, closed-form diffusion denoiser over libraries of renders.
+
+For a prompt "a <color> <shape>, <view> view" the data distribution is the empirical one of
+its library images x_i (see `primitive_shapes.py`). Given x_t = sqrt(a) x0 + sqrt(1 - a) e,
+the posterior over which image was noised is softmax_i(-|x_t - sqrt(a) x_i|^2 / (2 (1 - a))),
+so E[x0 | x_t] = sum_i softmax_i x_i exactly, and eps_hat = (x_t - sqrt(a) E[x0 | x_t]) / sqrt(1 - a).
+The unconditional branch (empty prompt plus a view word) is the union of every prompt's
+library for that view word. The model sees only x_t, t and the text: never a camera.
+
+Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with A_k = 1 - 2 alpha
+and B_k = 2 alpha_shade of render k, so distances and posterior means for every color come
+from two matrix products per query instead of materialising shapes x colors x renders images.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from guidance.primitive_shapes import (
+    COLORS,
+    SHAPES,
+    LibraryConfig,
+    load_library,
+    parse_prompt,
+    prompt_text,
+)
+from renderers.cameras import VIEW_WORDS, CameraConfig
+
+
+def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """The standard DDPM linear schedule's cumulative products of alphas: [num_steps]."""
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class PrimitivesPrior:
+    """Offline pixel-space guidance model for prompts like 'a red cube' (no weights, no download)."""
+
+    space = "pixel"
+    default_guidance_scale = 100.0
+    view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        resolution: int = 64,  # library image side, px
+        renders_per_view: int = 96,  # K renders per shape and view word
+        camera: CameraConfig | None = None,  # the stages' camera distribution (never individual poses)
+        ambient: float = 0.3,  # ambient share of the library's Lambertian shading
+        cache: str | None = None,  # cache folder; None = the user cache folder
+        log=print,
+    ):
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.dtype = dtype
+        self.resolution = resolution
+        self.library_config = LibraryConfig(
+            resolution=resolution, renders_per_view=renders_per_view, ambient=ambient,
+            camera=camera if camera is not None else CameraConfig(),
+        )
+        library = load_library(self.library_config, cache=cache, log=log)
+        # Library tensors in float64: at small t the logits scale like 1 / (1 - a) and float32 cancels.
+        # View-major layout, so that one view word's renders of every shape are contiguous.
+        alpha = library["alpha"].to(self.device, torch.float64).flatten(-2).transpose(0, 1)  # [V, S, K, P]
+        alpha_shade = library["alpha_shade"].to(self.device, torch.float64).flatten(-2).transpose(0, 1)
+        self.lib_a = (1.0 - 2.0 * alpha).contiguous()  # [V, S, K, P]
+        self.lib_b = (2.0 * alpha_shade).contiguous()  # [V, S, K, P]
+        self.colors = torch.tensor(list(COLORS.values()), dtype=torch.float64, device=self.device)  # [C, 3]
+        # |x_i|^2 over 3 channels for every render and color: [V, S, K, C]
+        aa = (self.lib_a**2).sum(-1)[..., None]
+        ab = (self.lib_a * self.lib_b).sum(-1)[..., None]
+        bb = (self.lib_b**2).sum(-1)[..., None]
+        c_sum, c_sq = self.colors.sum(-1), (self.colors**2).sum(-1)
+        self.lib_norm2 = 3.0 * aa + 2.0 * c_sum * ab + c_sq * bb
+        self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)  # [T]
+        self.num_train_timesteps = self.alphas_cumprod.shape[0]
+
+    # ---- the guidance interface -------------------------------------------------------------
+    def encode_prompt(self, texts: list[str]) -> Tensor:
+        """Texts -> [N, 3] long: (shape index, color index, view index), -1 = any (unconditional / all views)."""
+        rows = []
+        for text in texts:
+            color, shape, view = parse_prompt(text)
+            rows.append(
+                (
+                    SHAPES.index(shape) if shape is not None else -1,
+                    list(COLORS).index(color) if color is not None else -1,
+                    VIEW_WORDS.index(view) if view is not None else -1,
+                )
+            )
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def predict_noise(
+        self,
+        x_t: Tensor,  # [B, 3, R, R] noisy images in [-1, 1] space
+        t: Tensor,  # [B] integer timesteps in [0, T)
+        cond: Tensor,  # [B, 3] from encode_prompt
+    ) -> Tensor:
+        """eps_hat [B, 3, R, R], exactly consistent with the posterior mean."""
+        x0_hat = self.posterior_mean(x_t, t, cond)
+        a = self.alphas_cumprod[t.long()].to(torch.float64).view(-1, 1, 1, 1)
+        eps = (x_t.to(torch.float64) - a.sqrt() * x0_hat.to(torch.float64)) / (1.0 - a).sqrt()
+        return eps.to(x_t.dtype)
+
+    def posterior_mean(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """E[x0 | x_t, prompt] [B, 3, R, R]."""
+        self._check_images(x_t)
+        if t.shape[0] != x_t.shape[0] or cond.shape[0] != x_t.shape[0]:
+            raise ValueError(f"x_t, t and cond must share the batch size, got {x_t.shape[0]}, {t.shape[0]}, {cond.shape[0]}")
+        out = []
+        for b in range(x_t.shape[0]):
+            weights_a, weights_b, a_sel, b_sel = self._posterior(x_t[b], int(t[b]), cond[b])
+            mean = weights_a @ a_sel + weights_b @ b_sel  # [3, P]
+            out.append(mean.view(3, self.resolution, self.resolution))
+        return torch.stack(out).to(x_t.dtype)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _check_images(self, x: Tensor) -> None:
+        expected = (3, self.resolution, self.resolution)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
+
+    def _select(self, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The renders and colors a condition covers: A, B [N, P], norm2 [N, C'], colors [C', 3]."""
+        shape, color, view = (int(v) for v in cond.tolist())
+        shapes = slice(None) if shape < 0 else slice(shape, shape + 1)
+        views = slice(None) if view < 0 else slice(view, view + 1)
+        colors = slice(None) if color < 0 else slice(color, color + 1)
+        a_sel = self.lib_a[views, shapes].reshape(-1, self.lib_a.shape[-1])
+        b_sel = self.lib_b[views, shapes].reshape(-1, self.lib_b.shape[-1])
+        norm2 = self.lib_norm2[views, shapes][..., colors].reshape(a_sel.shape[0], -1)
+        return a_sel, b_sel, norm2, self.colors[colors]
+
+    def _posterior(self, x: Tensor, t: int, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        a_sel, b_sel, norm2, colors = self._select(cond)
+        alpha_bar = float(self.alphas_cumprod[t])
+        scale, var = alpha_bar**0.5, 1.0 - alpha_bar
+        x = x.to(torch.float64).reshape(3, -1)  # [3, P]
+        dot_a = x.sum(0) @ a_sel.T  # [N]
+        dot_b = x @ b_sel.T  # [3, N]
+        dot = dot_a[:, None] + dot_b.T @ colors.T  # [N, C']
+        dist = (x**2).sum() - 2.0 * scale * dot + alpha_bar * norm2
+        w = torch.softmax((-dist / (2.0 * var)).flatten(), dim=0).view_as(dist)  # [N, C']
+        weights_a = w.sum(-1).expand(3, -1)  # [3, N]: every channel carries A_k
+        weights_b = (w @ colors).T  # [3, N]: channel ch carries color_ch * B_k
+        return weights_a, weights_b, a_sel, b_sel
+
+    # ---- evaluation helpers -----------------------------------------------------------------
+    def classify(self, images: Tensor, view_words: list[str], noise_level: float = 0.2) -> list[str]:
+        """The vocabulary prompt each clean image [B, H, W, 3] in [0, 1] most likely shows.
+
+        Scores each prompt by the log-likelihood of the image under a Gaussian of std
+        `noise_level` (in [-1, 1] units) around that prompt's library for the view word.
+        """
+        x = (2.0 * images.permute(0, 3, 1, 2) - 1.0).to(self.device)
+        x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        names = [(c, s) for s in SHAPES for c in COLORS]
+        result = []
+        for b, word in enumerate(view_words):
+            v = VIEW_WORDS.index(word)
+            scores = []
+            for color, shape in names:
+                cond = torch.tensor([SHAPES.index(shape), list(COLORS).index(color), v], device=self.device)
+                a_sel, b_sel, norm2, colors = self._select(cond)
+                xf = x[b].to(torch.float64).reshape(3, -1)
+                dot = xf.sum(0) @ a_sel.T + (xf @ b_sel.T).T @ colors.T[:, 0]
+                dist = (xf**2).sum() - 2.0 * dot + norm2[:, 0]
+                scores.append(torch.logsumexp(-dist / (2.0 * noise_level**2), dim=0))
+            best = int(torch.stack(scores).argmax())
+            result.append(prompt_text(*names[best]))
+        return result

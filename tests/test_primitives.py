@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from guidance.primitive_shapes import (
+    COLORS,
+    SHAPES,
+    UnknownPromptError,
+    parse_prompt,
+    primitive_mesh,
+    prompts,
+)
+from guidance.primitives import PrimitivesPrior
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory):
+    # A small library (16 renders per view at 32 px) keeps the test fast; the math is the same.
+    cache = tmp_path_factory.mktemp("prim-cache")
+    return PrimitivesPrior(resolution=32, renders_per_view=16, cache=str(cache), log=lambda *_: None)
+
+
+def _library_image(prior, shape, color, view, k):
+    s, v = SHAPES.index(shape), ["front", "side", "back", "overhead"].index(view)
+    c = torch.tensor(COLORS[color], dtype=torch.float64)
+    a, b = prior.lib_a[v, s, k], prior.lib_b[v, s, k]  # [P]
+    img = a[None] + b[None] * c[:, None]  # [3, P]
+    return img.view(3, prior.resolution, prior.resolution).float()
+
+
+def test_parse_prompt_and_vocabulary():
+    assert parse_prompt("a red cube") == ("red", "cube", None)
+    assert parse_prompt("An Orange Torus, side view") == ("orange", "torus", "side")
+    assert parse_prompt("a grey ball, overhead view") == ("gray", "sphere", "overhead")
+    assert parse_prompt(", front view") == (None, None, "front")
+    assert parse_prompt("") == (None, None, None)
+    assert len(prompts()) == len(SHAPES) * len(COLORS) >= 48
+    for bad in ["a ceramic teapot", "a red", "red cube cube", "a magenta cube", "a red cube, diagonal view"]:
+        with pytest.raises(UnknownPromptError) as err:
+            parse_prompt(bad)
+        # The error lists the vocabulary.
+        assert "sphere" in str(err.value) and "capsule" in str(err.value) and "purple" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "shape, extent",
+    [("sphere", (1.0, 1.0, 1.0)), ("cube", (0.8, 0.8, 0.8)), ("cylinder", (0.8, 0.8, 0.8)),
+     ("cone", (0.9, 0.9, 0.9)), ("torus", (1.1, 1.1, 0.3)), ("capsule", (0.6, 0.6, 1.0))],
+)
+def test_canonical_meshes(shape, extent):
+    mesh = primitive_mesh(shape)
+    assert mesh.is_watertight
+    torch.testing.assert_close(torch.tensor(mesh.extents), torch.tensor(extent, dtype=torch.float64), atol=0.01, rtol=0)
+    centre = (mesh.bounds[0] + mesh.bounds[1]) / 2
+    assert abs(centre).max() < 1e-6  # centred at the origin (the cone: base -0.45, apex +0.45)
+
+
+def test_library_shapes_and_content(prior):
+    v, s, k, p = prior.lib_a.shape
+    assert (v, s, k, p) == (4, len(SHAPES), 16, 32 * 32)
+    img = _library_image(prior, "cube", "red", "front", 0)
+    # White background at the border, a red-dominant object in the middle.
+    assert img[:, 0, 0].min() > 0.99
+    centre = img[:, 14:18, 14:18].mean(dim=(1, 2))
+    assert centre[0] > centre[1] + 0.3 and centre[0] > centre[2] + 0.3
+
+
+def test_cache_is_reused(tmp_path):
+    logs = []
+    PrimitivesPrior(resolution=16, renders_per_view=4, cache=str(tmp_path), log=logs.append)
+    PrimitivesPrior(resolution=16, renders_per_view=4, cache=str(tmp_path), log=logs.append)
+    assert len(logs) == 1 and "built library" in logs[0]
+    assert len(list(tmp_path.glob("library-*.pt"))) == 1
+
+
+def test_posterior_mean_small_t_returns_the_image(prior):
+    x0 = _library_image(prior, "torus", "blue", "side", 3)[None]
+    cond = prior.encode_prompt(["a blue torus, side view"])
+    t = torch.tensor([10])
+    a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0_hat = prior.posterior_mean(x_t, t, cond)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=0)
+    # Under the unconditional branch (all prompts of the view) it is also recovered.
+    x0_hat_u = prior.posterior_mean(x_t, t, prior.encode_prompt([", side view"]))
+    torch.testing.assert_close(x0_hat_u, x0, atol=1e-4, rtol=0)
+
+
+def test_posterior_mean_large_t_tends_to_library_mean(prior):
+    cond = prior.encode_prompt(["a green capsule, front view"])
+    t = torch.tensor([999])
+    x_t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x0_hat = prior.posterior_mean(x_t, t, cond)
+    lib = torch.stack([_library_image(prior, "capsule", "green", "front", k) for k in range(16)])
+    torch.testing.assert_close(x0_hat[0], lib.mean(0), atol=0.05, rtol=0)
+
+
+def test_predict_noise_is_consistent_with_x_t(prior):
+    cond = prior.encode_prompt(["a yellow cone, back view", ", overhead view"])
+    t = torch.tensor([300, 700])
+    x_t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    eps = prior.predict_noise(x_t, t, cond)
+    x0_hat = prior.posterior_mean(x_t, t, cond)
+    a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(a.sqrt() * x0_hat + (1 - a).sqrt() * eps, x_t, atol=1e-4, rtol=0)
+    assert torch.isfinite(eps).all()
+
+
+def test_prompt_changes_the_prediction(prior):
+    x_t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([400])
+    red = prior.posterior_mean(x_t, t, prior.encode_prompt(["a red sphere, front view"]))
+    blue = prior.posterior_mean(x_t, t, prior.encode_prompt(["a blue sphere, front view"]))
+    # Centre pixels follow the prompt's color.
+    assert red[0, 0, 12:20, 12:20].mean() > red[0, 2, 12:20, 12:20].mean() + 0.3
+    assert blue[0, 2, 12:20, 12:20].mean() > blue[0, 0, 12:20, 12:20].mean() + 0.3
+
+
+def test_classify_recognises_library_renders(prior):
+    imgs = torch.stack([
+        _library_image(prior, "cylinder", "purple", "side", 5),
+        _library_image(prior, "sphere", "orange", "front", 2),
+    ]).permute(0, 2, 3, 1) * 0.5 + 0.5
+    assert prior.classify(imgs, ["side", "front"]) == ["a purple cylinder", "an orange sphere"]
+
+
+def test_unknown_words_and_bad_shapes_raise(prior):
+    with pytest.raises(UnknownPromptError, match="torus"):
+        prior.encode_prompt(["a ceramic teapot"])
+    with pytest.raises(ValueError, match="images must be"):
+        prior.predict_noise(torch.zeros(1, 3, 16, 16), torch.tensor([5]), prior.encode_prompt(["a red cube"]))
