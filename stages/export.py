@@ -1,0 +1,433 @@
+"""Export: clean a mesh, unwrap it with xatlas, bake its colour field into a texture, and
+write OBJ + MTL + PNG, GLB, a zip of the OBJ set and a turntable video.
+
+The input is generic (vertices, faces and a colour function), so the refined DMTet mesh and
+a mesh extracted from the coarse NeRF export the same way.
+
+Frames: the input lives in the +z-up training frame; every exported file is Y-up (glTF),
+converted by the rotation `to_y_up` (inverse `from_y_up`). The training front (+x, azimuth 0)
+stays on +x.
+
+Texture layout: the baked texture is stored in memory as nvdiffrast sees it (row 0 is v = 0);
+OBJ puts v = 0 on the bottom row of the image, so the PNG is that array flipped vertically.
+trimesh flips v again when it writes the GLB (glTF puts v = 0 on the top row).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from renderers.cameras import orbit_cameras, to_clip
+from renderers.raster import antialias, interpolate, rasterize, texture
+from stages.common import Callback, StepEvent, StopCheck, check_stop
+
+FILE_NAMES = {  # ExportResult.paths keys -> fixed file names
+    "obj": "model.obj", "mtl": "model.mtl", "texture": "texture_kd.png",
+    "glb": "model.glb", "zip": "model.zip", "turntable": "turntable.mp4",
+}
+_ATLAS_FILL_GUESS = 0.7  # expected xatlas utilisation, sizes the atlas near texture_size
+_RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
+
+
+@dataclass
+class ExportConfig:
+    texture_size: int = 1024  # baked texture width = height, texels
+    target_faces: int = 60_000  # decimate (quadric) meshes with more faces than this; 0 = never
+    min_component_ratio: float = 0.01  # drop pieces whose face count and area are both below this fraction of the largest piece's
+    merge_distance: float = 1e-6  # vertices closer than this merge, world units
+    dilation_iterations: int = 16  # texel rings around the charts that copy the nearest chart texel (hides seams); the rest gets the mean colour
+    bake_chunk_size: int = 65536  # surface points per albedo_fn call
+    uv_faces_per_chart: int = 250  # caps an xatlas chart's area at about this many faces' worth; smaller = faster unwrap, more seams; 0 = no cap
+    uv_padding: int = 2  # empty texels between xatlas charts
+    uv_max_iterations: int = 0  # xatlas chart-optimisation iterations; 1 made a noisy 60k-face unwrap ~4x slower
+    turntable: bool = True  # render turntable.mp4
+    turntable_frames: int = 60  # frames of the 360-degree orbit
+    turntable_fps: int = 24  # frames per second
+    turntable_resolution: int = 256  # frame width = height, px, a multiple of 16
+    turntable_elevation: float = 15.0  # camera elevation above the xy plane, degrees
+
+    def check(self) -> None:
+        for name in ("texture_size", "bake_chunk_size", "turntable_frames", "turntable_fps", "turntable_resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("target_faces", "dilation_iterations", "uv_faces_per_chart", "uv_padding", "uv_max_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.texture_size < 8:
+            raise ValueError(f"texture_size must be >= 8, got {self.texture_size}")
+        if 0 < self.target_faces < 4:
+            raise ValueError(f"target_faces must be 0 (off) or >= 4, got {self.target_faces}")
+        if not 0.0 <= self.min_component_ratio < 1.0:
+            raise ValueError(f"min_component_ratio must be in [0, 1), got {self.min_component_ratio}")
+        if not self.merge_distance > 0:
+            raise ValueError(f"merge_distance must be > 0, got {self.merge_distance}")
+        if self.turntable_resolution % 16:
+            raise ValueError(f"turntable_resolution must be a multiple of 16, got {self.turntable_resolution}")
+        if not -90.0 < self.turntable_elevation < 90.0:
+            raise ValueError(f"turntable_elevation must be in (-90, 90) degrees, got {self.turntable_elevation}")
+
+
+@dataclass
+class ExportResult:
+    paths: dict[str, str | None]  # FILE_NAMES keys -> written path; "turntable" is None when off
+    timings: dict[str, float] = field(default_factory=dict)  # clean, unwrap, bake, write, turntable -> seconds
+    num_faces: int = 0  # faces of the exported mesh
+    num_vertices: int = 0  # vertices of the exported mesh (split along UV seams)
+
+
+# --------------------------------------------------------------------------- frames
+def to_y_up(points: np.ndarray) -> np.ndarray:
+    """+z-up training frame -> Y-up export frame: (x, y, z) -> (x, z, -y), a rotation."""
+    return np.stack([points[..., 0], points[..., 2], -points[..., 1]], axis=-1)
+
+
+def from_y_up(points: np.ndarray) -> np.ndarray:
+    """Inverse of `to_y_up`: (x, y, z) -> (x, -z, y)."""
+    return np.stack([points[..., 0], -points[..., 2], points[..., 1]], axis=-1)
+
+
+# --------------------------------------------------------------------------- cleaning
+def _face_areas(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+
+
+def _drop_degenerate(v: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove faces with repeated or collinear vertices, duplicate faces and unused vertices."""
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    scale = float(np.ptp(v, axis=0).max()) if len(v) else 0.0
+    f = f[_face_areas(v, f) > 1e-12 * scale**2]
+    _, first = np.unique(np.sort(f, axis=1), axis=0, return_index=True)
+    f = f[np.sort(first)]
+    used, f = np.unique(f, return_inverse=True)
+    return v[used], f.reshape(-1, 3)
+
+
+def clean_mesh(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    min_component_ratio: float,
+    merge_distance: float,
+) -> tuple[np.ndarray, np.ndarray]:  # ([V', 3] float64, [F', 3] int64)
+    """Merge duplicate vertices, drop degenerate faces and tiny disconnected pieces."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    # 1. Weld vertices on a grid of merge_distance (pairs straddling a grid line stay apart).
+    key = np.round(vertices / merge_distance).astype(np.int64)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    v, f = vertices[first].astype(np.float64), inverse.reshape(-1)[faces].astype(np.int64)
+    v, f = _drop_degenerate(v, f)
+    if len(f) == 0 or min_component_ratio == 0:
+        return v, f
+    # 2. Connected pieces through shared vertices; keep a piece when its faces or its area reach the ratio.
+    edges = np.concatenate([f[:, :2], f[:, 1:]])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(v), len(v)))
+    _, labels = connected_components(graph, directed=False)
+    face_label = labels[f[:, 0]]
+    counts = np.bincount(face_label)
+    areas = np.bincount(face_label, weights=_face_areas(v, f))
+    keep = (counts >= min_component_ratio * counts.max()) | (areas >= min_component_ratio * areas.max())
+    return _drop_degenerate(v, f[keep[face_label]])
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric edge-collapse decimation to about `target_faces` (package fast-simplification)."""
+    if target_faces == 0 or len(faces) <= target_faces:
+        return vertices, faces
+    try:
+        from fast_simplification import simplify
+    except ImportError as err:
+        raise ImportError("decimation needs `pip install fast-simplification` (or set target_faces=0)") from err
+    v, f = simplify(vertices.astype(np.float64), faces.astype(np.int64), target_count=int(target_faces))
+    return _drop_degenerate(np.asarray(v, np.float64), np.asarray(f, np.int64))
+
+
+def vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [V, 3]."""
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    n = np.stack([np.bincount(f.reshape(-1), np.repeat(fn[:, k], 3), minlength=len(v)) for k in range(3)], 1)
+    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-20)
+
+
+# --------------------------------------------------------------------------- unwrap
+def unwrap(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    config: ExportConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # vmapping [V'], faces [F, 3] into V', uv [V', 2] in [0, 1]
+    """xatlas parametrization packed into one atlas. Chart area is capped (uv_faces_per_chart)
+    because xatlas' time grows faster than linearly with the faces of a chart."""
+    import xatlas
+
+    area = float(_face_areas(vertices, faces).sum())
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32))
+    charts = xatlas.ChartOptions()
+    charts.max_iterations = config.uv_max_iterations
+    if config.uv_faces_per_chart > 0:
+        charts.max_chart_area = area * config.uv_faces_per_chart / len(faces)
+    pack = xatlas.PackOptions()
+    pack.padding = config.uv_padding
+    pack.bruteForce = False
+    pack.blockAlign = True
+    # resolution 0 keeps a single atlas; texels_per_unit sizes it near texture_size.
+    pack.resolution = 0
+    pack.texels_per_unit = config.texture_size * math.sqrt(_ATLAS_FILL_GUESS / max(area, 1e-20))
+    atlas.generate(charts, pack)
+    if atlas.atlas_count != 1:
+        raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases, expected 1")
+    vmapping, indices, uv = atlas.get_mesh(0)
+    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), uv.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- bake
+def dilate_texture(
+    image: Tensor,  # [H, W, C]
+    covered: Tensor,  # [H, W] bool
+    iterations: int,
+) -> Tensor:  # [H, W, C]
+    """Give every uncovered texel within `iterations` texels (chessboard distance, i.e. that
+    many rings of 8-neighbour growth) the colour of its nearest covered texel, so bilinear
+    lookups and mipmaps at chart borders see the chart's own colours; texels farther away
+    get the mean covered colour. One distance transform, not `iterations` passes."""
+    from scipy.ndimage import distance_transform_cdt
+
+    mask = covered.cpu().numpy()
+    if not mask.any():
+        return torch.full_like(image, 0.5)
+    distance, (rows, cols) = distance_transform_cdt(~mask, metric="chessboard", return_indices=True)
+    rows, cols = torch.as_tensor(rows, device=image.device), torch.as_tensor(cols, device=image.device)
+    near = torch.as_tensor((distance <= iterations) & ~mask, device=image.device)
+    out = torch.where(covered[..., None], image, image[covered].mean(0))
+    out[near] = image[rows[near], cols[near]]
+    return out
+
+
+def bake_texture(
+    positions: Tensor,  # [V', 3] training-frame position of each unwrapped vertex
+    uv: Tensor,  # [V', 2] in [0, 1]
+    faces: Tensor,  # [F, 3] into V'
+    albedo_fn: Callable[[Tensor], Tensor],
+    config: ExportConfig,
+) -> tuple[Tensor, Tensor]:  # texture [T, T, 3] (row 0 = v 0), covered [T, T] bool
+    """Rasterize the mesh in UV space, query albedo_fn at covered texel centres, dilate seams."""
+    size = config.texture_size
+    pos_clip = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], 1)[None]
+    rast = rasterize(pos_clip, faces, (size, size), chunk_size=_RASTER_CHUNK)  # [1, T, T, 4]
+    points = interpolate(positions[None], rast, faces)[0]  # [T, T, 3]
+    covered = rast[0, ..., 3] > 0  # [T, T]
+    query = points[covered]  # [N, 3]
+    colours = []
+    for start in range(0, len(query), config.bake_chunk_size):
+        colours.append(albedo_fn(query[start : start + config.bake_chunk_size]).to(positions.dtype))
+    image = torch.zeros(size, size, 3, dtype=positions.dtype, device=positions.device)
+    if colours:
+        image[covered] = torch.cat(colours).clamp(0, 1)
+    return dilate_texture(image, covered, config.dilation_iterations), covered
+
+
+# --------------------------------------------------------------------------- turntable
+def render_turntable(
+    vertices: Tensor,  # [V, 3] training frame
+    faces: Tensor,  # [F, 3]
+    uv: Tensor,  # [V, 2]
+    normals: Tensor,  # [V, 3]
+    tex: Tensor,  # [T, T, 3] row 0 = v 0
+    config: ExportConfig,
+    batch: int = 8,
+) -> np.ndarray:  # [N, R, R, 3] uint8
+    """A 360-degree orbit around the mesh's bounding-box centre, framed to its bounding sphere,
+    headlight-shaded texture over a white background."""
+    res, fovy = config.turntable_resolution, 40.0
+    centre = (vertices.amin(0) + vertices.amax(0)) / 2
+    radius = float((vertices - centre).norm(dim=1).max().clamp(min=1e-6))
+    cams = orbit_cameras(
+        config.turntable_frames, (res, res), elevation=config.turntable_elevation,
+        distance=1.1 * radius / math.sin(math.radians(fovy / 2)), fovy=fovy,
+        device=vertices.device, dtype=vertices.dtype,
+    )
+    frames = []
+    for start in range(0, len(cams), batch):
+        mvp, c2w = cams.mvp[start : start + batch], cams.c2w[start : start + batch]
+        pos_clip = to_clip(vertices - centre, mvp)  # [b, V, 4]
+        rast = rasterize(pos_clip, faces, (res, res), chunk_size=_RASTER_CHUNK)  # [b, R, R, 4]
+        colour = texture(tex[None], interpolate(uv, rast, faces), boundary="clamp")  # [b, R, R, 3]
+        n = torch.nn.functional.normalize(interpolate(normals, rast, faces), dim=-1)
+        facing = (n * c2w[:, None, None, :3, 2]).sum(-1, keepdim=True).abs()  # |n . towards camera|
+        alpha = (rast[..., 3:] > 0).to(colour.dtype)
+        image = colour * (0.35 + 0.65 * facing) * alpha + (1 - alpha)
+        image = antialias(image, rast, pos_clip, faces)
+        frames.append((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
+    return np.concatenate(frames)
+
+
+# --------------------------------------------------------------------------- writers
+def _obj_text(v: np.ndarray, uv: np.ndarray, n: np.ndarray, f: np.ndarray) -> bytes:
+    buf = io.StringIO()
+    buf.write(f"# DreamLift export, Y-up\nmtllib {FILE_NAMES['mtl']}\nusemtl material_0\n")
+    np.savetxt(buf, v, fmt="v %.6f %.6f %.6f")
+    np.savetxt(buf, uv, fmt="vt %.6f %.6f")
+    np.savetxt(buf, n, fmt="vn %.5f %.5f %.5f")
+    np.savetxt(buf, np.repeat(f + 1, 3, axis=1), fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+    return buf.getvalue().encode()
+
+
+def _mtl_text() -> bytes:
+    return (
+        "newmtl material_0\nKa 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nd 1.0\nillum 1\n"
+        f"map_Kd {FILE_NAMES['texture']}\n"
+    ).encode()
+
+
+def _glb_bytes(v: np.ndarray, uv: np.ndarray, n: np.ndarray, f: np.ndarray, png_image) -> bytes:
+    import trimesh
+
+    material = trimesh.visual.material.PBRMaterial(
+        baseColorTexture=png_image, metallicFactor=0.0, roughnessFactor=1.0, doubleSided=True
+    )
+    visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
+    mesh = trimesh.Trimesh(vertices=v, faces=f, vertex_normals=n, visual=visual, process=False)
+    return mesh.export(file_type="glb")
+
+
+def _zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def _write_video(path: str, frames: np.ndarray, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    writer = imageio.get_writer(
+        path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+        macro_block_size=16, ffmpeg_log_level="error",
+    )
+    try:
+        for frame in frames:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+# --------------------------------------------------------------------------- export
+def export(
+    vertices: Tensor,  # [V, 3] float, +z-up training frame
+    faces: Tensor,  # [F, 3] long
+    albedo_fn: Callable[[Tensor], Tensor],  # points [N, 3] -> colours [N, 3] in [0, 1]
+    out_dir: str | os.PathLike,
+    config: ExportConfig | None = None,
+    progress: Callback | None = None,  # gets a StepEvent(stage="export") after each of the 5 steps
+    should_stop: StopCheck | None = None,  # polled between steps; True raises Cancelled
+) -> ExportResult:
+    """Clean, unwrap, bake, then write every file of FILE_NAMES into out_dir.
+
+    Files are written under temporary names first and renamed once all of them exist, so an
+    error leaves neither half-written files nor temporary ones. Rasterization and albedo_fn
+    run on vertices' device."""
+    config = config or ExportConfig()
+    config.check()
+    if vertices.dim() != 2 or vertices.shape[1] != 3 or not vertices.dtype.is_floating_point:
+        raise ValueError(f"vertices must be a float tensor [V, 3], got {vertices.dtype} {tuple(vertices.shape)}")
+    if faces.dim() != 2 or faces.shape[1] != 3 or faces.dtype.is_floating_point or len(faces) == 0:
+        raise ValueError(f"faces must be an integer tensor [F, 3] with F >= 1, got {faces.dtype} {tuple(faces.shape)}")
+    if int(faces.min()) < 0 or int(faces.max()) >= len(vertices):
+        raise ValueError(f"faces must index vertices in [0, {len(vertices)}), got [{int(faces.min())}, {int(faces.max())}]")
+    if not bool(torch.isfinite(vertices).all()):
+        raise ValueError("vertices must be finite, got NaN or inf")
+    steps = ("clean", "unwrap", "bake", "write", "turntable")
+
+    def report(name: str, message: str) -> None:
+        step = steps.index(name) + 1
+        if progress is not None:
+            progress(StepEvent(stage="export", step=step, total=len(steps), message=message, timings=dict(timings)))
+        check_stop(should_stop, "export", step)
+
+    device, dtype = vertices.device, vertices.dtype
+    timings: dict[str, float] = {}
+    os.makedirs(out_dir, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    temps = {key: os.path.join(out_dir, f".tmp-{token}-{name}") for key, name in FILE_NAMES.items()}
+    try:
+        with torch.no_grad():
+            # 1. Clean and decimate.
+            t0 = time.perf_counter()
+            v, f = clean_mesh(
+                vertices.detach().cpu().double().numpy(), faces.detach().cpu().long().numpy(),
+                config.min_component_ratio, config.merge_distance,
+            )
+            v, f = decimate(v, f, config.target_faces)
+            if len(f) == 0:
+                raise ValueError("the mesh has no faces left after cleaning")
+            normals = vertex_normals(v, f)
+            timings["clean"] = time.perf_counter() - t0
+            report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices")
+            # 2. UV unwrap: xatlas splits vertices along seams (vmapping points back to v).
+            t0 = time.perf_counter()
+            vmap, uv_faces, uv = unwrap(v, f, config)
+            v, normals = v[vmap], normals[vmap]
+            timings["unwrap"] = time.perf_counter() - t0
+            report("unwrap", f"unwrapped: {len(v)} vertices after seam splits")
+            # 3. Bake the colour field.
+            t0 = time.perf_counter()
+            pos_t = torch.as_tensor(v, dtype=dtype, device=device)
+            uv_t = torch.as_tensor(uv, dtype=dtype, device=device)
+            tri_t = torch.as_tensor(uv_faces, dtype=torch.long, device=device)
+            tex, _ = bake_texture(pos_t, uv_t, tri_t, albedo_fn, config)
+            timings["bake"] = time.perf_counter() - t0
+            report("bake", f"baked a {config.texture_size}px texture")
+            # 4. Encode every file in memory, then write the temporaries.
+            t0 = time.perf_counter()
+            from PIL import Image
+
+            png_image = Image.fromarray((tex.flip(0).clamp(0, 1) * 255 + 0.5).byte().cpu().numpy())
+            png = io.BytesIO()
+            png_image.save(png, format="PNG")
+            v_out, n_out = to_y_up(v), to_y_up(normals)
+            data = {
+                "obj": _obj_text(v_out, uv, n_out, uv_faces),
+                "mtl": _mtl_text(),
+                "texture": png.getvalue(),
+                "glb": _glb_bytes(v_out, uv, n_out, uv_faces, png_image),
+            }
+            data["zip"] = _zip_bytes({FILE_NAMES[k]: data[k] for k in ("obj", "mtl", "texture")})
+            for key, payload in data.items():
+                with open(temps[key], "wb") as handle:
+                    handle.write(payload)
+            timings["write"] = time.perf_counter() - t0
+            report("write", "encoded OBJ, MTL, PNG, GLB and zip")
+            # 5. Turntable video.
+            t0 = time.perf_counter()
+            if config.turntable:
+                frames = render_turntable(
+                    pos_t, tri_t, uv_t, torch.as_tensor(normals, dtype=dtype, device=device), tex, config
+                )
+                _write_video(temps["turntable"], frames, config.turntable_fps)
+            timings["turntable"] = time.perf_counter() - t0
+            report("turntable", "rendered the turntable" if config.turntable else "turntable off")
+        # 6. Publish: rename the temporaries to their final names.
+        paths: dict[str, str | None] = {}
+        for key, name in FILE_NAMES.items():
+            if key == "turntable" and not config.turntable:
+                paths[key] = None
+                continue
+            paths[key] = os.path.join(out_dir, name)
+            os.replace(temps[key], paths[key])
+    except BaseException:
+        for path in temps.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    return ExportResult(paths=paths, timings=timings, num_faces=len(uv_faces), num_vertices=len(v))
