@@ -33,8 +33,9 @@ class Cancelled(Exception):
 class StageError(RuntimeError):
     """A stage failed at a known step; the message names the stage, the step and the cause."""
 
-    def __init__(self, stage: str, step: int, cause: str):
-        super().__init__(f"{stage} stage failed at step {step}: {cause}")
+    def __init__(self, stage: str, step: int | None, cause: str):
+        where = f"{stage} stage failed" + (f" at step {step}" if step is not None else "")
+        super().__init__(f"{where}: {cause}")
         self.stage, self.step, self.cause = stage, step, cause
 
 
