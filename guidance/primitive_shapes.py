@@ -97,7 +97,7 @@ def parse_prompt(text: str) -> tuple[str | None, str | None, str | None]:
         if color in COLORS and shape in SHAPES:
             return color, shape, view
     raise UnknownPromptError(
-        f"the primitives prior does not know the prompt {text!r}. It knows one color and one shape, "
+        f"the primitives prior does not know the prompt {text!r}. Its vocabulary is one color and one shape: "
         f"{vocabulary_text()}. For free-form prompts use a Stable Diffusion guidance model."
     )
 

@@ -1,0 +1,116 @@
+"""Command line: text in, textured mesh out.
+
+    python generate.py "a red cube" --preset quick --seed 0 --out OUT_DIR
+    python generate.py --prompts prompts.txt --out OUT_ROOT       # one sub-folder per line
+    python generate.py "a red cube" --stop-after coarse           # export the coarse NeRF's mesh
+    python generate.py "a red cube" --set coarse.iters=300 --set refine.resolution=96
+    python generate.py --resume OUT_DIR                           # continue after the last finished stage
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stages.config import GUIDANCE_CHOICES, PRESETS, STAGES, apply_overrides, preset
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="DreamLift: text to textured 3D mesh (OBJ + MTL + PNG, GLB).")
+    parser.add_argument("prompt", nargs="?", help="what to make, e.g. 'a red cube'")
+    parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--preset", default="quick", choices=PRESETS, help="quick (CPU), standard (one GPU), high")
+    parser.add_argument("--guidance", default="auto", choices=GUIDANCE_CHOICES, help="the 2D prior to distil")
+    parser.add_argument("--model-id", help="hub id or local folder of the guidance model")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0 .. 2^32-1)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--out", type=Path, help="output folder (with --prompts: the root of one folder per prompt)")
+    parser.add_argument("--stop-after", choices=STAGES, default="export", help="last stage to train")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. coarse.iters=300 (repeatable)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    args = parser.parse_args(argv)
+    given = sum(x is not None for x in (args.prompt, args.prompts, args.resume))
+    if given != 1:
+        parser.error("give exactly one of: a prompt, --prompts FILE, --resume RUN_DIR")
+    return args
+
+
+def build_config(args: argparse.Namespace):
+    config = preset(args.preset)
+    config.guidance, config.model_id, config.seed = args.guidance, args.model_id, args.seed
+    config.device, config.stop_after = args.device, args.stop_after
+    return apply_overrides(config, args.overrides)
+
+
+def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> dict:
+    from tqdm import tqdm
+
+    from stages.pipeline import generate
+
+    bar, stage, paths = None, None, {}
+    try:
+        kwargs = {"run_dir": out_dir} if out_dir is not None else {"out_root": "outputs"}
+        for event in generate(prompt, config, resume=resume, **kwargs):
+            if event.stage != stage and event.total:
+                if bar is not None:
+                    bar.close()
+                stage = event.stage
+                bar = tqdm(total=event.total, desc=stage, unit="step", leave=True)
+            if bar is not None and event.stage == stage and event.total:
+                bar.n = event.step
+                bar.set_postfix_str(f"loss {event.loss:.3g}" if event.loss is not None else "")
+                bar.refresh()
+            if event.stage == "done":
+                paths = event.paths or {}
+                print(f"{event.message}: {event.run_dir}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return paths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.resume is not None:
+            from stages.pipeline import load_run_config
+
+            prompt, config = load_run_config(args.resume)
+            apply_overrides(config, args.overrides)
+            run_one(prompt, config, args.resume, resume=True)
+            return 0
+        config = build_config(args)
+        if args.prompts is not None:
+            lines = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            if not lines:
+                raise ValueError(f"{args.prompts} holds no prompts (one per line)")
+            from stages.pipeline import slugify
+
+            root = args.out or Path("outputs")
+            for i, prompt in enumerate(lines):
+                run_one(prompt, preset_copy(config), root / f"{i:03d}-{slugify(prompt)}")
+            return 0
+        run_one(args.prompt, config, args.out)
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one readable line, no traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def preset_copy(config):
+    import copy
+
+    return copy.deepcopy(config)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

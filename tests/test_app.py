@@ -1,0 +1,121 @@
+"""The app, served on 127.0.0.1 with tiny settings and driven through gradio_client."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import trimesh
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=4", "coarse.resolution=16",
+    "coarse.preview_every=2", "coarse.preview_views=2", "coarse.preview_resolution=16", "coarse.volume.num_samples=16",
+    "refine.iters=3", "refine.batch_size=1", "refine.resolution=16", "refine.grid_resolution=16",
+    "refine.preview_every=2", "refine.preview_views=2", "refine.preview_resolution=16",
+    "export.texture_size=64", "export.turntable_frames=4", "export.turntable_resolution=64",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("app-outputs")
+    port = _free_port()
+    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
+    args = [sys.executable, "app.py", "--port", str(port), "--queue-size", "4"]
+    for item in TINY:
+        args += ["--set", item]
+    log = open(out / "server.log", "w")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((out / "server.log").read_text())
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("the app did not start in 120 s: " + (out / "server.log").read_text())
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    yield client, out, proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _captions(gallery) -> list[str]:
+    return [item.get("caption") or "" for item in (gallery or [])]
+
+
+def test_generate_streams_previews_of_both_stages_then_the_model(server):
+    client, out, _ = server
+    job = client.submit(prompt="a red cube", preset="quick", seed=0, guidance="primitives", api_name="/generate")
+    outputs = list(job)
+    assert outputs, "no streamed outputs"
+    final = job.result()
+    gallery, status, model, files = final
+    captions = _captions(gallery)
+    stages = [c.split()[0] for c in captions]
+    assert "coarse" in stages and "refine" in stages
+    assert stages.index("refine") > max(i for i, s in enumerate(stages) if s == "coarse")
+    assert "Done" in status
+    assert model and model.endswith("model.glb")
+    scene = trimesh.load(model)
+    assert sum(len(g.faces) for g in scene.geometry.values()) > 0
+    paths = [f if isinstance(f, str) else f.get("path") for f in files]
+    zip_path = next(p for p in paths if p.endswith("model.zip"))
+    with zipfile.ZipFile(zip_path) as z:
+        assert sorted(z.namelist()) == ["model.mtl", "model.obj", "texture_kd.png"]
+        z.extractall(Path(zip_path).parent / "unzipped")
+    mesh = trimesh.load(Path(zip_path).parent / "unzipped" / "model.obj", force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.uv is not None
+    # Streamed updates came before the final one, and the run's folder is under the output root.
+    assert len(outputs) >= 2
+    assert any(p.name != "server.log" for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=""), "empty"),
+        (dict(prompt="a ceramic teapot"), "vocabulary"),
+        (dict(prompt="a red cube", preset="turbo"), "quick"),  # Gradio lists the choices
+        (dict(prompt="a red cube", guidance="dall-e"), "primitives"),
+        (dict(prompt="a red cube", seed=-4), "seed"),
+        (dict(prompt="a red cube", seed="abc"), "seed"),
+        (dict(prompt="a red cube", seed=2**40), "seed"),
+        (dict(prompt="a red cube", seed=1.5), "seed"),
+        (dict(prompt="a red cube", coarse_iters=10**9), "20000"),  # Gradio's slider check names the limit
+        (dict(prompt="a red cube", texture_size=3.5), "texture_size"),
+        (dict(prompt="a\x07red cube"), "control"),
+        (dict(prompt="x" * 400), "300"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, kwargs, message):
+    client, _, proc = server
+    args = dict(preset="quick", seed=0, guidance="primitives")
+    args.update(kwargs)
+    with pytest.raises(Exception) as err:
+        client.predict(api_name="/generate", **args)
+    text = str(err.value)
+    assert message.lower() in text.lower(), text
+    assert "Traceback" not in text
+    assert proc.poll() is None  # still serving

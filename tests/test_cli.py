@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import generate as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--set", "prior_resolution=16", "--set", "prior_renders_per_view=4",
+    "--set", "coarse.iters=3", "--set", "coarse.resolution=16", "--set", "coarse.preview_every=0",
+    "--set", "coarse.preview_resolution=16", "--set", "coarse.volume.num_samples=16",
+    "--set", "refine.iters=2", "--set", "refine.batch_size=1", "--set", "refine.resolution=16",
+    "--set", "refine.grid_resolution=16", "--set", "refine.preview_resolution=16",
+    "--set", "export.texture_size=64", "--set", "export.turntable_frames=4", "--set", "export.turntable_resolution=64",
+]
+
+
+def test_cli_writes_every_file(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "generate.py", "a red cube", "--preset", "quick", "--seed", "0", "--guidance", "primitives",
+         "--out", str(out), *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "run.json").read_text())
+    assert record["seed"] == 0 and record["preset"] == "quick" and record["config"]["coarse"]["iters"] == 3
+
+
+def test_prompts_file_runs_each_line_into_its_folder(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\n# a comment\na blue sphere\n")
+    code = cli.main(["--prompts", str(prompts), "--guidance", "primitives", "--stop-after", "coarse",
+                     "--set", "export.turntable=false", "--out", str(tmp_path / "out"), *TINY])
+    assert code == 0
+    folders = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert folders == ["000-a-red-cube", "001-a-blue-sphere"]
+    assert all((tmp_path / "out" / f / "model.obj").is_file() for f in folders)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["", "--guidance", "primitives"], "prompt is empty"),
+        (["a ceramic teapot", "--guidance", "primitives"], "vocabulary"),
+        (["a red cube", "--guidance", "primitives", "--set", "coarse.iters=-5"], "coarse.iters"),
+        (["a red cube", "--guidance", "primitives", "--set", "nope=1"], "no field 'nope'"),
+        (["a red cube", "--guidance", "primitives", "--seed", "-1"], "seed"),
+        (["a red cube", "--device", "cuda:7"], "cuda"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(argv, message, capsys, tmp_path):
+    code = cli.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert message.lower() in err.lower()
+    assert not (tmp_path / "out" / "model.obj").exists()

@@ -1,0 +1,71 @@
+import dataclasses
+
+import pytest
+
+from stages.config import PRESETS, Config, apply_overrides, from_dict, preset, to_dict
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_are_valid_and_distinct(name):
+    config = preset(name)
+    config.check()
+    assert config.preset == name
+    assert preset(name) is not config  # a fresh instance each time
+
+
+def test_presets_scale_up():
+    quick, standard, high = preset("quick"), preset("standard"), preset("high")
+    assert quick.refine.resolution < standard.refine.resolution == 512
+    assert standard.coarse.resolution == 64
+    assert quick.coarse.iters < standard.coarse.iters < high.coarse.iters
+    assert standard.refine.grid_resolution < high.refine.grid_resolution
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match="quick"):
+        preset("fast")
+
+
+def test_overrides_parse_to_the_field_type():
+    config = apply_overrides(preset("quick"), [
+        "coarse.iters=123", "refine.sds.t_max=0.4", "coarse.field.density_activation=exp",
+        "camera.elevation_range=(0, 60)", "refine.threshold=2.5", "export.turntable=false", "seed=7",
+    ])
+    assert config.coarse.iters == 123 and isinstance(config.coarse.iters, int)
+    assert config.refine.sds.t_max == 0.4
+    assert config.coarse.field.density_activation == "exp"
+    assert config.camera.elevation_range == (0, 60)
+    assert config.refine.threshold == 2.5
+    assert config.export.turntable is False
+    assert config.seed == 7
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("coarse.itters=3", "no field 'itters'"),
+        ("coarse.iters=many", "expects int"),
+        ("coarse.iters=0", "coarse.iters"),
+        ("coarse=3", "is a group"),
+        ("seed", "must look like"),
+        ("guidance=magic", "guidance must be one of"),
+        ("refine.sds.t_max=2", "t_max"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(preset("quick"), [override])
+
+
+def test_round_trip_through_a_dict():
+    config = apply_overrides(preset("standard"), ["coarse.iters=77", "camera.fovy_range=(30, 40)"])
+    again = from_dict(to_dict(config))
+    assert dataclasses.asdict(again) == dataclasses.asdict(config)
+    assert isinstance(again.camera.fovy_range, tuple)
+
+
+def test_seed_range_is_checked():
+    for bad in (-1, 2**32, 1.5, "3", True):
+        config = Config(seed=bad)
+        with pytest.raises(ValueError, match="seed"):
+            config.check()

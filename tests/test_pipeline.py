@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from conftest import tiny_config
+from guidance.primitive_shapes import UnknownPromptError
+from stages import pipeline
+from stages.common import Cancelled, StageError
+from stages.pipeline import PromptError, generate, run_to_completion
+
+
+def _drain(prompt, config, **kwargs):
+    return list(generate(prompt, config, **kwargs))
+
+
+def test_full_run_streams_both_stages_and_writes_every_file(tmp_path):
+    events = _drain("a red cube", tiny_config(), out_root=tmp_path)
+    stages = [e.stage for e in events]
+    assert stages[0] == "setup" and stages[-1] == "done"
+    previews = [e.stage for e in events if e.preview is not None]
+    assert "coarse" in previews and "refine" in previews
+    assert previews.index("refine") > max(i for i, s in enumerate(previews) if s == "coarse")  # in order
+    assert all(e.preview.dtype == np.uint8 and e.preview.ndim == 3 for e in events if e.preview is not None)
+    done = events[-1]
+    run_dir = tmp_path / done.run_dir.split("/")[-1]
+    for name in ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4",
+                 "run.json", "coarse.pt", "refine.pt"):
+        assert (run_dir / name).is_file(), name
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["prompt"] == "a red cube"
+    assert record["guidance"] == "primitives" and record["device"] == "cpu" and record["seed"] == 0
+    assert set(record["stage_seconds"]) == {"coarse", "refine", "export"}
+    assert record["config"]["coarse"]["iters"] == 4 and record["packages"]["torch"]
+    scene = trimesh.load(run_dir / "model.glb")
+    assert sum(len(g.faces) for g in scene.geometry.values()) > 0
+    # Nothing but the run folder was written under the root.
+    assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
+
+
+def test_stop_after_coarse_still_exports_a_model(tmp_path):
+    config = tiny_config(stop_after="coarse")
+    done = run_to_completion("a blue sphere", config, run_dir=tmp_path / "run")
+    assert done.stage == "done"
+    assert (tmp_path / "run" / "model.obj").is_file() and (tmp_path / "run" / "coarse.pt").is_file()
+    assert not (tmp_path / "run" / "refine.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "prompt, error, message",
+    [("", PromptError, "empty"), ("   ", PromptError, "empty"), ("a" * 301, PromptError, "300"),
+     ("a red\ncube", PromptError, "control"), ("a ceramic teapot", UnknownPromptError, "torus")],
+)
+def test_bad_prompts_fail_before_writing_anything(tmp_path, prompt, error, message):
+    with pytest.raises(error, match=message):
+        _drain(prompt, tiny_config(), out_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_stops_and_marks_the_run(tmp_path):
+    seen = []
+
+    def should_stop():
+        return len(seen) >= 3
+
+    with pytest.raises(Cancelled):
+        for event in generate("a red cube", tiny_config(), run_dir=tmp_path / "run", should_stop=should_stop):
+            seen.append(event)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "cancelled"
+    assert not list((tmp_path / "run").glob("model.*"))
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+class _NaNGuidance:
+    """Wraps a real guidance model and returns NaN noise predictions."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict_noise(self, x_t, t, cond):
+        return torch.full_like(x_t, float("nan"))
+
+
+def test_non_finite_guidance_stops_with_stage_and_step(tmp_path, monkeypatch):
+    real = pipeline.get_guidance
+    monkeypatch.setattr(pipeline, "get_guidance", lambda *a: _NaNGuidance(real(*a)))
+    with pytest.raises(StageError, match=r"coarse stage failed at step 0"):
+        _drain("a red cube", tiny_config(), run_dir=tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and "coarse" in record["error"]
+
+
+def test_crash_in_refine_keeps_the_coarse_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(pipeline.refine_stage, "run", crash)
+    with pytest.raises(StageError, match="refine stage failed: simulated crash"):
+        _drain("a green cube", tiny_config(), run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "coarse.pt").is_file()
+    monkeypatch.undo()
+
+    def no_coarse(*args, **kwargs):
+        raise AssertionError("the coarse stage must not run again on resume")
+
+    monkeypatch.setattr(pipeline.coarse_stage, "run", no_coarse)
+    prompt, config = pipeline.load_run_config(tmp_path / "run")
+    assert prompt == "a green cube" and config.coarse.iters == 4
+    done = run_to_completion(prompt, config, run_dir=tmp_path / "run", resume=True)
+    assert done.stage == "done" and (tmp_path / "run" / "model.glb").is_file()
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "finished" and record["finished_stages"] == ["coarse", "refine", "export"]
+
+
+def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline.refine_stage, "run", oom)
+    with pytest.raises(StageError, match="refine.resolution"):
+        _drain("a green cube", tiny_config(), run_dir=tmp_path / "run")
