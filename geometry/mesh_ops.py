@@ -1,0 +1,91 @@
+"""Differentiable triangle-mesh helpers for refinement: vertex normals and two regularisers.
+
+All three take the mesh of the current step (`verts` [V, 3] float, `faces` [F, 3] long,
+counter-clockwise seen from outside, as `geometry.tets.marching_tets` emits it) and are
+differentiable with respect to `verts`. Connectivity is recomputed from `faces` on each
+call (marching tetrahedra changes it every step); that costs one sort of the 3F half-edges.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def face_normals(
+    verts: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3] long
+    normalize: bool = True,
+) -> Tensor:  # [F, 3] unit normals, or area-weighted (length = twice the area) when normalize=False
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    n = torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
+    return F.normalize(n, dim=-1, eps=1e-20) if normalize else n
+
+
+def vertex_normals(
+    verts: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3] long
+) -> Tensor:  # [V, 3] unit normals (zero for a vertex no face uses)
+    """Area-weighted average of the normals of the faces around each vertex."""
+    n = face_normals(verts, faces, normalize=False)  # [F, 3], length = 2 * area
+    acc = torch.zeros_like(verts).index_add(0, faces.reshape(-1), n.repeat_interleave(3, dim=0))
+    return F.normalize(acc, dim=-1, eps=1e-20)
+
+
+def face_adjacency(faces: Tensor) -> Tensor:  # faces [F, 3] long -> [E, 2] long
+    """Pairs of faces that share an edge (edges used by exactly two faces; others are skipped)."""
+    if faces.shape[0] == 0:
+        return faces.new_zeros(0, 2)
+    num_verts = int(faces.max()) + 1
+    ends = torch.stack([faces, faces.roll(-1, dims=1)], dim=-1)  # [F, 3, 2] half-edges
+    key = (ends.amin(-1) * num_verts + ends.amax(-1)).reshape(-1)  # undirected edge id per half-edge
+    face_of = torch.arange(faces.shape[0], device=faces.device).repeat_interleave(3)
+    key, order = key.sort()
+    face_of = face_of[order]
+    same = key[1:] == key[:-1]  # [3F - 1] consecutive half-edges of one edge
+    # Keep runs of exactly two: the pair (p, p + 1) with no equal neighbour on either side.
+    pad = torch.zeros(1, dtype=torch.bool, device=faces.device)
+    before, after = torch.cat([pad, same[:-1]]), torch.cat([same[1:], pad])
+    pair = same & ~before & ~after
+    first = pair.nonzero().squeeze(1)
+    return torch.stack([face_of[first], face_of[first + 1]], dim=1)
+
+
+def normal_consistency_loss(
+    verts: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3] long
+) -> Tensor:  # [] mean over shared edges of 1 - cos(angle between the two faces' normals)
+    """0 for a flat mesh, up to 2 for a fold; penalises creases and the stair-steps of a grid surface."""
+    pairs = face_adjacency(faces)
+    if pairs.shape[0] == 0:
+        return verts.sum() * 0.0
+    n = face_normals(verts, faces)
+    return (1.0 - (n[pairs[:, 0]] * n[pairs[:, 1]]).sum(-1)).mean()
+
+
+def mesh_edges(faces: Tensor) -> Tensor:  # faces [F, 3] long -> [E, 2] long, unique, a < b
+    pairs = torch.stack([faces, faces.roll(-1, dims=1)], dim=-1).reshape(-1, 2)
+    n = int(faces.max()) + 1 if faces.numel() else 1
+    key = torch.unique(pairs.amin(1) * n + pairs.amax(1))  # 1-D unique: much faster than unique(dim=0)
+    return torch.stack([key // n, key % n], dim=1)
+
+
+def laplacian_loss(
+    verts: Tensor,  # [V, 3]
+    faces: Tensor,  # [F, 3] long
+) -> Tensor:  # [] mean over vertices of |v - mean of its neighbours| (world units)
+    """Uniform (umbrella) Laplacian smoothing: each vertex pulled toward the centroid of its neighbours.
+
+    The norm, not its square, as PyTorch3D's mesh_laplacian_smoothing does: the loss stays
+    in world units and its gradient does not vanish as the mesh gets finer.
+    """
+    if faces.shape[0] == 0:
+        return verts.sum() * 0.0
+    edges = mesh_edges(faces)  # [E, 2]
+    a, b = edges[:, 0], edges[:, 1]
+    total = torch.zeros_like(verts).index_add(0, a, verts[b]).index_add(0, b, verts[a])
+    degree = torch.zeros(verts.shape[0], dtype=verts.dtype, device=verts.device)
+    degree = degree.index_add(0, a, torch.ones_like(a, dtype=verts.dtype)).index_add(0, b, torch.ones_like(b, dtype=verts.dtype))
+    used = degree > 0
+    delta = verts[used] - total[used] / degree[used, None]
+    return delta.norm(dim=-1).mean()

@@ -1,0 +1,141 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from geometry.dmtet import extract_mesh
+from geometry.metrics import volumetric_iou
+from geometry.tets import is_watertight
+from guidance.primitive_shapes import primitive_mesh
+from guidance.primitives import PrimitivesPrior
+from guidance.sds import SDSConfig
+from renderers.cameras import CameraConfig
+from stages import refine
+from stages.common import Cancelled, StageError
+
+
+class Blob(torch.nn.Module):
+    """A synthetic coarse field: a rounded box or cylinder (superellipsoid of exponent p), one colour."""
+
+    def __init__(self, radius=0.45, p=3.0, cylinder=False, color=(0.3, 0.5, 0.3), peak=100.0, softness=0.03):
+        super().__init__()
+        self.radius, self.p, self.cylinder, self.peak, self.softness = radius, p, cylinder, peak, softness
+        self.color_logit = torch.nn.Parameter(torch.logit(torch.tensor(color)))
+
+    def density(self, x):
+        if self.cylinder:
+            x = torch.stack([x[:, :2].norm(dim=-1), x[:, 2]], dim=-1)
+        r = x.abs().pow(self.p).sum(-1).pow(1.0 / self.p)
+        return self.peak * torch.sigmoid((self.radius - r) / self.softness)
+
+    def albedo(self, x):
+        return torch.sigmoid(self.color_logit).expand(x.shape[0], 3)
+
+    def query(self, x, chunk_size=65536):
+        with torch.no_grad():
+            return self.density(x), self.albedo(x)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    # 32 px, 32 renders per view: ~20 s to build once (cached in the session's private folder).
+    return PrimitivesPrior(resolution=32, renders_per_view=32, log=lambda *_: None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**changes):
+    config = refine.RefineConfig(
+        iters=4, batch_size=2, resolution=32, grid_resolution=16, preview_every=2, preview_views=2,
+        preview_resolution=24, prob_albedo=0.0, prob_lambertian=1.0, prob_textureless=0.0,
+    )
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_config_check_names_the_field():
+    refine.RefineConfig().check()
+    for changes, name in [
+        ({"iters": 0}, "refine.iters"), ({"grid_resolution": 2}, "refine.grid_resolution"),
+        ({"threshold": -1.0}, "refine.threshold"), ({"deform_scale": 0.9}, "refine.deform_scale"),
+        ({"lr_sdf": -1e-3}, "refine.lr_sdf"), ({"background": "black"}, "refine.background"),
+        ({"background": (1.0, 2.0, 0.0)}, "refine.background"), ({"backend": "cuda"}, "refine.backend"),
+        ({"ambient": 1.5}, "refine.ambient"), ({"sds": SDSConfig(t_min=0.6, t_max=0.5)}, "t_min"),
+    ]:
+        config = refine.RefineConfig(**changes)
+        with pytest.raises(ValueError, match=name):
+            config.check()
+
+
+def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
+    field = Blob(radius=0.4)
+    before = copy.deepcopy(field.state_dict())
+    events = []
+    result = refine.run(field, prior, "a green cube", tiny_config(), CameraConfig(), callback=events.append)
+
+    assert [e.step for e in events] == [1, 2, 3, 4] and all(e.stage == "refine" and e.total == 4 for e in events)
+    previews = [e.preview for e in events if e.preview is not None]
+    assert len(previews) == 2 and len(result.previews) == 2
+    assert previews[0].dtype == np.uint8 and previews[0].shape == (24, 48, 3)
+    assert previews[0].min() < 200  # the object is in the picture, not just the white background
+    assert set(refine.TIMING_PARTS) <= set(events[0].timings) and all(np.isfinite(e.loss) for e in events)
+
+    assert is_watertight(result.faces) and not result.vertices.requires_grad
+    assert result.stats["faces"] == result.faces.shape[0] > 100
+    for part in ("marching", "rasterize", "shade", "guidance", "backward"):
+        assert result.stats[part] > 0
+    colors = result.color_field.albedo(result.vertices[:5])
+    assert colors.shape == (5, 3) and bool(((colors >= 0) & (colors <= 1)).all())
+    # The coarse field is untouched: the stage trained a copy of it.
+    for key, value in field.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert any(not torch.equal(a, b) for a, b in zip(result.color_field.state_dict().values(), before.values()))
+
+
+def test_run_is_reproducible_and_can_be_cancelled(prior):
+    config = tiny_config(iters=3, preview_every=0)
+    first = refine.run(Blob(), prior, "a green cube", config, CameraConfig())
+    second = refine.run(Blob(), prior, "a green cube", config, CameraConfig())
+    assert torch.equal(first.faces, second.faces)
+    torch.testing.assert_close(first.vertices, second.vertices, rtol=0, atol=0)
+
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled, match="step 2"):
+        refine.run(Blob(), prior, "a green cube", config, CameraConfig(), should_stop=stop)
+
+
+class BrokenPrior:
+    """The primitives prior with a noise prediction gone NaN."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        for name in ("space", "resolution", "alphas_cumprod", "default_guidance_scale", "view_dependent_uncond"):
+            setattr(self, name, getattr(inner, name))
+
+    def encode_prompt(self, texts):
+        return self.inner.encode_prompt(texts)
+
+    def predict_noise(self, x_t, t, cond):
+        return torch.full_like(x_t, float("nan"))
+
+
+def test_non_finite_guidance_is_a_stage_error(prior):
+    with pytest.raises(StageError, match="refine stage failed at step 0") as err:
+        refine.run(Blob(), BrokenPrior(prior), "a green cube", tiny_config(), CameraConfig())
+    assert err.value.stage == "refine"
+    with pytest.raises(StageError, match="no surface"):
+        refine.run(Blob(peak=0.0), prior, "a green cube", tiny_config(), CameraConfig())
