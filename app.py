@@ -1,7 +1,7 @@
 """Gradio app: a prompt in, staged previews while it trains, a 3D viewer and downloads at the end.
 
     python app.py                      # http://127.0.0.1:7860
-    python app.py --host 0.0.0.0 --port 8080 --queue-size 8 --keep-runs 20
+    python app.py --host 0.0.0.0 --port 8080 --queue-size 8 --keep-runs 20 --max-output-gb 5
 
 All training happens in `stages.pipeline.generate`; this file only wires the UI to it.
 """
@@ -19,8 +19,11 @@ from guidance.primitive_shapes import prompts as primitive_prompts
 from stages.config import GUIDANCE_CHOICES, MAX_SEED, PRESETS, STAGES, apply_overrides, preset
 from stages.runs import prune_runs
 
-OUTPUT_ROOT = Path(os.environ.get("DREAMLIFT_OUTPUT_DIR", "outputs")).resolve()
-KEEP_RUNS = int(os.environ.get("DREAMLIFT_KEEP_RUNS", "20"))
+OUTPUT_ROOT = Path(os.environ.get("DREAMLIFT_OUTPUT_DIR", "outputs")).resolve()  # every run's folder is made here
+KEEP_RUNS = int(os.environ.get("DREAMLIFT_KEEP_RUNS", "20"))  # finished runs kept under OUTPUT_ROOT (oldest pruned)
+MAX_OUTPUT_BYTES = int(os.environ.get("DREAMLIFT_MAX_OUTPUT_BYTES", "0"))  # bytes the earlier runs may take; 0 = no bound
+SERVED_FILE_AGE = 24 * 3600  # seconds Gradio keeps its served copies of results (previews, GLB, zip) before deleting them
+CLOSE_WAIT = 1.0  # seconds a cancel waits for the worker in Gradio's event loop (the next run waits for the device)
 MAX_GALLERY = 24  # previews kept in the gallery (the latest ones)
 GPU_SECONDS = 1500  # budget asked of a Hugging Face ZeroGPU Space per generation
 SERVER_OVERRIDES: list[str] = []  # "--set key=value" given to the server, applied to every run
@@ -75,7 +78,7 @@ def _int_setting(name: str, value, low: int, high: int) -> int:
 
 def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after):
     """Validate the UI/API inputs (gr.Error on anything wrong) and build the run's Config."""
-    from stages.pipeline import PromptError, check_prompt
+    from stages.pipeline import PromptError, check_inputs, check_prompt
 
     try:
         check_prompt(prompt)
@@ -103,10 +106,21 @@ def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters
             raise gr.Error(f"texture_size must be 0 (the preset's) or in [64, 4096], got {advanced['texture_size']}")
         config.export.texture_size = advanced["texture_size"]
     try:
-        config.check()
+        check_inputs(prompt, config)  # the config, the device, and the prompt against the prior's vocabulary
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
     return config
+
+
+def check_queue_room(demo: gr.Blocks) -> None:
+    """gr.Error when the queue is full: the browser would only say "busy" (the API client says "Queue is full")."""
+    queue = getattr(demo, "_queue", None)  # Gradio's queue; a private attribute, so the check is skipped if it moves
+    bound = getattr(queue, "max_size", None)
+    if not isinstance(bound, int):
+        return
+    waiting = len(queue)
+    if waiting >= bound:
+        raise gr.Error(f"The queue is full: {waiting} runs are waiting (the limit is {bound}). Please try again in a few minutes.")
 
 
 def _status(event) -> str:
@@ -136,11 +150,13 @@ def generate(
     from stages.pipeline import generate as run_pipeline
 
     config = build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after)
-    prune_runs(OUTPUT_ROOT, keep=max(KEEP_RUNS - 1, 0))
+    prune_runs(OUTPUT_ROOT, keep=max(KEEP_RUNS - 1, 0), max_bytes=MAX_OUTPUT_BYTES or None)
     gallery: list = []
     last_yield = 0.0
+    # Gradio closes this generator on Cancel (or a lost client); closing `events` stops the worker.
+    events = run_pipeline(prompt, config, out_root=OUTPUT_ROOT, close_wait=CLOSE_WAIT)
     try:
-        for event in run_pipeline(prompt, config, out_root=OUTPUT_ROOT):
+        for event in events:
             if event.total:
                 progress(event.step / event.total, desc=f"{event.stage} {event.step}/{event.total}")
             if event.preview is not None:
@@ -161,6 +177,8 @@ def generate(
         raise
     except Exception as exc:  # a readable message, never a traceback
         raise gr.Error(" ".join(str(exc).split()) or type(exc).__name__) from None
+    finally:
+        events.close()
 
 
 def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Blocks:
@@ -168,7 +186,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
     SERVER_OVERRIDES[:] = list(overrides or [])
     apply_overrides(preset("quick"), SERVER_OVERRIDES)  # fail at start on a bad override
     device, guidance = active_device(), default_guidance()
-    with gr.Blocks(title="DreamLift: text to 3D") as demo:
+    with gr.Blocks(title="DreamLift: text to 3D", delete_cache=(3600, SERVED_FILE_AGE)) as demo:
         gr.Markdown(
             "# DreamLift\nType a prompt, get a textured 3D model (Score Distillation Sampling into a NeRF, "
             "then a DMTet mesh). "
@@ -197,9 +215,19 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                 gallery = gr.Gallery(label="Previews (coarse NeRF, then refined mesh)", columns=2, height=320)
                 model = gr.Model3D(label="Model (GLB)", height=380, clear_color=(1.0, 1.0, 1.0, 1.0))
                 files = gr.File(label="Downloads: model.zip (OBJ + MTL + PNG), model.glb", file_count="multiple")
-        event = run_btn.click(
+        inputs = [prompt, preset_in, seed, guidance_in, coarse_iters, refine_iters, texture_size, stop_after]
+
+        def precheck(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after):
+            """Answer bad input and a full queue at once, before the run waits in the queue."""
+            build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after)
+            check_queue_room(demo)
+
+        # The check runs unqueued; API clients call /generate directly (which checks again, and
+        # whose "Queue is full" comes from Gradio).
+        event = run_btn.click(precheck, inputs=inputs, queue=False, api_name="precheck", api_visibility="undocumented")
+        event = event.success(
             generate,
-            inputs=[prompt, preset_in, seed, guidance_in, coarse_iters, refine_iters, texture_size, stop_after],
+            inputs=inputs,
             outputs=[gallery, status, model, files],
             api_name="generate",
             concurrency_limit=1,
@@ -210,13 +238,21 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
 
 
 def main(argv=None) -> None:
+    global KEEP_RUNS, MAX_OUTPUT_BYTES
     parser = argparse.ArgumentParser(description="DreamLift web app")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--queue-size", type=int, default=8, help="waiting runs beyond which new ones are refused")
+    parser.add_argument("--keep-runs", type=int, default=KEEP_RUNS, help="finished runs kept under the output folder")
+    parser.add_argument("--max-output-gb", type=float, default=MAX_OUTPUT_BYTES / 1e9,
+                        help="disk the earlier runs may take, GB (oldest pruned first); 0 = no bound")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every run, e.g. coarse.iters=300 (repeatable)")
     args = parser.parse_args(argv)
+    if args.keep_runs < 1 or args.max_output_gb < 0 or args.queue_size < 1:
+        parser.error(f"--keep-runs and --queue-size must be >= 1 and --max-output-gb >= 0, got {args.keep_runs}, "
+                     f"{args.queue_size}, {args.max_output_gb}")
+    KEEP_RUNS, MAX_OUTPUT_BYTES = args.keep_runs, int(args.max_output_gb * 1e9)
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
     demo = build_demo(args.queue_size, args.overrides)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(OUTPUT_ROOT)], show_error=True)

@@ -15,8 +15,17 @@ from pathlib import Path
 from stages.config import GUIDANCE_CHOICES, PRESETS, STAGES, apply_overrides, preset
 
 
+class ArgumentError(ValueError):
+    """A bad command line; main() prints it as one line (argparse would add the usage block)."""
+
+
+def _refuse(message: str):
+    raise ArgumentError(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="DreamLift: text to textured 3D mesh (OBJ + MTL + PNG, GLB).")
+    parser.error = _refuse  # one readable line, see main()
     parser.add_argument("prompt", nargs="?", help="what to make, e.g. 'a red cube'")
     parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--preset", default="quick", choices=PRESETS, help="quick (CPU), standard (one GPU), high")
@@ -70,8 +79,29 @@ def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> 
     return paths
 
 
+def read_prompts(path: Path, config) -> list[str]:
+    """The prompts of a file (one a line, '#' comments), all checked before the first run starts."""
+    from stages.pipeline import check_inputs
+
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            prompts.append(check_inputs(line, config)[0])
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: {exc}") from None
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ArgumentError as exc:
+        print(f"error: {one_line(exc)} (see --help)", file=sys.stderr)
+        return 2
     try:
         if args.resume is not None:
             from stages.pipeline import load_run_config
@@ -82,9 +112,7 @@ def main(argv=None) -> int:
             return 0
         config = build_config(args)
         if args.prompts is not None:
-            lines = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-            if not lines:
-                raise ValueError(f"{args.prompts} holds no prompts (one per line)")
+            lines = read_prompts(args.prompts, config)
             from stages.pipeline import slugify
 
             root = args.out or Path("outputs")
