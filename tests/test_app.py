@@ -107,6 +107,14 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
         (dict(prompt="a red cube", texture_size=3.5), "texture_size"),
         (dict(prompt="a\x07red cube"), "control"),
         (dict(prompt="x" * 400), "300"),
+        (dict(prompt="   "), "empty"),
+        (dict(prompt=None), "prompt must be text"),
+        (dict(prompt="a ceramic teapot"), "torus"),  # the message lists the vocabulary
+        (dict(prompt="a red cube", seed=None), "seed"),
+        (dict(prompt="a red cube", stop_after="everything"), "coarse"),  # Gradio lists the choices
+        (dict(prompt="a red cube", refine_iters=-1), "minimum value 0"),  # Gradio's slider check
+        (dict(prompt="a red cube", texture_size=32), "[64, 4096]"),
+        (dict(prompt="a red cube", coarse_iters="many"), "expected a `float`"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, kwargs, message):

@@ -52,6 +52,14 @@ def test_prompts_file_runs_each_line_into_its_folder(tmp_path):
         (["a red cube", "--guidance", "primitives", "--set", "nope=1"], "no field 'nope'"),
         (["a red cube", "--guidance", "primitives", "--seed", "-1"], "seed"),
         (["a red cube", "--device", "cuda:7"], "cuda"),
+        (["   ", "--guidance", "primitives"], "prompt is empty"),
+        (["x" * 400, "--guidance", "primitives"], "the limit is 300"),
+        (["a red\tcube", "--guidance", "primitives"], "control characters"),
+        (["a red cube", "--guidance", "primitives", "--seed", "abc"], "--seed: invalid int value: 'abc'"),
+        (["a red cube", "--guidance", "primitives", "--seed", str(2**40)], "seed must be an integer in [0, 4294967295]"),
+        (["a red cube", "--preset", "turbo"], "choose from 'quick', 'standard', 'high'"),
+        (["a red cube", "--guidance", "dall-e"], "choose from 'auto', 'primitives'"),
+        (["--set", "coarse.iters=3"], "give exactly one of"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(argv, message, capsys, tmp_path):
