@@ -212,8 +212,13 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                 gr.Examples(example_prompts(), inputs=[prompt])
             with gr.Column(scale=2):
                 status = gr.Markdown("Ready.")
-                gallery = gr.Gallery(label="Previews (coarse NeRF, then refined mesh)", columns=2, height=320)
-                model = gr.Model3D(label="Model (GLB)", height=380, clear_color=(1.0, 1.0, 1.0, 1.0))
+                gallery = gr.Gallery(
+                    label="Previews (coarse NeRF, then refined mesh)", columns=2, height=320, object_fit="contain"
+                )
+                # Gradio 6.31's Model3D does not mount its 3D canvas when a streaming (generator) event
+                # sets it, so /generate fills a hidden one and a plain follow-up event shows it.
+                model = gr.Model3D(label="Model (GLB)", visible=False)
+                viewer = gr.Model3D(label="Model (GLB)", height=380, clear_color=(1.0, 1.0, 1.0, 1.0))
                 files = gr.File(label="Downloads: model.zip (OBJ + MTL + PNG), model.glb", file_count="multiple")
         inputs = [prompt, preset_in, seed, guidance_in, coarse_iters, refine_iters, texture_size, stop_after]
 
@@ -232,6 +237,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
             api_name="generate",
             concurrency_limit=1,
         )
+        event.success(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
         cancel_btn.click(lambda: "Cancelled.", outputs=[status], cancels=[event], queue=False)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo
