@@ -1,0 +1,217 @@
+"""Stage 1: a NeRF distilled from a 2D diffusion model with SDS at low resolution (DreamFusion).
+
+`run(guidance, prompt, config, camera, device)` trains a hash-grid NeRF: each step samples
+random cameras, volume-renders them, and applies the SDS loss of the guidance model plus
+named regularizers. It returns a `CoarseResult` holding the trained field, which can be
+queried for density and albedo anywhere, and the preview images it reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from geometry.nerf import FieldConfig, NeRFField
+from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
+from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
+from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
+from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, image_grid
+
+BACKGROUNDS = ("white", "random", "learned")
+
+
+@dataclass
+class CoarseConfig:
+    iters: int = 1000  # SDS steps
+    batch_size: int = 1  # cameras rendered per step
+    resolution: int = 64  # rendered image side, px (the guidance model resizes it to its own)
+    lr_encoding: float = 1e-2  # Adam learning rate of the hash-grid tables
+    lr_network: float = 1e-3  # Adam learning rate of the MLP and the learned background
+    albedo_warmup: int = 100  # first steps rendered with albedo shading only
+    prob_albedo: float = 0.25  # after the warm-up: probability of albedo shading
+    prob_lambertian: float = 0.375  # after the warm-up: probability of Lambertian shading
+    prob_textureless: float = 0.375  # after the warm-up: probability of textureless (white) shading
+    background: str = "learned"  # "white", "random" (a solid colour per image) or "learned" (one colour)
+    lambda_orientation: float = 1e-2  # weight of Ref-NeRF's orientation loss, reached after the ramp
+    orientation_ramp: int = 500  # steps over which the orientation weight rises linearly from 0
+    lambda_sparsity: float = 0.0  # weight of the mean opacity (pushes empty space to be empty)
+    lambda_entropy: float = 1e-3  # weight of the opacity entropy (pushes opacity to 0 or 1)
+    preview_every: int = 100  # steps between preview renders (0 = only at the end)
+    preview_views: int = 4  # orbit views in a preview
+    preview_resolution: int = 64  # preview image side, px
+    seed: int = 0  # seeds the field, cameras, ray jitter and timesteps
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)  # the NeRF's encoding and MLP
+    volume: VolumeConfig = dataclasses.field(default_factory=VolumeConfig)  # ray marching and shading
+    sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)  # score distillation
+
+    def check(self) -> None:
+        for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"coarse.{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr_encoding", "lr_network"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"coarse.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("albedo_warmup", "orientation_ramp", "preview_every", "prob_albedo", "prob_lambertian",
+                     "prob_textureless", "lambda_orientation", "lambda_sparsity", "lambda_entropy"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"coarse.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.prob_albedo + self.prob_lambertian + self.prob_textureless <= 0:
+            raise ValueError("coarse.prob_albedo + prob_lambertian + prob_textureless must be > 0")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"coarse.background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
+        self.field.check()
+        self.volume.check()
+        self.sds.check()
+
+
+@dataclass
+class CoarseResult:
+    field: NeRFField  # the trained density + albedo field (eval mode)
+    previews: list[np.ndarray] = dataclasses.field(default_factory=list)  # [H, W, 3] uint8 orbit mosaics
+    stats: dict = dataclasses.field(default_factory=dict)  # mean seconds per step part, final loss, steps
+
+
+class Background(torch.nn.Module):
+    """The colour behind the object: fixed white, a random solid colour per image, or one learned colour."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.logit = torch.nn.Parameter(torch.zeros(3)) if mode == "learned" else None
+
+    def forward(self, batch: int, generator: torch.Generator | None, device) -> Tensor:  # -> [B, 3]
+        if self.mode == "white":
+            return torch.ones(batch, 3, device=device)
+        if self.mode == "random" and self.training:
+            return torch.rand(batch, 3, generator=generator).to(device)
+        if self.mode == "random":
+            return torch.ones(batch, 3, device=device)
+        return torch.sigmoid(self.logit).expand(batch, 3)
+
+
+def render_previews(
+    field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor, ambient: float | None = None
+) -> np.ndarray:
+    """A mosaic of `views` Lambertian orbit renders: [resolution, views * resolution, 3] uint8."""
+    device = next(field.parameters()).device
+    cams = orbit_cameras(views, (resolution, resolution), device=device)
+    config = volume if ambient is None else dataclasses.replace(volume, ambient=ambient)
+    with torch.no_grad():
+        out = render_volume(field, cams, config, shading="lambertian", background=background.expand(views, 3))
+    return image_grid(out["rgb"])
+
+
+def run(
+    guidance,
+    prompt: str,
+    config: CoarseConfig,
+    camera: CameraConfig,
+    device: torch.device | str = "cpu",
+    callback: Callback | None = None,
+    should_stop: StopCheck | None = None,
+) -> CoarseResult:
+    """Train the coarse NeRF for `prompt` with SDS from `guidance`; see the module docstring."""
+    # 1. Check inputs and prepare the field, optimizer, loss and random streams.
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    config.check()
+    camera.check()
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    field_ = NeRFField(config.field).to(device)
+    background = Background(config.background).to(device)
+    groups = field_.parameter_groups(config.lr_encoding, config.lr_network)
+    if background.logit is not None:
+        groups.append({"params": [background.logit], "lr": config.lr_network, "name": "background"})
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+    sds = SDSLoss(guidance, prompt, config.sds)
+    occupancy = OccupancyGrid.from_config(config.volume, device) if config.volume.use_occupancy else None
+    probabilities = {
+        "albedo": config.prob_albedo, "lambertian": config.prob_lambertian, "textureless": config.prob_textureless,
+    }
+    size = (config.resolution, config.resolution)
+    timings = {"render": 0.0, "guidance": 0.0, "backward": 0.0, "optimizer": 0.0}
+    previews: list[np.ndarray] = []
+    loss_value = float("nan")
+
+    # 2. The SDS loop.
+    for step in range(config.iters):
+        check_stop(should_stop, "coarse", step)
+        field_.train()
+        background.train()
+        if occupancy is not None:
+            occupancy.step(field_, step, generator)
+        t0 = time.perf_counter()
+        cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
+        shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
+        bg = background(config.batch_size, generator, device)
+        out = render_volume(
+            field_, cams, config.volume, shading=shading, background=bg, occupancy=occupancy,
+            generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,
+        )
+        t1 = time.perf_counter()
+        try:
+            loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator)
+        except NonFiniteError as exc:
+            raise StageError("coarse", step, f"{exc} (lower the learning rates or the guidance scale)") from exc
+        t2 = time.perf_counter()
+        loss = loss_sds + _regularizers(out, config, step)
+        if not torch.isfinite(loss):
+            raise StageError("coarse", step, f"the loss is not finite ({float(loss)}); lower the learning rates")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        t4 = time.perf_counter()
+        for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            timings[key] += dt
+        loss_value = float(loss.detach())
+
+        # 3. Report progress, with a preview every `preview_every` steps and at the end.
+        last = step == config.iters - 1
+        preview = None
+        if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
+            field_.eval()
+            background.eval()
+            preview = render_previews(
+                field_, config.volume, config.preview_views, config.preview_resolution,
+                background(1, None, device).detach(),
+            )
+            previews.append(preview)
+        if callback is not None:
+            callback(StepEvent(
+                stage="coarse", step=step + 1, total=config.iters, loss=loss_value, preview=preview,
+                message=f"coarse NeRF step {step + 1}/{config.iters}, loss {loss_value:.4g}, t={int(info['t'][0])}",
+                timings={k: (t1 - t0, t2 - t1, t3 - t2, t4 - t3)[i] for i, k in enumerate(timings)},
+            ))
+
+    # 4. Hand off the trained field.
+    field_.eval()
+    for p in field_.parameters():
+        p.requires_grad_(False)
+    stats = {f"{k}_s_per_step": v / config.iters for k, v in timings.items()}
+    stats.update(final_loss=loss_value, steps=config.iters)
+    if occupancy is not None:
+        stats["occupied_fraction"] = occupancy.occupied_fraction
+    return CoarseResult(field=field_, previews=previews, stats=stats)
+
+
+def _regularizers(out: dict, config: CoarseConfig, step: int) -> Tensor:
+    """Orientation (ramped), opacity sparsity and opacity entropy, each with its named weight."""
+    alpha = out["alpha"].clamp(1e-5, 1.0 - 1e-5)
+    total = torch.zeros((), device=alpha.device)
+    if config.lambda_orientation > 0 and "orientation" in out:
+        ramp = min(1.0, step / config.orientation_ramp) if config.orientation_ramp > 0 else 1.0
+        total = total + config.lambda_orientation * ramp * out["orientation"]
+    if config.lambda_sparsity > 0:
+        total = total + config.lambda_sparsity * alpha.mean()
+    if config.lambda_entropy > 0:
+        entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
+        total = total + config.lambda_entropy * entropy
+    return total
