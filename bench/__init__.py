@@ -1,0 +1,1 @@
+"""Benchmarks that print tables and write JSON under bench/out: quality (against the primitives' true shapes) and speed."""

@@ -1,0 +1,127 @@
+"""Smoke tests of the benchmarks: bench.quality --quick and bench.speed's CPU path, in-process and tiny."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import quality, speed
+from guidance.primitive_shapes import COLORS, primitive_mesh
+from stages.export import ExportConfig, export
+from stages.refine import TIMING_PARTS
+from stages.runs import slugify
+
+TINY = [
+    "prior_resolution=16", "prior_renders_per_view=4",
+    "coarse.iters=3", "coarse.resolution=16", "coarse.volume.num_samples=16",
+    "refine.iters=2", "refine.resolution=16", "refine.grid_resolution=16",
+    "export.texture_size=64", "export.turntable=false",
+]
+
+
+def _sets(overrides):
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "CHAMFER_POINTS", 2000)
+    monkeypatch.setattr(quality, "VOLUME_RESOLUTION", 32)
+    code = quality.main(["--quick", "--out", str(tmp_path / "quality"), *_sets(TINY)])
+    assert code == 0
+    report = json.loads((tmp_path / "quality.json").read_text())
+    rows = report["rows"]
+    assert [r["prompt"] for r in rows] == list(quality.QUICK_PROMPTS) and report["seeds"] == [0]
+    for row in rows:
+        assert row["status"] == "ok", row.get("error")
+        for key in ("silhouette_iou", "silhouette_iou_min", "volume_iou", "retrieval", "retrieval_reference"):
+            assert 0.0 <= row[key] <= 1.0, (key, row[key])
+        assert row["silhouette_iou_min"] <= row["silhouette_iou"]
+        assert 0.0 < row["chamfer"] < 4.0 and math.isfinite(row["chamfer"])
+        assert 0.0 <= row["color_error"] <= math.sqrt(3)
+        assert len(row["retrieved"]) == 8 and row["retrieval"] == sum(
+            r == row["prompt"] for r in row["retrieved"]) / 8
+        assert row["faces"] > 0
+        assert set(row["stage_seconds"]) == {"coarse", "refine", "export"}
+        assert all(v > 0 for v in row["stage_seconds"].values())
+        run = json.loads((tmp_path / "quality" / f"{slugify(row['prompt'])}-seed0" / "run.json").read_text())
+        assert run["config"]["coarse"]["iters"] == 3 and run["stage_stats"]["export"]["faces"] == row["faces"]
+    overall = report["summary"]["overall"]
+    assert overall["silhouette_iou"] == pytest.approx(np.mean([r["silhouette_iou"] for r in rows]))
+
+
+def test_measure_scores_the_true_primitive_perfectly_and_a_wrong_prompt_badly(tmp_path, monkeypatch):
+    from guidance.primitives import PrimitivesPrior
+
+    monkeypatch.setattr(quality, "CHAMFER_POINTS", 2000)
+    monkeypatch.setattr(quality, "VOLUME_RESOLUTION", 32)
+
+    cube = primitive_mesh("cube")
+    red = torch.tensor(COLORS["red"])
+    result = export(torch.tensor(np.array(cube.vertices), dtype=torch.float32), torch.tensor(np.array(cube.faces)),
+                    lambda p: red.expand(len(p), 3), tmp_path, ExportConfig(texture_size=64, turntable=False))
+    prior = PrimitivesPrior(resolution=16, renders_per_view=4, log=lambda *_: None)
+    right = quality.measure(result.paths["obj"], "a red cube", prior)
+    assert right["silhouette_iou"] > 0.98 and right["volume_iou"] > 0.95
+    assert right["chamfer"] < 0.05 and right["color_error"] < 0.02 and right["faces"] == 12
+    # The exported cube renders like the true one, so it is retrieved exactly as often.
+    assert right["retrieval"] == right["retrieval_reference"]
+    wrong = quality.measure(result.paths["obj"], "a blue torus", prior)
+    assert wrong["silhouette_iou"] < 0.8 and wrong["volume_iou"] < 0.5 and wrong["chamfer"] > 0.1
+    assert wrong["color_error"] > 0.8 and wrong["retrieval"] == 0.0
+
+
+def test_a_crashing_run_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch):
+    from stages import pipeline
+
+    def crash(prompt, config, **kwargs):
+        raise RuntimeError(f"boom on {prompt}")
+
+    monkeypatch.setattr(pipeline, "run_to_completion", crash)
+    code = quality.main(["--prompts", "a green cone", "--seeds", "3", "--out", str(tmp_path / "q"), *_sets(TINY)])
+    assert code == 1
+    report = json.loads((tmp_path / "q.json").read_text())
+    (row,) = report["rows"]
+    assert row["status"] == "error" and "boom on a green cone" in row["error"] and row["seed"] == 3
+    assert report["summary"]["errors"] == 1 and report["summary"]["overall"] == {}
+
+
+def test_speed_cpu_path_times_every_part_of_every_stage(tmp_path):
+    out = tmp_path / "speed.json"
+    assert speed.main(["--steps", "2", "--devices", "cpu", "cuda", "--out", str(out), *_sets(TINY)]) == 0
+    report = json.loads(out.read_text())
+    cpu = report["cpu"]
+    assert set(cpu["coarse"]["seconds_per_step"]) == {"render", "guidance", "backward", "optimizer"}
+    assert set(cpu["refine"]["seconds_per_step"]) == set(TIMING_PARTS)
+    for stage in ("coarse", "refine"):
+        r = cpu[stage]
+        assert r["steps"] == 2 and r["measured_steps"] == 1 and r["resolution"] == 16
+        assert all(v >= 0 for v in r["seconds_per_step"].values()) and r["step_seconds"] > 0
+        assert 0 < r["model_seconds_per_step"] <= r["seconds_per_step"]["guidance"]
+        assert 0.0 <= r["outside_model_share"] < 1.0 and math.isfinite(r["peak_memory_mb"])
+    assert set(cpu["export"]["seconds"]) == {"clean", "unwrap", "bake", "write", "turntable"}
+    assert cpu["export"]["faces"] > 0 and cpu["export"]["texture_size"] == 64
+    if not torch.cuda.is_available():
+        assert report["cuda"] == {"skipped": speed.NO_CUDA}
+
+
+def test_random_stable_diffusion_builds_a_working_latent_guidance_model():
+    from guidance.sds import SDSConfig, SDSLoss
+
+    unet = dict(speed.SD21_BASE_UNET, sample_size=4, block_out_channels=(32, 64), attention_head_dim=(2, 4),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32)
+    vae = dict(speed.SD_VAE, block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1)
+    text = dict(speed.SD21_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = speed.random_stable_diffusion(torch.device("cpu"), torch.float32, unet=unet, vae=vae, text=text)
+    assert model.resolution == 8 and model.space == "latent" and model.alphas_cumprod.shape == (1000,)
+    cond = model.encode_prompt(["a red cube", "a red cube", "a blue torus"])
+    assert cond.shape == (3, 77, 32) and torch.equal(cond[0], cond[1]) and not torch.equal(cond[0], cond[2])
+    images = torch.rand(2, 8, 8, 3, requires_grad=True)
+    timed = speed.TimedGuidance(model, torch.device("cpu"))
+    loss, info = SDSLoss(timed, "a red cube", SDSConfig())(images, ["front", "side"], generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert timed.seconds > 0 and model.text_encoder is None  # SDSLoss released it after embedding
