@@ -32,7 +32,7 @@ class Config:
     preset: str = "quick"  # the preset this config started from (recorded in run.json)
     guidance: str = "auto"  # "auto" (Stable Diffusion on CUDA, else primitives), "primitives", "stable-diffusion", "deepfloyd-if"
     model_id: str | None = None  # hub id or local folder of the guidance model; None = the model's default
-    seed: int = 0  # seeds every stage (each stage offsets it)
+    seed: int = 0  # the run's seed; the pipeline copies it into coarse.seed and refine.seed
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     stop_after: str = "export"  # last stage to train: "coarse" exports the coarse field's mesh, "refine" or "export" do all
     prior_resolution: int = 64  # primitives prior: image side of its libraries, px

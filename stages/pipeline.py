@@ -181,6 +181,7 @@ def generate(
     # 1. Check inputs before touching the disk.
     prompt, device, guidance_name = check_inputs(prompt, config)
     adapt_to_guidance(config, guidance_name)
+    config.coarse.seed = config.refine.seed = config.seed  # the run's seed drives every stage
     config.check()
     if resume:
         if run_dir is None:

@@ -41,9 +41,11 @@ def test_full_run_streams_both_stages_and_writes_every_file(tmp_path):
 
 
 def test_stop_after_coarse_still_exports_a_model(tmp_path):
-    config = tiny_config(stop_after="coarse")
+    config = tiny_config(stop_after="coarse", seed=5)
     done = run_to_completion("a blue sphere", config, run_dir=tmp_path / "run")
     assert done.stage == "done"
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["seed"] == 5 and record["config"]["coarse"]["seed"] == 5 and record["config"]["refine"]["seed"] == 5
     assert (tmp_path / "run" / "model.obj").is_file() and (tmp_path / "run" / "coarse.pt").is_file()
     assert not (tmp_path / "run" / "refine.pt").exists()
 
