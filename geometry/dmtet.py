@@ -232,7 +232,7 @@ class DMTet(nn.Module):
         sdf: Tensor,  # [V] initial SDF, < 0 inside
         cell_size: Tensor,  # [3] grid spacing per axis, world units
         deform_scale: float = 0.25,  # largest displacement, fraction of a cell
-        smoothing: float = 1.0,  # Gaussian sigma applied to the learned SDF change, cells (0 = per-vertex)
+        smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, cells (0 = per-vertex)
     ) -> None:
         super().__init__()
         if not 0.0 <= deform_scale <= 0.5:
@@ -308,13 +308,14 @@ def dmtet_from_field(
     threshold: float | None = None,  # surface level of the density; None = automatic
     margin: float = 0.1,  # world units around the occupied region
     deform_scale: float = 0.25,  # largest vertex displacement, fraction of a cell
-    smoothing: float = 1.0,  # Gaussian sigma of the initial SDF and of its learned change, cells
+    smoothing: float = 1.0,  # Gaussian sigma applied to the initial SDF, grid cells (0 = none)
+    update_smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, grid cells
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
 ) -> tuple[DMTet, float]:
     """A DMTet whose initial surface is `extract_mesh(field, ...)` with the same settings, and the level used."""
     verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device)
-    return DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, smoothing), level
+    return DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing), level
 
 
 def extract_mesh(

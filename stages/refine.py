@@ -39,9 +39,10 @@ class RefineConfig:
     grid_resolution: int = 128  # tet grid cells per axis of the box fitted to the object
     grid_margin: float = 0.1  # world units added around the coarse object's box
     threshold: float | None = None  # density level of the initial surface; None = automatic
-    sdf_smoothing: float = 1.0  # Gaussian sigma, grid cells, of the initial SDF and of its learned change (0 = off)
+    sdf_smoothing: float = 1.0  # Gaussian sigma of the initial SDF, grid cells (as extract_mesh; 0 = off)
+    update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
     deform_scale: float = 0.25  # largest vertex deformation, fraction of a grid cell
-    lr_sdf: float = 3e-3  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
+    lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
     lr_deform: float = 1e-2  # Adam learning rate of the deformation (pre-tanh, so scale-free)
     lr_color: float = 1e-3  # Adam learning rate of the copied colour field; 0 = frozen texture
     # Regulariser weights are relative to the SDS loss per image, whose gradient on a mesh vertex is
@@ -75,8 +76,8 @@ class RefineConfig:
             raise ValueError(f"refine.deform_scale must be in [0, 0.5], got {self.deform_scale!r}")
         if not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"refine.ambient must be in [0, 1], got {self.ambient!r}")
-        for name in ("lr_sdf", "lr_deform", "lr_color", "lambda_normal_consistency", "lambda_laplacian", "grid_margin",
-                     "albedo_warmup", "prob_albedo", "prob_lambertian", "prob_textureless", "preview_every", "chunk_size"):
+        for name in ("lr_sdf", "lr_deform", "lr_color", "sdf_smoothing", "update_smoothing", "lambda_normal_consistency",
+                     "lambda_laplacian", "grid_margin", "albedo_warmup", "prob_albedo", "prob_lambertian", "prob_textureless", "preview_every", "chunk_size"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.lr_sdf + self.lr_deform + self.lr_color <= 0:
@@ -217,7 +218,8 @@ def run(
     device = torch.device(device)
     generator = torch.Generator().manual_seed(config.seed)
     dmtet, threshold = dmtet_from_field(
-        field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale, smoothing=config.sdf_smoothing, device=device
+        field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
+        config.sdf_smoothing, config.update_smoothing, device=device,
     )
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)
