@@ -172,7 +172,7 @@ def _quick_coarse():
 CUBE_SHORTFALL = (
     "at test size (primitives prior 32 px x 32 renders, coarse 400 steps at 32 px) the coarse cube is a rounded, "
     "too large blob (IoU 0.65) and refinement does not lift it to 0.7 (observed 0.651 -> 0.641); with the quick "
-    "preset's prior (64 px x 96) and coarse stage (500 steps at 64 px) it goes 0.734 -> 0.741"
+    "preset's prior (64 px x 96), coarse stage (500 steps at 64 px) and refine settings it goes 0.734 -> 0.74"
 )
 
 
