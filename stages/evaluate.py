@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from guidance.primitive_shapes import COLORS, primitive_mesh
+from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY
 from renderers import raster
 from renderers.cameras import Cameras, cameras_from_angles, to_clip
 from renderers.volume import VolumeConfig, render_volume
@@ -15,7 +16,7 @@ def held_out_cameras(resolution: int = 64, device=None) -> Cameras:
     """8 fixed views between the training draws: azimuths 22.5 + 45k, elevations alternating 10 / 35 degrees."""
     azimuth = [22.5 + 45.0 * k for k in range(8)]
     elevation = [10.0 if k % 2 == 0 else 35.0 for k in range(8)]
-    return cameras_from_angles(elevation, azimuth, 2.8, 45.0, (resolution, resolution), device=device)
+    return cameras_from_angles(elevation, azimuth, CAMERA_DISTANCE, CAMERA_FOVY, (resolution, resolution), device=device)
 
 
 def mesh_silhouettes(vertices: Tensor, faces: Tensor, cameras: Cameras) -> Tensor:
