@@ -255,7 +255,7 @@ def run(
         t0 = _now(device)
         verts, faces = dmtet.extract()
         if faces.shape[0] == 0:
-            raise StageError("refine", step, "the surface vanished (the SDF has no zero crossing); lower refine.lr_sdf")
+            raise StageError("refine", step + 1, "the surface vanished (the SDF has no zero crossing); lower refine.lr_sdf")
         t1 = _now(device)
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
@@ -270,7 +270,7 @@ def run(
                 progress=step / max(config.iters - 1, 1), generator=generator,
             )
         except NonFiniteError as exc:
-            raise StageError("refine", step, f"{exc} (lower the learning rates or the guidance scale)") from exc
+            raise StageError("refine", step + 1, f"{exc} (lower the learning rates or the guidance scale)") from exc
         t4 = _now(device)
         loss = loss_sds / config.batch_size
         if config.lambda_normal_consistency > 0:
@@ -278,7 +278,7 @@ def run(
         if config.lambda_laplacian > 0:
             loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
         if not torch.isfinite(loss):
-            raise StageError("refine", step, f"the loss is not finite ({float(loss)}); lower the learning rates")
+            raise StageError("refine", step + 1, f"the loss is not finite ({float(loss)}); lower the learning rates")
         t5 = _now(device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
