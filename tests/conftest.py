@@ -1,7 +1,9 @@
-"""Shared test set-up: a private cache folder, and tiny run settings for end-to-end tests."""
+"""Shared test set-up: a private cache folder, one torch thread, tiny run settings for
+end-to-end tests, and the quick preset cut to test size with a small primitives prior."""
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,6 +16,35 @@ def private_cache(tmp_path_factory):
         os.environ.pop("DREAMLIFT_CACHE", None)
     else:
         os.environ["DREAMLIFT_CACHE"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread: OpenMP threads spin badly when the 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick_primitives_config(coarse_iters: int = 400, resolution: int = 32):
+    """The `quick` preset as a run with the primitives prior gets it, its coarse stage cut to test size."""
+    from stages.config import adapt_to_guidance, preset
+
+    config = preset("quick")
+    adapt_to_guidance(config, "primitives")
+    config.coarse.iters, config.coarse.resolution, config.coarse.preview_every = coarse_iters, resolution, 0
+    return config
+
+
+@pytest.fixture(scope="session")
+def small_prior():
+    """The primitives prior at 32 px, 32 renders per view, for the quick preset's cameras (~20 s once)."""
+    from guidance.primitives import PrimitivesPrior
+
+    config = quick_primitives_config()
+    return PrimitivesPrior(resolution=32, renders_per_view=32, camera=config.camera,
+                           ambient=config.coarse.volume.ambient, log=lambda *_: None)
 
 
 def tiny_config(**changes):

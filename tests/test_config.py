@@ -2,7 +2,9 @@ import dataclasses
 
 import pytest
 
-from stages.config import PRESETS, Config, apply_overrides, from_dict, preset, to_dict
+from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY
+from renderers.cameras import CameraConfig
+from stages.config import PRESETS, Config, adapt_to_guidance, apply_overrides, from_dict, preset, to_dict
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -69,3 +71,22 @@ def test_seed_range_is_checked():
         config = Config(seed=bad)
         with pytest.raises(ValueError, match="seed"):
             config.check()
+
+
+def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
+    config = preset("quick")
+    adapt_to_guidance(config, "primitives")
+    assert config.camera.distance_range == (CAMERA_DISTANCE, CAMERA_DISTANCE)
+    assert config.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
+    assert config.coarse.background == config.refine.background == "white"
+    assert config.coarse.sds.guidance_scale is None  # the prior's own default (5)
+    assert config.refine.sds.guidance_scale == 10.0
+    config.check()
+
+    # Ranges the user set are kept; other models keep the default ranges and get a non-white background.
+    custom = apply_overrides(preset("quick"), ["camera.distance_range=(2.5,3.0)"])
+    adapt_to_guidance(custom, "primitives")
+    assert custom.camera.distance_range == (2.5, 3.0) and custom.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
+    other = preset("standard")
+    adapt_to_guidance(other, "stable-diffusion")
+    assert other.camera.distance_range == CameraConfig().distance_range and other.coarse.background != "white"

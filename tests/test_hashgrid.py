@@ -5,14 +5,7 @@ import torch
 
 from geometry.hashgrid import HASH_PRIMES, HashGridEncoding
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # OpenMP threads spin badly when the 2 cores are shared; one thread is faster and steadier here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_output_shape_and_levels():

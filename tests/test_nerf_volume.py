@@ -19,13 +19,7 @@ SMALL_FIELD = FieldConfig(num_levels=4, log2_table_size=12, base_resolution=8, m
 ALBEDO = (0.8, 0.3, 0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # OpenMP threads spin badly when the 2 cores are shared; one thread is faster and steadier here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class SphereField:

@@ -22,8 +22,8 @@ import app
 import generate as cli
 from conftest import tiny_config
 from stages import pipeline
-from stages.common import Cancelled, StageError
-from stages.pipeline import generate, run_to_completion
+from stages.common import StageError
+from stages.pipeline import generate
 from test_app import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
