@@ -31,7 +31,6 @@ class CoarseConfig:
     resolution: int = 64  # rendered image side, px (the guidance model resizes it to its own)
     lr_encoding: float = 1e-2  # Adam learning rate of the hash-grid tables
     lr_network: float = 1e-3  # Adam learning rate of the MLP and the learned background
-    lr_final_factor: float = 1.0  # learning rates decay exponentially to this fraction at the last step (1 = constant)
     albedo_warmup: int = 100  # first steps rendered with albedo shading only
     prob_albedo: float = 0.25  # after the warm-up: probability of albedo shading
     prob_lambertian: float = 0.375  # after the warm-up: probability of Lambertian shading
@@ -54,7 +53,7 @@ class CoarseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"coarse.{name} must be an integer >= 1, got {value!r}")
-        for name in ("lr_encoding", "lr_network", "lr_final_factor"):
+        for name in ("lr_encoding", "lr_network"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"coarse.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("albedo_warmup", "orientation_ramp", "preview_every", "prob_albedo", "prob_lambertian",
@@ -131,7 +130,6 @@ def run(
     if background.logit is not None:
         groups.append({"params": [background.logit], "lr": config.lr_network, "name": "background"})
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     sds = SDSLoss(guidance, prompt, config.sds)
     occupancy = OccupancyGrid.from_config(config.volume, device) if config.volume.use_occupancy else None
     probabilities = {
@@ -169,9 +167,6 @@ def run(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t3 = time.perf_counter()
-        decay = config.lr_final_factor ** (step / max(config.iters - 1, 1))
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * decay
         optimizer.step()
         t4 = time.perf_counter()
         for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
