@@ -15,7 +15,6 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from guidance.primitive_shapes import prompts as primitive_prompts
 from stages.config import GUIDANCE_CHOICES, MAX_SEED, PRESETS, STAGES, apply_overrides, preset
 from stages.runs import prune_runs
 

@@ -7,22 +7,13 @@ variance; SDS uses the noise only. The hub repository is gated.
 """
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
 from torch import Tensor
 
-from guidance.hub import (
-    DEFAULT_IF_MODEL_ID,
-    GuidanceLoadError,
-    incomplete_folder_error,
-    load_component,
-    load_error,
-    missing_subfolders,
-    resolve_local_files_only,
-)
-from guidance.stable_diffusion import PREDICTION_TYPES, default_dtype, epsilon_from_prediction, freeze
+from guidance.hub import DEFAULT_IF_MODEL_ID, load_component, load_or_explain
+from guidance.stable_diffusion import PREDICTION_TYPES, default_dtype, epsilon_from_prediction, free_memory, freeze
 
 IF_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")  # the stage-I parts SDS needs
 MAX_PROMPT_TOKENS = 77  # IF's T5 prompt length (as in diffusers' IFPipeline)
@@ -50,18 +41,8 @@ class DeepFloydIFGuidance:
         self.model_id = str(model_id)
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
-        offline = resolve_local_files_only(local_files_only)
-        if os.path.isdir(self.model_id):
-            missing = missing_subfolders(self.model_id, IF_SUBFOLDERS)
-            if missing:
-                raise incomplete_folder_error(self.model_id, "DeepFloyd IF", missing)
-        try:
-            self._load(offline)
-        except GuidanceLoadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
-            note = "" if os.path.isdir(self.model_id) else GATED_NOTE
-            raise load_error(self.model_id, "DeepFloyd IF", exc, DEFAULT_IF_MODEL_ID, note=note) from exc
+        note = "" if os.path.isdir(self.model_id) else GATED_NOTE
+        load_or_explain(self._load, self.model_id, "DeepFloyd IF", IF_SUBFOLDERS, DEFAULT_IF_MODEL_ID, local_files_only, note)
 
     def _load(self, local_files_only: bool) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -125,6 +106,4 @@ class DeepFloydIFGuidance:
     def release_text_encoder(self) -> None:
         """Drop the T5 encoder once the prompts are embedded (about 9 GB in fp16 for IF)."""
         self.text_encoder = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(self.device)

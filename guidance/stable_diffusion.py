@@ -12,18 +12,17 @@ import os
 import torch
 from torch import Tensor
 
-from guidance.hub import (
-    DEFAULT_SD_MODEL_ID,
-    GuidanceLoadError,
-    incomplete_folder_error,
-    load_component,
-    load_error,
-    missing_subfolders,
-    resolve_local_files_only,
-)
+from guidance.hub import DEFAULT_SD_MODEL_ID, load_component, load_or_explain
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # diffusers layout of the parts we load
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def free_memory(device: torch.device) -> None:
+    """Return freed tensors' memory now (CUDA caches it otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -73,17 +72,7 @@ class StableDiffusionGuidance:
         self.model_id = str(model_id)
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
-        offline = resolve_local_files_only(local_files_only)
-        if os.path.isdir(self.model_id):
-            missing = missing_subfolders(self.model_id, SD_SUBFOLDERS)
-            if missing:
-                raise incomplete_folder_error(self.model_id, "Stable Diffusion", missing)
-        try:
-            self._load(offline)
-        except GuidanceLoadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
-            raise load_error(self.model_id, "Stable Diffusion", exc, DEFAULT_SD_MODEL_ID) from exc
+        load_or_explain(self._load, self.model_id, "Stable Diffusion", SD_SUBFOLDERS, DEFAULT_SD_MODEL_ID, local_files_only)
 
     def _load(self, local_files_only: bool) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -150,6 +139,4 @@ class StableDiffusionGuidance:
     def release_text_encoder(self) -> None:
         """Drop the text encoder once the prompts are embedded (about 0.7 GB for SD 2.1)."""
         self.text_encoder = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(self.device)
