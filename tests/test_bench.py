@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import quality, speed
+from bench import quality, refine_gain, speed
 from guidance.primitive_shapes import COLORS, primitive_mesh
 from stages.export import ExportConfig, export
 from stages.refine import TIMING_PARTS
@@ -48,6 +48,19 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
         assert run["config"]["coarse"]["iters"] == 3 and run["stage_stats"]["export"]["faces"] == row["faces"]
     overall = report["summary"]["overall"]
     assert overall["silhouette_iou"] == pytest.approx(np.mean([r["silhouette_iou"] for r in rows]))
+
+    # The same runs, read back by the refine-gain report: the mesh before and after refinement.
+    assert refine_gain.main([str(tmp_path / "quality"), "--json", str(tmp_path / "gain.json")]) == 0
+    gain = json.loads((tmp_path / "gain.json").read_text())
+    assert sorted(g["prompt"] for g in gain) == sorted(quality.QUICK_PROMPTS)
+    for g in gain:
+        run_dir = tmp_path / "quality" / g["run"]
+        refined = torch.load(run_dir / "refine.pt", weights_only=True)
+        assert g["faces_after"] == refined["faces"].shape[0] > 0
+        assert 0.0 <= g["iou_before"] <= 1.0 and 0.0 <= g["iou_after"] <= 1.0
+        assert g["grid"] == json.loads((run_dir / "run.json").read_text())["config"]["refine"]["grid_resolution"]
+    with pytest.raises(SystemExit):
+        refine_gain.main([str(tmp_path / "no-such-folder")])
 
 
 def test_measure_scores_the_true_primitive_perfectly_and_a_wrong_prompt_badly(tmp_path, monkeypatch):

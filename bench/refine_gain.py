@@ -1,0 +1,91 @@
+"""What the refine stage adds: volumetric IoU before and after refinement, from finished runs.
+
+For each run folder (made by `generate.py` or `bench.quality` with the primitives prior) it
+reads the coarse checkpoint, extracts the mesh the refine stage starts from (the coarse
+field's level set on the run's own refine grid: `geometry.dmtet.extract_mesh`), reads the
+refined mesh from the refine checkpoint, and compares both with the canonical primitive
+(volumetric IoU, watertightness, faces). Prints a table and writes JSON.
+
+    python -m bench.refine_gain bench/out/quality            # every run folder under it
+    python -m bench.refine_gain runs/a-green-cube-seed0 --json gain.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from geometry.dmtet import extract_mesh
+from geometry.metrics import volumetric_iou
+from geometry.tets import is_watertight
+from guidance.primitive_shapes import parse_prompt, primitive_mesh
+from stages.pipeline import CHECKPOINTS, _load_field, _load_refine, load_run_config
+
+VOLUME_RESOLUTION = 64  # voxels per axis of the IoU grid (bench.quality uses the same)
+
+
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The run folders named, or found one level below a named folder, that have both checkpoints."""
+    found = []
+    for path in paths:
+        candidates = [path] if (path / "run.json").exists() else sorted(p for p in path.iterdir() if (p / "run.json").exists())
+        found += [p for p in candidates if all((p / name).exists() for name in CHECKPOINTS.values())]
+    return found
+
+
+def measure_run(run_dir: Path) -> dict:
+    prompt, config = load_run_config(run_dir)
+    _, shape, _ = parse_prompt(prompt)
+    truth = primitive_mesh(shape)
+    device = torch.device("cpu")
+    field = _load_field(run_dir / CHECKPOINTS["coarse"], device)
+    before = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device)
+    after, _ = _load_refine(run_dir / CHECKPOINTS["refine"], device)
+    row = {"run": run_dir.name, "prompt": prompt, "seed": config.seed, "grid": config.refine.grid_resolution}
+    for name, (verts, faces) in (("before", before), ("after", after)):
+        row[f"iou_{name}"] = volumetric_iou((verts, faces), truth, VOLUME_RESOLUTION) if faces.shape[0] else 0.0
+        row[f"faces_{name}"] = int(faces.shape[0])
+        row[f"watertight_{name}"] = bool(faces.shape[0]) and is_watertight(faces)
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'prompt':<20}{'seed':>5}{'grid':>6}{'IoU before':>12}{'IoU after':>11}{'gain':>8}{'faces':>8}  watertight"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        gain = r["iou_after"] - r["iou_before"]
+        lines.append(f"{r['prompt']:<20}{r['seed']:>5}{r['grid']:>6}{r['iou_before']:>12.3f}{r['iou_after']:>11.3f}"
+                     f"{gain:>+8.3f}{r['faces_after']:>8}  {r['watertight_after']}")
+    if rows:
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("iou_before", "iou_after")}
+        better = sum(r["iou_after"] >= r["iou_before"] for r in rows)
+        lines += ["-" * len(head), f"{'mean':<31}{mean['iou_before']:>12.3f}{mean['iou_after']:>11.3f}"
+                  f"{mean['iou_after'] - mean['iou_before']:>+8.3f}   refine not worse in {better}/{len(rows)} runs"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders, or folders holding run folders")
+    parser.add_argument("--json", type=Path, help="write the rows here as JSON")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    folders = run_folders(args.paths)
+    if not folders:
+        parser.error("no finished runs (run.json, coarse.pt and refine.pt) under the given paths")
+    rows = [measure_run(folder) for folder in folders]
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
