@@ -8,7 +8,6 @@ queried for density and albedo anywhere, and the preview images it reported.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ from geometry.nerf import FieldConfig, NeRFField
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
-from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, image_grid
+from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, clock, image_grid
 
 BACKGROUNDS = ("white", "random", "learned")
 
@@ -147,7 +146,7 @@ def run(
         background.train()
         if occupancy is not None:
             occupancy.step(field_, step, generator)
-        t0 = time.perf_counter()
+        t0 = clock(device)
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
         bg = background(config.batch_size, generator, device)
@@ -155,20 +154,20 @@ def run(
             field_, cams, config.volume, shading=shading, background=bg, occupancy=occupancy,
             generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,
         )
-        t1 = time.perf_counter()
+        t1 = clock(device)
         try:
             loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator)
         except NonFiniteError as exc:
             raise StageError("coarse", step + 1, f"{exc} (lower the learning rates or the guidance scale)") from exc
-        t2 = time.perf_counter()
+        t2 = clock(device)
         loss = loss_sds + _regularizers(out, config, step)
         if not torch.isfinite(loss):
             raise StageError("coarse", step + 1, f"the loss is not finite ({float(loss)}); lower the learning rates")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = clock(device)
         optimizer.step()
-        t4 = time.perf_counter()
+        t4 = clock(device)
         for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             timings[key] += dt
         loss_value = float(loss.detach())

@@ -1,6 +1,7 @@
 """What every stage shares: progress events, cancellation, and turning tensors into preview images."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -59,3 +60,10 @@ def image_grid(images: Tensor, columns: int | None = None) -> np.ndarray:
         r, col = divmod(i, columns)
         canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = images[i]
     return to_uint8(canvas)
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers import raster
 from renderers.cameras import CameraConfig, Cameras, orbit_cameras, sample_cameras, to_clip
 from renderers.volume import SHADINGS, sample_shading
-from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, image_grid
+from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, clock, image_grid
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
@@ -192,12 +191,6 @@ def _to_guidance_size(images: Tensor, size: int) -> Tensor:  # [B, H, W, 3] -> [
     return images
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 # --------------------------------------------------------------------------- the stage
 def run(
     field,  # the coarse NeRFField (any object with query(x, chunk_size) and albedo(x)); not modified
@@ -252,18 +245,18 @@ def run(
     # 2. The SDS loop.
     for step in range(config.iters):
         check_stop(should_stop, "refine", step)
-        t0 = _now(device)
+        t0 = clock(device)
         verts, faces = dmtet.extract()
         if faces.shape[0] == 0:
             raise StageError("refine", step + 1, "the surface vanished (the SDF has no zero crossing); lower refine.lr_sdf")
-        t1 = _now(device)
+        t1 = clock(device)
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
         bg = _background(config, config.batch_size, generator, device, verts.dtype)
         rast_out = rasterize_mesh(verts, faces, cams, config.backend, config.chunk_size)
-        t2 = _now(device)
+        t2 = clock(device)
         images = shade_mesh(rast_out, color_field, cams, shading, config.ambient, bg, config.backend)["rgb"]
-        t3 = _now(device)
+        t3 = clock(device)
         try:
             loss_sds, info = sds(
                 _to_guidance_size(images, guidance.resolution), cams.view_words,
@@ -271,7 +264,7 @@ def run(
             )
         except NonFiniteError as exc:
             raise StageError("refine", step + 1, f"{exc} (lower the learning rates or the guidance scale)") from exc
-        t4 = _now(device)
+        t4 = clock(device)
         loss = loss_sds / config.batch_size
         if config.lambda_normal_consistency > 0:
             loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
@@ -279,11 +272,11 @@ def run(
             loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
         if not torch.isfinite(loss):
             raise StageError("refine", step + 1, f"the loss is not finite ({float(loss)}); lower the learning rates")
-        t5 = _now(device)
+        t5 = clock(device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        t6 = _now(device)
+        t6 = clock(device)
         parts = dict(zip(TIMING_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)))
         for key, dt in parts.items():
             totals[key] += dt
