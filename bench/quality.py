@@ -9,7 +9,7 @@ into the +z-up training frame (`stages.export.from_y_up`) and compared with the 
 - colour error: the area-weighted mean texture colour over the surface (the texture sampled at
   the face centroids' UVs) against the prompt's colour, as a Euclidean RGB distance (0 .. 1.73);
 - retrieval, in the spirit of DreamFusion's CLIP R-Precision: Lambertian renders of the textured
-  mesh on white from the held-out views (the prior's own library style), each classified by
+  mesh on the prior's background from the held-out views (the prior's own library style), each classified by
   `PrimitivesPrior.classify` among all 60 prompts of the vocabulary; the score is the share of
   renders classified as their own prompt (chance: 1/60). The same protocol applied to the true
   primitive gives its ceiling ("retrieval_reference"): at low prior resolutions the true cube
@@ -126,8 +126,9 @@ def render_textured(
     cameras: Cameras,  # light at the camera (cameras_from_angles)
     ambient: float,  # ambient share of the Lambertian shading
     supersample: int = 1,  # cameras' resolution / output resolution
+    background: float = 1.0,  # grey level behind the mesh (the prior's `background`)
 ) -> Tensor:  # [B, H / supersample, W / supersample, 3] in [0, 1]
-    """Lambertian renders of the textured mesh over white, as the primitives prior's library is made."""
+    """Lambertian renders of the textured mesh over a grey level, as the primitives prior's library is made."""
     device = cameras.mvp.device
     f = mesh["faces"]
     # One vertex per face corner, so that each corner carries its own normal.
@@ -144,7 +145,7 @@ def render_textured(
     to_light = F.normalize(cameras.light_position[:, None, None, :] - points, dim=-1)
     shade = ambient + (1.0 - ambient) * (normals * to_light).sum(-1, keepdim=True).clamp_min(0.0)
     alpha = (rast[..., 3:] > 0).float()
-    image = alpha * albedo * shade + (1.0 - alpha)  # [B, H, W, 3]
+    image = alpha * albedo * shade + (1.0 - alpha) * background  # [B, H, W, 3]
     if supersample > 1:
         image = F.avg_pool2d(image.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
     return image.clamp(0.0, 1.0)
@@ -167,7 +168,7 @@ def retrieval(mesh: dict, prior) -> list[str]:
     prior's resolution and supersampled like its library."""
     size, ss = prior.resolution, prior.library_config.supersample
     cams = held_out_cameras(size * ss)
-    renders = render_textured(mesh, cams, prior.library_config.ambient, ss)
+    renders = render_textured(mesh, cams, prior.library_config.ambient, ss, prior.background)
     words = [view_word(float(e), float(a)) for e, a in zip(cams.elevation, cams.azimuth)]
     return prior.classify(renders, words)
 

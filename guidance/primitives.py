@@ -9,9 +9,11 @@ library for that view word. The model sees only x_t, t and the text: never a cam
 So the object's size is only defined if the stages' cameras all see it at one scale: the runs
 using this prior fix the camera distance and field of view (`stages.config.adapt_to_guidance`).
 
-Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with A_k = 1 - 2 alpha
-and B_k = 2 alpha_shade of render k, so distances and posterior means for every color come
-from two matrix products per query instead of materialising shapes x colors x renders images.
+Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with
+A_k = 2 g (1 - alpha) - 1 for a grey background level g and B_k = 2 alpha_shade of render k, so
+distances and posterior means for every color come from two matrix products per query instead
+of materialising shapes x colors x renders images. The background is white (g = 1) except for
+white objects, whose lit side would vanish into it: they get a dark one (`background_for`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,20 @@ from renderers.cameras import VIEW_WORDS, CameraConfig
 # The one camera distance and vertical field of view the runs with this prior use (see above).
 CAMERA_DISTANCE = 2.8  # world units
 CAMERA_FOVY = 45.0  # degrees
+DARK_BACKGROUND = 0.15  # grey level behind white objects: below their darkest shade (0.3 ambient x 0.95)
+
+
+def background_for(prompt: str | None) -> float:
+    """The grey level behind the object for a prompt: white, except dark for white objects.
+
+    On white, a white object's lit side looks like the background, and a semi-transparent grey
+    cloud on its shadow side matches the library as well as the object does ("a white capsule"
+    at test size: silhouette IoU 0.31 on white, 0.89 on 0.15).
+    """
+    if prompt is None:
+        return 1.0
+    color, _, _ = parse_prompt(prompt)
+    return DARK_BACKGROUND if color == "white" else 1.0
 
 
 def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -59,9 +75,13 @@ class PrimitivesPrior:
         renders_per_view: int = 96,  # K renders per shape and view word
         camera: CameraConfig | None = None,  # the stages' camera distribution (never individual poses)
         ambient: float = 0.3,  # ambient share of the library's Lambertian shading
+        background: float = 1.0,  # grey level behind the objects in [0, 1]: the stages must render on the same
         cache: str | None = None,  # cache folder; None = the user cache folder
         log=print,
     ):
+        if not 0.0 <= background <= 1.0:
+            raise ValueError(f"background must be a grey level in [0, 1], got {background!r}")
+        self.background = float(background)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.dtype = dtype
         self.resolution = resolution
@@ -74,7 +94,7 @@ class PrimitivesPrior:
         # View-major layout, so that one view word's renders of every shape are contiguous.
         alpha = library["alpha"].to(self.device, torch.float64).flatten(-2).transpose(0, 1)  # [V, S, K, P]
         alpha_shade = library["alpha_shade"].to(self.device, torch.float64).flatten(-2).transpose(0, 1)
-        self.lib_a = (1.0 - 2.0 * alpha).contiguous()  # [V, S, K, P]
+        self.lib_a = (2.0 * self.background * (1.0 - alpha) - 1.0).contiguous()  # [V, S, K, P]
         self.lib_b = (2.0 * alpha_shade).contiguous()  # [V, S, K, P]
         self.colors = torch.tensor(list(COLORS.values()), dtype=torch.float64, device=self.device)  # [C, 3]
         # |x_i|^2 over 3 channels for every render and color: [V, S, K, C]

@@ -34,7 +34,7 @@ class CoarseConfig:
     prob_albedo: float = 0.25  # after the warm-up: probability of albedo shading
     prob_lambertian: float = 0.375  # after the warm-up: probability of Lambertian shading
     prob_textureless: float = 0.375  # after the warm-up: probability of textureless (white) shading
-    background: str = "learned"  # "white", "random" (a solid colour per image) or "learned" (one colour)
+    background: str | tuple = "learned"  # "white", "random" (a solid colour per image), "learned" (one colour) or an (r, g, b) in [0, 1]
     lambda_orientation: float = 1e-2  # weight of Ref-NeRF's orientation loss, reached after the ramp
     orientation_ramp: int = 500  # steps over which the orientation weight rises linearly from 0
     lambda_sparsity: float = 0.0  # weight of the mean opacity (pushes empty space to be empty)
@@ -61,8 +61,11 @@ class CoarseConfig:
                 raise ValueError(f"coarse.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.prob_albedo + self.prob_lambertian + self.prob_textureless <= 0:
             raise ValueError("coarse.prob_albedo + prob_lambertian + prob_textureless must be > 0")
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"coarse.background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
+        if isinstance(self.background, str):
+            if self.background not in BACKGROUNDS:
+                raise ValueError(f"coarse.background must be one of {list(BACKGROUNDS)} or an (r, g, b), got {self.background!r}")
+        elif len(self.background) != 3 or not all(0.0 <= float(c) <= 1.0 for c in self.background):
+            raise ValueError(f"coarse.background must be one of {list(BACKGROUNDS)} or 3 values in [0, 1], got {self.background!r}")
         self.field.check()
         self.volume.check()
         self.sds.check()
@@ -76,16 +79,20 @@ class CoarseResult:
 
 
 class Background(torch.nn.Module):
-    """The colour behind the object: fixed white, a random solid colour per image, or one learned colour."""
+    """The colour behind the object: fixed white, a random solid colour per image, one learned
+    colour, or a fixed (r, g, b)."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str | tuple):
         super().__init__()
-        self.mode = mode
+        self.mode = mode if isinstance(mode, str) else "fixed"
+        self.color = None if isinstance(mode, str) else torch.tensor([float(c) for c in mode])  # [3]
         self.logit = torch.nn.Parameter(torch.zeros(3)) if mode == "learned" else None
 
     def forward(self, batch: int, generator: torch.Generator | None, device) -> Tensor:  # -> [B, 3]
         if self.mode == "white":
             return torch.ones(batch, 3, device=device)
+        if self.mode == "fixed":
+            return self.color.to(device).expand(batch, 3)
         if self.mode == "random" and self.training:
             return torch.rand(batch, 3, generator=generator).to(device)
         if self.mode == "random":

@@ -137,10 +137,10 @@ def get_guidance(config: Config, name: str, device: torch.device):
 
     if name == "primitives":
         key = (name, str(device), config.prior_resolution, config.prior_renders_per_view, repr(config.camera),
-               config.coarse.volume.ambient)
+               config.coarse.volume.ambient, config.prior_background)
         kwargs = dict(
             resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
-            camera=config.camera, ambient=config.coarse.volume.ambient,
+            camera=config.camera, ambient=config.coarse.volume.ambient, background=config.prior_background,
         )
     else:
         key = (name, str(device), config.model_id)
@@ -180,7 +180,7 @@ def generate(
     """
     # 1. Check inputs before touching the disk.
     prompt, device, guidance_name = check_inputs(prompt, config)
-    adapt_to_guidance(config, guidance_name)
+    adapt_to_guidance(config, guidance_name, prompt)
     config.coarse.seed = config.refine.seed = config.seed  # the run's seed drives every stage
     config.check()
     if resume:

@@ -27,12 +27,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def quick_primitives_config(coarse_iters: int = 400, resolution: int = 32):
-    """The `quick` preset as a run with the primitives prior gets it, its coarse stage cut to test size."""
+def quick_primitives_config(coarse_iters: int = 400, resolution: int = 32, prompt: str | None = None):
+    """The `quick` preset as a run with the primitives prior gets it (for `prompt`), its coarse stage cut to test size."""
     from stages.config import adapt_to_guidance, preset
 
     config = preset("quick")
-    adapt_to_guidance(config, "primitives")
+    adapt_to_guidance(config, "primitives", prompt)
     config.coarse.iters, config.coarse.resolution, config.coarse.preview_every = coarse_iters, resolution, 0
     return config
 

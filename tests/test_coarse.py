@@ -9,6 +9,7 @@ from conftest import quick_primitives_config
 
 from geometry.nerf import FieldConfig
 from guidance.primitive_shapes import COLORS, parse_prompt
+from guidance.primitives import PrimitivesPrior
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
 from stages import coarse
@@ -63,6 +64,7 @@ def tiny_config(**changes) -> CoarseConfig:
         (dict(prob_albedo=-0.1), "coarse.prob_albedo must be >= 0"),
         (dict(prob_albedo=0.0, prob_lambertian=0.0, prob_textureless=0.0), "prob_albedo"),
         (dict(background="blue"), "coarse.background must be one of"),
+        (dict(background=(0.1, 2.0, 0.1)), "3 values in \\[0, 1\\]"),
         (dict(lambda_sparsity=-1.0), "coarse.lambda_sparsity must be >= 0"),
     ],
 )
@@ -143,14 +145,23 @@ def nearest_color(rgb: list[float]) -> str:
     return min(COLORS, key=lambda name: float(np.linalg.norm(np.array(COLORS[name]) - np.array(rgb))))
 
 
-@pytest.mark.parametrize("prompt, seed", [("a red sphere", 0), ("a green cube", 1)])
-def test_quick_settings_recover_the_primitive_shape_and_colour(small_prior, prompt, seed):
+@pytest.mark.parametrize(
+    "prompt, seed, max_color_error",
+    [("a red sphere", 0, 0.2), ("a green cube", 1, 0.2),
+     # White objects train on a dark background; their albedo comes out light grey (about 0.75).
+     ("a white capsule", 0, 0.35)],
+)
+def test_quick_settings_recover_the_primitive_shape_and_colour(small_prior, prompt, seed, max_color_error):
     # The quick preset's coarse stage as a run with the prior gets it, at 32 px (4x cheaper than 64 px).
-    config = quick_primitives_config(coarse_iters=400, resolution=32)
+    config = quick_primitives_config(coarse_iters=400, resolution=32, prompt=prompt)
     config.coarse.seed = seed
+    prior = small_prior
+    if config.prior_background != small_prior.background:
+        prior = PrimitivesPrior(resolution=32, renders_per_view=32, camera=config.camera, ambient=config.coarse.volume.ambient,
+                                background=config.prior_background, log=lambda *_: None)  # the same library, cached
     color, shape, _ = parse_prompt(prompt)
-    result = coarse.run(small_prior, prompt, config.coarse, config.camera)
+    result = coarse.run(prior, prompt, config.coarse, config.camera)
     scores = evaluate_field(result.field, shape, color)
     assert scores["silhouette_iou"] >= 0.8, scores  # 8 held-out views, against renders of the true primitive
     assert scores["silhouette_iou_min"] >= 0.7, scores
-    assert nearest_color(scores["mean_albedo"]) == color and scores["color_error"] <= 0.2, scores
+    assert nearest_color(scores["mean_albedo"]) == color and scores["color_error"] <= max_color_error, scores

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY
+from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, DARK_BACKGROUND
 from renderers.cameras import CameraConfig
 from stages.config import PRESETS, Config, adapt_to_guidance, apply_overrides, from_dict, preset, to_dict
 
@@ -78,7 +78,7 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
     adapt_to_guidance(config, "primitives")
     assert config.camera.distance_range == (CAMERA_DISTANCE, CAMERA_DISTANCE)
     assert config.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
-    assert config.coarse.background == config.refine.background == "white"
+    assert config.coarse.background == config.refine.background == "white" and config.prior_background == 1.0
     assert config.coarse.sds.guidance_scale is None  # the prior's own default (5)
     assert config.refine.sds.guidance_scale == 10.0
     config.check()
@@ -87,6 +87,11 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
     custom = apply_overrides(preset("quick"), ["camera.distance_range=(2.5,3.0)"])
     adapt_to_guidance(custom, "primitives")
     assert custom.camera.distance_range == (2.5, 3.0) and custom.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
+    white = preset("quick")
+    adapt_to_guidance(white, "primitives", "a white cube")  # white objects train on a dark grey
+    assert white.prior_background == DARK_BACKGROUND
+    assert white.coarse.background == white.refine.background == (DARK_BACKGROUND,) * 3
+    white.check()
     other = preset("standard")
-    adapt_to_guidance(other, "stable-diffusion")
+    adapt_to_guidance(other, "stable-diffusion", "a white cube")
     assert other.camera.distance_range == CameraConfig().distance_range and other.coarse.background != "white"

@@ -9,7 +9,7 @@ from guidance.primitive_shapes import (
     primitive_mesh,
     prompts,
 )
-from guidance.primitives import PrimitivesPrior
+from guidance.primitives import DARK_BACKGROUND, PrimitivesPrior, background_for
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,21 @@ def test_unknown_words_and_bad_shapes_raise(prior):
         prior.encode_prompt(["a ceramic teapot"])
     with pytest.raises(ValueError, match="images must be"):
         prior.predict_noise(torch.zeros(1, 3, 16, 16), torch.tensor([5]), prior.encode_prompt(["a red cube"]))
+
+
+def test_the_background_level_is_what_the_posterior_puts_behind_the_object(tmp_path):
+    # Every library render has background in its corners, so the posterior mean's corner pixels
+    # are the background level (2 g - 1 in [-1, 1] units) whatever the noisy input is.
+    x_t = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for level in (1.0, DARK_BACKGROUND):
+        prior = PrimitivesPrior(resolution=16, renders_per_view=4, background=level, cache=str(tmp_path), log=lambda *_: None)
+        mean = prior.posterior_mean(x_t, torch.tensor([500]), prior.encode_prompt(["a red cube, front view"]))
+        corners = mean[0, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+        torch.testing.assert_close(corners, torch.full_like(corners, 2 * level - 1), atol=1e-5, rtol=0)
+        # A render on that background is classified as its own prompt.
+        label = prior.classify(((_library_image(prior, "cube", "white", "front", 0) + 1) / 2).permute(1, 2, 0)[None], ["front"])
+        assert label == ["a white cube"]
+    assert len(list(tmp_path.glob("library-*.pt"))) == 1  # one library serves every background
+    with pytest.raises(ValueError, match="background must be a grey level in"):
+        PrimitivesPrior(resolution=16, renders_per_view=4, background=1.5, cache=str(tmp_path))
+    assert background_for("a white cube") == DARK_BACKGROUND and background_for("a red cube") == 1.0
