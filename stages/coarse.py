@@ -221,4 +221,3 @@ def _regularizers(out: dict, config: CoarseConfig, step: int) -> Tensor:
         entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
         total = total + config.lambda_entropy * entropy
     return total
-
