@@ -43,7 +43,7 @@ from geometry.metrics import chamfer_distance, volumetric_iou
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
 from renderers import raster
 from renderers.cameras import Cameras, view_word
-from bench.speed import in_worker_thread, machine_info
+from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
 from stages.config import PRESETS, apply_overrides, preset
 from stages.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from stages.export import from_y_up
@@ -291,15 +291,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="report path (default: --out with .json, bench/out/quality.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
+    check_threads(parser, args.threads)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     prompts = args.prompts or (list(QUICK_PROMPTS) if args.quick else default_prompts())
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     overrides = (list(QUICK_OVERRIDES) if args.quick else []) + args.overrides

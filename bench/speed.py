@@ -359,15 +359,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
+    check_threads(parser, args.threads)
     return args
+
+
+def check_threads(parser: argparse.ArgumentParser, threads: int) -> None:
+    """--threads of the bench scripts: 0 (torch's default) or more."""
+    if threads < 0:
+        parser.error(f"--threads must be >= 0, got {threads}")
+
+
+def use_threads(threads: int) -> None:
+    """Set torch's CPU threads when --threads asks for a number (0 keeps torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     torch.manual_seed(0)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "steps": args.steps,
               "overrides": args.overrides}

@@ -18,7 +18,7 @@ from geometry.nerf import FieldConfig, NeRFField
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
-from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, clock, image_grid
+from stages.common import Callback, StageError, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, image_grid
 
 BACKGROUNDS = ("white", "random", "learned")
 
@@ -123,11 +123,7 @@ def run(
 ) -> CoarseResult:
     """Train the coarse NeRF for `prompt` with SDS from `guidance`; see the module docstring."""
     # 1. Check inputs and prepare the field, optimizer, loss and random streams.
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    config.check()
-    camera.check()
-    device = torch.device(device)
+    device = check_stage_inputs(prompt, config, camera, device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     field_ = NeRFField(config.field).to(device)

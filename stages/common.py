@@ -67,3 +67,12 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def check_stage_inputs(prompt, config, camera, device) -> torch.device:
+    """What every stage's `run` checks first: a non-empty prompt, its config and the cameras."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    config.check()
+    camera.check()
+    return torch.device(device)

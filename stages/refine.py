@@ -24,7 +24,7 @@ from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers import raster
 from renderers.cameras import CameraConfig, Cameras, orbit_cameras, sample_cameras, to_clip
 from renderers.volume import SHADINGS, sample_shading
-from stages.common import Callback, StageError, StepEvent, StopCheck, check_stop, clock, image_grid
+from stages.common import Callback, StageError, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, image_grid
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
@@ -204,11 +204,7 @@ def run(
 ) -> RefineResult:
     """Refine the coarse field's surface and texture as a mesh with SDS; see the module docstring."""
     # 1. Check inputs; build the DMTet, the colour field copy, the optimizer and the loss.
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    config.check()
-    camera.check()
-    device = torch.device(device)
+    device = check_stage_inputs(prompt, config, camera, device)
     generator = torch.Generator().manual_seed(config.seed)
     dmtet, threshold = dmtet_from_field(
         field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
