@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import quality, refine_gain, speed
-from guidance.primitive_shapes import COLORS, primitive_mesh
+from bench import coarse_quality, quality, refine_gain, speed
+from guidance.primitive_shapes import COLORS, UnknownPromptError, primitive_mesh
 from stages.export import ExportConfig, export
 from stages.refine import TIMING_PARTS
 from stages.runs import slugify
@@ -97,6 +97,22 @@ def test_a_crashing_run_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch
     (row,) = report["rows"]
     assert row["status"] == "error" and "boom on a green cone" in row["error"] and row["seed"] == 3
     assert report["summary"]["errors"] == 1 and report["summary"]["overall"] == {}
+
+
+def test_coarse_quality_measures_each_run(tmp_path, capsys):
+    sets = _sets(["prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",
+                  "coarse.preview_every=0"])
+    code = coarse_quality.main(["--prompts", "a red cube", "--seeds", "0", "1", "--json", str(tmp_path / "c.json"), *sets])
+    assert code == 0
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a red cube", 0), ("a red cube", 1)]
+    for row in rows:
+        assert 0.0 <= row["silhouette_iou_min"] <= row["silhouette_iou"] <= 1.0
+        assert 0.0 <= row["color_error"] <= math.sqrt(3) and row["seconds"] > 0
+        assert set(row["step_split_s"]) == {f"{k}_s_per_step" for k in ("render", "guidance", "backward", "optimizer")}
+    assert "silhouette IoU" in capsys.readouterr().out
+    with pytest.raises(UnknownPromptError, match="does not know the prompt 'a teapot'"):
+        coarse_quality.main(["--prompts", "a teapot", "--json", str(tmp_path / "x.json")])
 
 
 def test_speed_cpu_path_times_every_part_of_every_stage(tmp_path):
