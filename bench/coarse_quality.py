@@ -10,12 +10,11 @@ on the object against the named colour. Prints one line per run and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from bench.speed import check_threads, use_threads
+from bench.speed import check_threads, use_threads, write_json
 from guidance.primitive_shapes import parse_prompt
 from guidance.primitives import PrimitivesPrior
 from stages import coarse
@@ -60,9 +59,7 @@ def main(argv=None) -> int:
             print(f"{prompt:<20} seed {seed}: silhouette IoU {row['silhouette_iou']:.3f} (worst view "
                   f"{row['silhouette_iou_min']:.3f}), colour error {row['color_error']:.3f}, albedo {row['mean_albedo']}, "
                   f"{row['seconds']:.0f} s; per step {row['step_split_s']}", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, rows)
     return 0
 
 

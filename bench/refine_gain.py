@@ -12,12 +12,12 @@ refined mesh from the refine checkpoint, and compares both with the canonical pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from bench.speed import write_json
 from geometry.dmtet import extract_mesh
 from geometry.metrics import volumetric_iou
 from geometry.tets import is_watertight
@@ -81,9 +81,7 @@ def main(argv=None) -> int:
     rows = [measure_run(folder) for folder in folders]
     print(format_table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, rows)
     return 0
 
 

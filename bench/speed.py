@@ -363,6 +363,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_json(path: Path, data) -> None:
+    """Write a bench report as indented JSON (folders made as needed) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    print(f"wrote {path}")
+
+
 def check_threads(parser: argparse.ArgumentParser, threads: int) -> None:
     """--threads of the bench scripts: 0 (torch's default) or more."""
     if threads < 0:
