@@ -14,21 +14,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from bench.speed import check_threads, use_threads, write_json
 from guidance.primitive_shapes import parse_prompt
-from guidance.primitives import PrimitivesPrior
 from stages import coarse
 from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
 from stages.evaluate import evaluate_field
+from stages.pipeline import get_guidance
 
 
 def run_one(prompt: str, seed: int, preset_name: str, overrides: list[str]) -> dict:
     config = apply_overrides(preset(preset_name), overrides)
     adapt_to_guidance(config, "primitives", prompt)
     config.coarse.seed = seed
-    prior = PrimitivesPrior(resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
-                            camera=config.camera, ambient=config.coarse.volume.ambient,
-                            background=config.prior_background, log=lambda *_: None)
+    prior = get_guidance(config, "primitives", torch.device("cpu"))  # one library for every prompt, cached
     color, shape, _ = parse_prompt(prompt)
     start = time.perf_counter()
     result = coarse.run(prior, prompt, config.coarse, config.camera)

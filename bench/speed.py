@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -41,6 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
+from stages.common import release_free_memory
 from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
 
 PROMPT = "a red cube"
@@ -133,16 +132,6 @@ class TimedGuidance:
         out = self.model.encode_images(images)
         self.seconds += _now(self.device) - start
         return out
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim), so that an RSS rise measures
-    the stage that follows rather than what earlier stages left in the allocator."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class PeakMemory:

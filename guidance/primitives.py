@@ -17,6 +17,8 @@ white objects, whose lit side would vanish into it: they get a dark one (`backgr
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -56,6 +58,12 @@ def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_en
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+def _check_background(level) -> float:
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= 1.0:
+        raise ValueError(f"background must be a grey level in [0, 1], got {level!r}")
+    return float(level)
+
+
 class PrimitivesPrior:
     """Offline pixel-space guidance model for prompts like 'a red cube' (no weights, no download)."""
 
@@ -79,9 +87,7 @@ class PrimitivesPrior:
         cache: str | None = None,  # cache folder; None = the user cache folder
         log=print,
     ):
-        if not 0.0 <= background <= 1.0:
-            raise ValueError(f"background must be a grey level in [0, 1], got {background!r}")
-        self.background = float(background)
+        self.background = _check_background(background)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.dtype = dtype
         self.resolution = resolution
@@ -94,17 +100,44 @@ class PrimitivesPrior:
         # View-major layout, so that one view word's renders of every shape are contiguous.
         alpha = library["alpha"].to(self.device, torch.float64).flatten(-2).transpose(0, 1)  # [V, S, K, P]
         alpha_shade = library["alpha_shade"].to(self.device, torch.float64).flatten(-2).transpose(0, 1)
-        self.lib_a = (2.0 * self.background * (1.0 - alpha) - 1.0).contiguous()  # [V, S, K, P]
+        # A_k = 2 g U_k - 1 with U_k = 1 - alpha: kept as U, so that any background level g is a
+        # scalar in the formulas (`with_background`) rather than another copy of the library.
+        self.lib_u = (1.0 - alpha).contiguous()  # [V, S, K, P]
         self.lib_b = (2.0 * alpha_shade).contiguous()  # [V, S, K, P]
         self.colors = torch.tensor(list(COLORS.values()), dtype=torch.float64, device=self.device)  # [C, 3]
-        # |x_i|^2 over 3 channels for every render and color: [V, S, K, C]
-        aa = (self.lib_a**2).sum(-1)[..., None]
-        ab = (self.lib_a * self.lib_b).sum(-1)[..., None]
-        bb = (self.lib_b**2).sum(-1)[..., None]
-        c_sum, c_sq = self.colors.sum(-1), (self.colors**2).sum(-1)
-        self.lib_norm2 = 3.0 * aa + 2.0 * c_sum * ab + c_sq * bb
+        # Per-render sums over pixels [V, S, K], from which |x_k|^2 follows for any g and color.
+        self.sums = {
+            "u": self.lib_u.sum(-1), "uu": (self.lib_u**2).sum(-1), "ub": (self.lib_u * self.lib_b).sum(-1),
+            "b": self.lib_b.sum(-1), "bb": (self.lib_b**2).sum(-1),
+        }
+        self._norm2 = {}  # background level -> [V, S, K, C]
         self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)  # [T]
         self.num_train_timesteps = self.alphas_cumprod.shape[0]
+
+    def with_background(self, level: float) -> "PrimitivesPrior":
+        """This prior for another background grey level, sharing the library (no copy, no reload)."""
+        level = _check_background(level)
+        if level == self.background:
+            return self
+        other = copy.copy(self)
+        other.background = level
+        return other
+
+    @property
+    def lib_a(self) -> Tensor:
+        """A_k = 2 g (1 - alpha) - 1 for every render [V, S, K, P] (materialised: for inspection and tests)."""
+        return 2.0 * self.background * self.lib_u - 1.0
+
+    def lib_norm2(self) -> Tensor:
+        """|A_k + B_k c|^2 over the 3 channels, for every render and color [V, S, K, C] at this background."""
+        g = self.background
+        if g not in self._norm2:  # shared by the priors `with_background` makes; a few KB per level
+            s = self.sums
+            aa = 4.0 * g * g * s["uu"] - 4.0 * g * s["u"] + self.lib_u.shape[-1]
+            ab = 2.0 * g * s["ub"] - s["b"]
+            c_sum, c_sq = self.colors.sum(-1), (self.colors**2).sum(-1)
+            self._norm2[g] = 3.0 * aa[..., None] + 2.0 * c_sum * ab[..., None] + c_sq * s["bb"][..., None]
+        return self._norm2[g]
 
     # ---- the guidance interface -------------------------------------------------------------
     def encode_prompt(self, texts: list[str]) -> Tensor:
@@ -140,8 +173,9 @@ class PrimitivesPrior:
             raise ValueError(f"x_t, t and cond must share the batch size, got {x_t.shape[0]}, {t.shape[0]}, {cond.shape[0]}")
         out = []
         for b in range(x_t.shape[0]):
-            weights_a, weights_b, a_sel, b_sel = self._posterior(x_t[b], int(t[b]), cond[b])
-            mean = weights_a @ a_sel + weights_b @ b_sel  # [3, P]
+            w_image, weights_b, u_sel, b_sel = self._posterior(x_t[b], int(t[b]), cond[b])
+            mean_a = 2.0 * self.background * (w_image @ u_sel) - w_image.sum()  # sum_k w_k A_k, the same in every channel
+            mean = mean_a[None] + weights_b @ b_sel  # [3, P]
             out.append(mean.view(3, self.resolution, self.resolution))
         return torch.stack(out).to(x_t.dtype)
 
@@ -152,29 +186,33 @@ class PrimitivesPrior:
             raise ValueError(f"images must be [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
 
     def _select(self, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The renders and colors a condition covers: A, B [N, P], norm2 [N, C'], colors [C', 3]."""
+        """The renders and colors a condition covers: U, B [N, P], norm2 [N, C'], colors [C', 3]."""
         shape, color, view = (int(v) for v in cond.tolist())
         shapes = slice(None) if shape < 0 else slice(shape, shape + 1)
         views = slice(None) if view < 0 else slice(view, view + 1)
         colors = slice(None) if color < 0 else slice(color, color + 1)
-        a_sel = self.lib_a[views, shapes].reshape(-1, self.lib_a.shape[-1])
+        u_sel = self.lib_u[views, shapes].reshape(-1, self.lib_u.shape[-1])
         b_sel = self.lib_b[views, shapes].reshape(-1, self.lib_b.shape[-1])
-        norm2 = self.lib_norm2[views, shapes][..., colors].reshape(a_sel.shape[0], -1)
-        return a_sel, b_sel, norm2, self.colors[colors]
+        norm2 = self.lib_norm2()[views, shapes][..., colors].reshape(u_sel.shape[0], -1)
+        return u_sel, b_sel, norm2, self.colors[colors]
+
+    def _dots(self, x: Tensor, u_sel: Tensor, b_sel: Tensor, colors: Tensor) -> Tensor:
+        """<x, A_k + B_k c> for every selected render k and color c [N, C'], with x [3, P]."""
+        x_sum = x.sum(0)  # [P]
+        dot_a = 2.0 * self.background * (x_sum @ u_sel.T) - x_sum.sum()  # [N]
+        dot_b = x @ b_sel.T  # [3, N]
+        return dot_a[:, None] + dot_b.T @ colors.T
 
     def _posterior(self, x: Tensor, t: int, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        a_sel, b_sel, norm2, colors = self._select(cond)
+        """Posterior weights per render [N] and per channel for B [3, N], with the selection U, B [N, P]."""
+        u_sel, b_sel, norm2, colors = self._select(cond)
         alpha_bar = float(self.alphas_cumprod[t])
         scale, var = alpha_bar**0.5, 1.0 - alpha_bar
         x = x.to(torch.float64).reshape(3, -1)  # [3, P]
-        dot_a = x.sum(0) @ a_sel.T  # [N]
-        dot_b = x @ b_sel.T  # [3, N]
-        dot = dot_a[:, None] + dot_b.T @ colors.T  # [N, C']
-        dist = (x**2).sum() - 2.0 * scale * dot + alpha_bar * norm2
+        dist = (x**2).sum() - 2.0 * scale * self._dots(x, u_sel, b_sel, colors) + alpha_bar * norm2
         w = torch.softmax((-dist / (2.0 * var)).flatten(), dim=0).view_as(dist)  # [N, C']
-        weights_a = w.sum(-1).expand(3, -1)  # [3, N]: every channel carries A_k
         weights_b = (w @ colors).T  # [3, N]: channel ch carries color_ch * B_k
-        return weights_a, weights_b, a_sel, b_sel
+        return w.sum(-1), weights_b, u_sel, b_sel
 
     # ---- evaluation helpers -----------------------------------------------------------------
     def classify(self, images: Tensor, view_words: list[str], noise_level: float = 0.2) -> list[str]:
@@ -192,10 +230,9 @@ class PrimitivesPrior:
             scores = []
             for color, shape in names:
                 cond = torch.tensor([SHAPES.index(shape), list(COLORS).index(color), v], device=self.device)
-                a_sel, b_sel, norm2, colors = self._select(cond)
+                u_sel, b_sel, norm2, colors = self._select(cond)
                 xf = x[b].to(torch.float64).reshape(3, -1)
-                dot = xf.sum(0) @ a_sel.T + (xf @ b_sel.T).T @ colors.T[:, 0]
-                dist = (xf**2).sum() - 2.0 * dot + norm2[:, 0]
+                dist = (xf**2).sum() - 2.0 * self._dots(xf, u_sel, b_sel, colors)[:, 0] + norm2[:, 0]
                 scores.append(torch.logsumexp(-dist / (2.0 * noise_level**2), dim=0))
             best = int(torch.stack(scores).argmax())
             result.append(prompt_text(*names[best]))

@@ -12,7 +12,6 @@ after each stage, from which `resume` continues.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.metadata
 import json
 import os
@@ -32,7 +31,7 @@ import torch
 from stages import coarse as coarse_stage
 from stages import export as export_stage
 from stages import refine as refine_stage
-from stages.common import Cancelled, StageError, StepEvent, check_stop
+from stages.common import Cancelled, StageError, StepEvent, check_stop, release_free_memory
 from stages.config import Config, adapt_to_guidance, from_dict, to_dict
 from stages.runs import RUN_FILE, new_run_dir, save_atomic, slugify, write_json_atomic  # noqa: F401 (slugify re-exported)
 
@@ -137,10 +136,10 @@ def get_guidance(config: Config, name: str, device: torch.device):
 
     if name == "primitives":
         key = (name, str(device), config.prior_resolution, config.prior_renders_per_view, repr(config.camera),
-               config.coarse.volume.ambient, config.prior_background)
+               config.coarse.volume.ambient)
         kwargs = dict(
             resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
-            camera=config.camera, ambient=config.coarse.volume.ambient, background=config.prior_background,
+            camera=config.camera, ambient=config.coarse.volume.ambient,
         )
     else:
         key = (name, str(device), config.model_id)
@@ -149,7 +148,10 @@ def get_guidance(config: Config, name: str, device: torch.device):
         if key not in _GUIDANCE_CACHE:
             _GUIDANCE_CACHE.clear()  # keep one model in memory
             _GUIDANCE_CACHE[key] = guidance.load(name, device=device, **kwargs)
-        return _GUIDANCE_CACHE[key]
+        model = _GUIDANCE_CACHE[key]
+    if name == "primitives":  # one library serves every background level: no reload between prompts
+        model = model.with_background(config.prior_background)
+    return model
 
 
 def package_versions() -> dict:
@@ -262,9 +264,7 @@ def _worker(prompt, config, device, guidance_name, run_path: Path, events: queue
         events.put(_detached(exc))
     finally:
         # The stages' tensors died with _run_stages' frame (and the detached tracebacks): hand their memory back.
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_free_memory(device)
         _count_pending(device, -1)
 
 

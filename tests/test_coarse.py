@@ -9,7 +9,6 @@ from conftest import quick_primitives_config
 
 from geometry.nerf import FieldConfig
 from guidance.primitive_shapes import COLORS, parse_prompt
-from guidance.primitives import PrimitivesPrior
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
 from stages import coarse
@@ -155,10 +154,7 @@ def test_quick_settings_recover_the_primitive_shape_and_colour(small_prior, prom
     # The quick preset's coarse stage as a run with the prior gets it, at 32 px (4x cheaper than 64 px).
     config = quick_primitives_config(coarse_iters=400, resolution=32, prompt=prompt)
     config.coarse.seed = seed
-    prior = small_prior
-    if config.prior_background != small_prior.background:
-        prior = PrimitivesPrior(resolution=32, renders_per_view=32, camera=config.camera, ambient=config.coarse.volume.ambient,
-                                background=config.prior_background, log=lambda *_: None)  # the same library, cached
+    prior = small_prior.with_background(config.prior_background)
     color, shape, _ = parse_prompt(prompt)
     result = coarse.run(prior, prompt, config.coarse, config.camera)
     scores = evaluate_field(result.field, shape, color)

@@ -127,3 +127,17 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.refine_stage, "run", oom)
     with pytest.raises(StageError, match="refine.resolution"):
         _drain("a green cube", tiny_config(), run_dir=tmp_path / "run")
+
+
+def test_one_prior_library_serves_white_and_coloured_prompts():
+    # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
+    from stages.config import adapt_to_guidance
+
+    white, red = tiny_config(), tiny_config()
+    adapt_to_guidance(white, "primitives", "a white cube")
+    adapt_to_guidance(red, "primitives", "a red cube")
+    assert white.prior_background < red.prior_background == 1.0
+    cpu = torch.device("cpu")
+    red_prior, white_prior = pipeline.get_guidance(red, "primitives", cpu), pipeline.get_guidance(white, "primitives", cpu)
+    assert (red_prior.background, white_prior.background) == (red.prior_background, white.prior_background)
+    assert white_prior.lib_u is red_prior.lib_u and pipeline.get_guidance(red, "primitives", cpu) is red_prior

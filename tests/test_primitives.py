@@ -55,7 +55,8 @@ def test_canonical_meshes(shape, extent):
 
 
 def test_library_shapes_and_content(prior):
-    v, s, k, p = prior.lib_a.shape
+    v, s, k, p = prior.lib_u.shape
+    assert prior.lib_a.shape == prior.lib_b.shape == (v, s, k, p)
     assert (v, s, k, p) == (4, len(SHAPES), 16, 32 * 32)
     img = _library_image(prior, "cube", "red", "front", 0)
     # White background at the border, a red-dominant object in the middle.
@@ -131,19 +132,45 @@ def test_unknown_words_and_bad_shapes_raise(prior):
         prior.predict_noise(torch.zeros(1, 3, 16, 16), torch.tensor([5]), prior.encode_prompt(["a red cube"]))
 
 
+def _brute_force_posterior_mean(prior, x_t, t, shapes, colors, view):
+    """E[x0 | x_t] over explicitly materialised library images (every shape x color x render)."""
+    images = torch.stack([_library_image(prior, s, c, view, k).double()
+                          for s in shapes for c in colors for k in range(prior.lib_u.shape[2])])  # [N, 3, R, R]
+    a = float(prior.alphas_cumprod[t])
+    dist = ((x_t.double() - a**0.5 * images) ** 2).flatten(1).sum(1)
+    w = torch.softmax(-dist / (2 * (1 - a)), dim=0)
+    return (w[:, None, None, None] * images).sum(0)
+
+
+@pytest.mark.parametrize("level", [1.0, DARK_BACKGROUND, 0.5])
+def test_posterior_mean_matches_brute_force_at_any_background(prior, level):
+    dark = prior.with_background(level)
+    assert dark.lib_u is prior.lib_u  # one library in memory, whatever the level
+    x_t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    for t, prompt, shapes, colors in [(300, "a white cube, front view", ["cube"], ["white"]),
+                                      (600, ", front view", SHAPES, list(COLORS))]:
+        got = dark.posterior_mean(x_t, torch.tensor([t]), dark.encode_prompt([prompt]))[0].double()
+        want = _brute_force_posterior_mean(dark, x_t[0], t, shapes, colors, "front")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_the_background_level_is_what_the_posterior_puts_behind_the_object(tmp_path):
     # Every library render has background in its corners, so the posterior mean's corner pixels
     # are the background level (2 g - 1 in [-1, 1] units) whatever the noisy input is.
     x_t = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    white = PrimitivesPrior(resolution=16, renders_per_view=4, cache=str(tmp_path), log=lambda *_: None)
     for level in (1.0, DARK_BACKGROUND):
-        prior = PrimitivesPrior(resolution=16, renders_per_view=4, background=level, cache=str(tmp_path), log=lambda *_: None)
+        prior = white.with_background(level)
+        assert prior.background == level and white.background == 1.0
         mean = prior.posterior_mean(x_t, torch.tensor([500]), prior.encode_prompt(["a red cube, front view"]))
         corners = mean[0, :, [0, 0, -1, -1], [0, -1, 0, -1]]
         torch.testing.assert_close(corners, torch.full_like(corners, 2 * level - 1), atol=1e-5, rtol=0)
         # A render on that background is classified as its own prompt.
         label = prior.classify(((_library_image(prior, "cube", "white", "front", 0) + 1) / 2).permute(1, 2, 0)[None], ["front"])
         assert label == ["a white cube"]
-    assert len(list(tmp_path.glob("library-*.pt"))) == 1  # one library serves every background
+    for bad in (1.5, -0.1, "dark", True):
+        with pytest.raises(ValueError, match="background must be a grey level in"):
+            white.with_background(bad)
     with pytest.raises(ValueError, match="background must be a grey level in"):
         PrimitivesPrior(resolution=16, renders_per_view=4, background=1.5, cache=str(tmp_path))
     assert background_for("a white cube") == DARK_BACKGROUND and background_for("a red cube") == 1.0

@@ -182,8 +182,9 @@ def test_many_clients_queue_in_order_overflow_is_refused_and_nothing_is_mixed_up
 
     runs_before = set(server.runs())
     clients = [server.client() for _ in range(len(PROMPTS) + 1)]
-    # 1. A longer run holds the device, then 9 clients submit at the same moment.
-    blocker = clients[0].submit(prompt="a red cone", seed=700, coarse_iters=6, api_name="/generate", **RUN)
+    # 1. A longer run holds the device, then 9 clients submit at the same moment. (A white object:
+    # its prior renders on a dark background, which must not cost a second library in memory.)
+    blocker = clients[0].submit(prompt="a white cone", seed=700, coarse_iters=6, api_name="/generate", **RUN)
     _wait(lambda: blocker.status().code.name in ("PROCESSING", "ITERATING", "PROGRESS"), 60, "the first run to start")
     jobs, gate = [None] * len(PROMPTS), threading.Barrier(len(PROMPTS))
 
@@ -217,7 +218,7 @@ def test_many_clients_queue_in_order_overflow_is_refused_and_nothing_is_mixed_up
 
     # 3. Every accepted run finishes with its own prompt and seed, one at a time, in arrival order.
     order = [blocker] + [jobs[i] for i in sorted(waiting, key=waiting.get)]
-    expected = [("a red cone", 700)] + [(PROMPTS[i], 701 + i) for i in sorted(waiting, key=waiting.get)]
+    expected = [("a white cone", 700)] + [(PROMPTS[i], 701 + i) for i in sorted(waiting, key=waiting.get)]
     records = []
     for job, (prompt, seed) in zip(order, expected):
         run = _run_dir(job.result(timeout=240)[1])
