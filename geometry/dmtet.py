@@ -4,13 +4,16 @@ A field is anything with `query(x [N, 3], chunk_size) -> (sigma [N], albedo [N, 
 gradients, chunked) and `albedo(x [N, 3]) -> [N, 3]`, such as `geometry.nerf.NeRFField`.
 
 1. The level. The surface is a level set of the density, chosen automatically unless given
-   (`auto_threshold`): the level whose silhouettes best match the field's opaque silhouettes
-   (rays that accumulate more than 80 % opacity), measured along the three axes on a 64^3
-   probe grid. A fixed rule fails one way or another on coarse NeRFs: a short CPU run leaves
-   a soft field (peak 5-10 per unit, opaque only through its whole thickness) whose outline
-   sits at density ~2, a long GPU run a sharp one with a peak in the hundreds. 80 % rather
-   than 50 %: coarse fields carry pale fog around the object that grazing rays see as half
-   opaque; at 50 % the fitted meshes of the primitives prior's cubes were 1.3-2x too large.
+   (`auto_threshold`): the level whose silhouettes best match the field's opaque silhouettes,
+   measured along the three axes on a 64^3 probe grid. A fixed density rule fails one way or
+   another on coarse NeRFs: a short CPU run leaves a soft field (peak 5-10 per unit, opaque
+   only through its whole thickness) whose outline sits at density ~2, a long GPU run a sharp
+   one with a peak in the hundreds. Nor does one opacity suit every field (`opacity_level`):
+   coarse fields carry pale fog around the object that grazing rays see as half opaque, so a
+   50 % silhouette made the primitives prior's cubes 1.3-2x too large, while an 80 % one
+   shrank spheres and lost white objects (trained on a dark background, opaque only to 75-85 %)
+   almost entirely. The opacity that separates object from fog is read off each field's own
+   opacity histogram (Otsu's threshold).
 2. The grid is fitted to the box of the probes above the level, padded by `margin` (the whole
    [-bound, bound]^3 when there is no surface).
 3. SDF = (threshold - density) scaled by the median density gradient at the surface so that it
@@ -36,14 +39,46 @@ PROBE_RESOLUTION = 64  # cells per axis of the probe grid that finds the occupie
 NUM_LEVELS = 49  # candidate levels of auto_threshold, log-spaced ...
 LEVEL_RANGE = 1e-3  # ... from this fraction of the peak density up to the peak
 TIE_TOLERANCE = 0.01  # silhouette IoUs this close to the best count as ties
+OPACITY_FLOOR = 0.05  # rays below this opacity miss the field: left out of the opacity histogram
+OPACITY_RANGE = (0.25, 0.9)  # the opacity that outlines the object is clamped to this range
 SDF_BAND = 2.0  # grid cells from the surface to where the initial SDF saturates at +-1
 MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
+
+
+def opacity_maps(density: Tensor, cell: float) -> list[Tensor]:
+    """Accumulated opacity 1 - exp(-sum sigma * cell) of straight rays along each axis: 3 maps."""
+    return [1.0 - torch.exp(-density.sum(axis) * cell) for axis in range(3)]
+
+
+def opacity_level(maps: list[Tensor], bins: int = 100) -> float:
+    """The opacity that outlines the object in a field's opacity maps: Otsu's threshold (the split
+    of the histogram into two classes with the largest between-class variance) over the rays
+    that see the field at all, clamped to OPACITY_RANGE.
+
+    Rays through fog and rays through the object form two humps: a sharp field's at ~0 and ~1
+    (the split falls near 0.5), a soft field's closer together. "A green cube" at the quick
+    preset splits at 0.6, "a white capsule" (opaque to ~0.8 at most) at 0.4.
+    """
+    values = torch.cat([m.flatten() for m in maps]).float()
+    values = values[values > OPACITY_FLOOR]
+    low, high = OPACITY_RANGE
+    if values.numel() == 0:
+        return high
+    hist = torch.histc(values, bins, 0.0, 1.0).double()
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    w0 = hist.cumsum(0)[:-1]  # rays below each split point
+    w1 = hist.sum() - w0
+    m0 = (hist * centres).cumsum(0)[:-1] / w0.clamp_min(1)
+    m1 = ((hist * centres).sum() - (hist * centres).cumsum(0)[:-1]) / w1.clamp_min(1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    split = (int(between.argmax()) + 1) / bins if float(between.max()) > 0 else 0.5  # one hump: alpha > 0.5
+    return min(max(split, low), high)
 
 
 def auto_threshold(
     density: Tensor,  # [X, Y, Z] densities on a regular grid of points (1 / world unit)
     cell: float,  # spacing of those points, world units
-    opacity: float = 0.8,  # a ray is "on the object" once its accumulated opacity exceeds this
+    opacity: float | None = None,  # a ray is "on the object" above this opacity; None = `opacity_level`
 ) -> float:
     """The density level whose silhouettes best match the field's opaque silhouettes.
 
@@ -52,16 +87,19 @@ def auto_threshold(
     it. Candidate levels are log-spaced below the peak; the one with the best summed IoU over
     the three axes wins, and among near-ties (within TIE_TOLERANCE) the geometric middle, so a
     sharp field, whose silhouettes are the same for a wide range of levels, gets a level in
-    the middle of its transition. 0 when no ray becomes opaque (no surface).
+    the middle of its transition. 0 when no ray becomes that opaque (no surface).
     """
     if density.dim() != 3:
         raise ValueError(f"density must be a [X, Y, Z] grid, got shape {tuple(density.shape)}")
-    if not 0.0 < opacity < 1.0:
+    if opacity is not None and not 0.0 < opacity < 1.0:
         raise ValueError(f"opacity must be in (0, 1), got {opacity}")
     if not cell > 0:
         raise ValueError(f"cell must be > 0, got {cell}")
     density = density.float().clamp_min(0.0)
-    target = [(1.0 - torch.exp(-density.sum(axis) * cell)) > opacity for axis in range(3)]
+    maps = opacity_maps(density, cell)
+    if opacity is None:
+        opacity = opacity_level(maps)
+    target = [m > opacity for m in maps]
     peak = float(density.max())
     if peak <= 0 or not any(bool(t.any()) for t in target):
         return 0.0
@@ -134,6 +172,18 @@ def _field_device(field, device) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def probe_density(field, chunk_size: int = 65536, device=None) -> tuple[Tensor, Tensor, float]:
+    """The field's density at the centres of a PROBE_RESOLUTION^3 grid over its bounding cube:
+    (density [r, r, r], points [r, r, r, 3], cell size)."""
+    bound = _field_bound(field)
+    device = _field_device(field, device)
+    r = PROBE_RESOLUTION
+    cell = 2.0 * bound / r
+    centres = (torch.arange(r, device=device, dtype=torch.float32) + 0.5) * cell - bound
+    points = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), dim=-1)
+    return _query_density(field, points.reshape(-1, 3), chunk_size).view(r, r, r), points, cell
+
+
 def occupied_box(
     field,  # see the module docstring
     threshold: float | None = None,  # surface level; None = auto_threshold over the probe grid
@@ -146,17 +196,12 @@ def occupied_box(
     no probe exceeds the level."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    bound = _field_bound(field)
-    device = _field_device(field, device)
-    r = PROBE_RESOLUTION
-    cell = 2.0 * bound / r
-    centres = (torch.arange(r, device=device, dtype=torch.float32) + 0.5) * cell - bound
-    probes = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), dim=-1).reshape(-1, 3)
-    density = _query_density(field, probes, chunk_size)
     if threshold is not None and not threshold > 0:
         raise ValueError(f"threshold must be > 0 or None, got {threshold}")
-    level = auto_threshold(density.view(r, r, r), cell) if threshold is None else float(threshold)
-    occupied = probes[density > level] if level > 0 else probes[:0]
+    bound = _field_bound(field)
+    density, probes, cell = probe_density(field, chunk_size, device)
+    level = auto_threshold(density, cell) if threshold is None else float(threshold)
+    occupied = probes.reshape(-1, 3)[density.reshape(-1) > level] if level > 0 else probes.reshape(-1, 3)[:0]
     if occupied.shape[0] == 0:
         return (-bound,) * 3, (bound,) * 3, level
     pad = cell + margin  # a probe inside is within one cell of the surface

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import coarse_quality, quality, refine_gain, speed
+from bench import coarse_quality, mesh_level, quality, refine_gain, speed
 from guidance.primitive_shapes import COLORS, UnknownPromptError, primitive_mesh
 from stages.export import ExportConfig, export
 from stages.refine import TIMING_PARTS
@@ -61,6 +61,15 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
         assert g["grid"] == json.loads((run_dir / "run.json").read_text())["config"]["refine"]["grid_resolution"]
     with pytest.raises(SystemExit):
         refine_gain.main([str(tmp_path / "no-such-folder")])
+    # The same runs' coarse meshes at two fixed opacity targets and the automatic one.
+    assert mesh_level.main([str(tmp_path / "quality"), "--opacities", "0.5", "0.8", "--json", str(tmp_path / "level.json")]) == 0
+    levels = {r["run"]: r for r in json.loads((tmp_path / "level.json").read_text())}
+    for g in gain:
+        row = levels[g["run"]]
+        assert row["iou_auto"] == pytest.approx(g["iou_before"], abs=1e-6)  # what refine started from
+        assert 0.25 <= row["auto_opacity"] <= 0.9 and all(0.0 <= row[k] <= 1.0 for k in ("iou_0.5", "iou_0.8"))
+    with pytest.raises(SystemExit):
+        mesh_level.main([str(tmp_path / "quality"), "--opacities", "1.5"])
 
 
 def test_measure_scores_the_true_primitive_perfectly_and_a_wrong_prompt_badly(tmp_path, monkeypatch):

@@ -5,11 +5,14 @@ import torch
 import trimesh
 
 from geometry.dmtet import (
+    OPACITY_RANGE,
     auto_threshold,
     density_to_sdf,
     dmtet_from_field,
     extract_mesh,
     occupied_box,
+    opacity_level,
+    opacity_maps,
 )
 from geometry.mesh_ops import laplacian_loss, normal_consistency_loss, vertex_normals
 from geometry.metrics import chamfer_distance, occupancy_grid, volumetric_iou
@@ -43,7 +46,7 @@ def level_radius(ball, level):
     return ball.radius + ball.softness * math.log(ball.peak / level - 1.0)
 
 
-def silhouette_radius(ball, opacity=0.8):
+def silhouette_radius(ball, opacity):
     """Distance from the centre at which a straight ray through the ball accumulates `opacity`."""
     b = torch.linspace(0.0, 1.0, 1001)
     z = torch.linspace(-1.0, 1.0, 2001)
@@ -63,16 +66,61 @@ def probe_grid(ball, r=64):
 def test_auto_threshold_matches_the_opaque_silhouette(peak, softness):
     # A sharp field (a long GPU run) and a soft one (a short CPU run: opaque only through its bulk).
     ball = SoftBall(radius=0.45, peak=peak, softness=softness)
-    level = auto_threshold(probe_grid(ball), 2.0 / 64)
+    grid, cell = probe_grid(ball), 2.0 / 64
+    opacity = opacity_level(opacity_maps(grid, cell))
+    assert OPACITY_RANGE[0] <= opacity <= OPACITY_RANGE[1]
+    level = auto_threshold(grid, cell)
     assert 0 < level < peak
-    assert level_radius(ball, level) == pytest.approx(silhouette_radius(ball), abs=1.5 / 64)
+    assert level_radius(ball, level) == pytest.approx(silhouette_radius(ball, opacity), abs=1.5 / 64)
     if softness > 0.05:  # the soft ball's outline is far below its half-peak level
         assert level < 0.4 * peak
+    # A fixed opacity is honoured: a higher one gives a smaller object.
+    fixed = auto_threshold(grid, cell, opacity=0.9)
+    assert level_radius(ball, fixed) == pytest.approx(silhouette_radius(ball, 0.9), abs=1.5 / 64)
     assert auto_threshold(torch.zeros(8, 8, 8), 0.25) == 0.0  # nothing opaque: no surface
     with pytest.raises(ValueError, match="opacity"):
         auto_threshold(torch.ones(4, 4, 4), 0.5, opacity=1.0)
     with pytest.raises(ValueError, match="density"):
         auto_threshold(torch.ones(10), 0.5)
+
+
+def test_opacity_level_splits_fog_from_object():
+    fog = torch.full((300,), 0.3) + torch.linspace(-0.1, 0.1, 300)  # grazing rays through pale fog
+    solid = torch.full((200,), 0.95) + torch.linspace(-0.04, 0.04, 200)  # rays through the object
+    level = opacity_level([torch.cat([fog, solid, torch.zeros(1000)])])  # rays that miss are ignored
+    assert 0.4 < level < 0.86
+    faint = opacity_level([torch.cat([fog * 0.5, solid * 0.7])])  # a white object: opaque to ~0.65 at most
+    assert 0.25 <= faint < 0.5
+    assert opacity_level([torch.zeros(10)]) == OPACITY_RANGE[1]  # no field: the strictest level
+    assert opacity_level([torch.full((50,), 0.99)]) == 0.5  # one hump (a binary field): the usual alpha > 0.5
+
+
+class FoggyBall(SoftBall):
+    """A ball of `peak` density inside a sphere of faint fog (radius 0.8)."""
+
+    def __init__(self, fog=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.fog = fog
+
+    def density(self, x):
+        return super().density(x) + self.fog * (x.norm(dim=-1) < 0.8).float()
+
+
+def _mean_radius(field):
+    verts, faces = extract_mesh(field, grid_resolution=40)
+    assert is_watertight(faces)
+    return (verts - field.centre).norm(dim=-1).mean().item()
+
+
+def test_the_mesh_level_leaves_out_fog_and_keeps_faint_objects():
+    # A dense ball in pale fog (rays just past the ball: opacity ~0.33): the mesh is the ball's.
+    clear = _mean_radius(FoggyBall(radius=0.45, peak=100.0, softness=0.02, fog=0.0))
+    assert _mean_radius(FoggyBall(radius=0.45, peak=100.0, softness=0.02, fog=0.3)) == pytest.approx(clear, abs=0.04)
+    # A faint ball, like a white object trained on a dark background: opaque to 0.74 at most. A
+    # fixed 80 % silhouette finds nothing; the field's own split finds the whole ball.
+    faint = FoggyBall(radius=0.45, peak=1.5, softness=0.02, fog=0.0)
+    assert auto_threshold(probe_grid(faint), 2.0 / 64, opacity=0.8) == 0.0
+    assert _mean_radius(faint) == pytest.approx(0.45, abs=0.06)
 
 
 def test_density_to_sdf_has_the_same_slope_for_soft_and_sharp_fields():
@@ -93,7 +141,8 @@ def test_extract_mesh_finds_the_level_set_of_a_known_field(peak, softness):
     verts, faces = extract_mesh(ball, grid_resolution=40)
     assert is_watertight(faces)
     expected = level_radius(ball, level)
-    assert expected == pytest.approx(silhouette_radius(ball), abs=1.5 / 64)
+    opacity = opacity_level(opacity_maps(probe_grid(ball), 2.0 / 64))
+    assert expected == pytest.approx(silhouette_radius(ball, opacity), abs=1.5 / 64)
     radius = (verts - ball.centre).norm(dim=-1)
     # Every vertex lies on the level set, to a small fraction of a cell (0.03 here).
     assert radius.mean().item() == pytest.approx(expected, abs=0.01)
@@ -105,7 +154,7 @@ def test_occupied_box_fits_the_object_with_margin_and_falls_back_when_empty():
     ball = SoftBall(radius=0.3, centre=(0.2, 0.0, -0.1))
     lo, hi, level = occupied_box(ball, margin=0.1)
     r = level_radius(ball, level)
-    assert r == pytest.approx(silhouette_radius(ball), abs=1.5 / 64)
+    assert r == pytest.approx(silhouette_radius(ball, opacity_level(opacity_maps(probe_grid(ball), 2.0 / 64))), abs=1.5 / 64)
     for axis, c in enumerate((0.2, 0.0, -0.1)):
         # Probe points inside the ball (spacing 1/32), padded by one probe spacing and the margin.
         assert c - r - 0.1 - 1 / 32 - 1e-6 <= lo[axis] <= c - r - 0.1 + 1e-6
