@@ -80,7 +80,6 @@ def main(argv=None) -> int:
     print(format_table(rows, [f"{o:g}" for o in args.opacities] + ["auto"]))
     if args.json:
         write_json(args.json, rows)
-        print(f"wrote {args.json}")
     return 0
 
 
