@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.refine_gain import VOLUME_RESOLUTION, run_folders
+from bench.refine_gain import VOLUME_RESOLUTION, finished_runs
 from bench.speed import write_json
 from geometry.dmtet import auto_threshold, extract_mesh, opacity_level, opacity_maps, probe_density
 from geometry.metrics import volumetric_iou
@@ -66,14 +66,8 @@ def main(argv=None) -> int:
     bad = [o for o in args.opacities if not 0.0 < o < 1.0]
     if bad:
         parser.error(f"opacities must be in (0, 1), got {bad}")
-    missing = [str(p) for p in args.paths if not p.is_dir()]
-    if missing:
-        parser.error(f"not a folder: {', '.join(missing)}")
-    folders = run_folders(args.paths)
-    if not folders:
-        parser.error("no finished runs (run.json, coarse.pt and refine.pt) under the given paths")
     rows = []
-    for folder in folders:
+    for folder in finished_runs(parser, args.paths):
         with torch.no_grad():
             rows.append(measure_run(folder, args.opacities))
         print(f"{folder.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.startswith("iou_")), flush=True)

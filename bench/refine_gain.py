@@ -36,6 +36,17 @@ def run_folders(paths: list[Path]) -> list[Path]:
     return found
 
 
+def finished_runs(parser: argparse.ArgumentParser, paths: list[Path]) -> list[Path]:
+    """`run_folders` of the command line's paths; a usage error when a path is not a folder or holds no finished run."""
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    folders = run_folders(paths)
+    if not folders:
+        parser.error("no finished runs (run.json, coarse.pt and refine.pt) under the given paths")
+    return folders
+
+
 def measure_run(run_dir: Path) -> dict:
     prompt, config = load_run_config(run_dir)
     _, shape, _ = parse_prompt(prompt)
@@ -72,13 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, or folders holding run folders")
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     args = parser.parse_args(argv)
-    missing = [str(p) for p in args.paths if not p.is_dir()]
-    if missing:
-        parser.error(f"not a folder: {', '.join(missing)}")
-    folders = run_folders(args.paths)
-    if not folders:
-        parser.error("no finished runs (run.json, coarse.pt and refine.pt) under the given paths")
-    rows = [measure_run(folder) for folder in folders]
+    rows = [measure_run(folder) for folder in finished_runs(parser, args.paths)]
     print(format_table(rows))
     if args.json:
         write_json(args.json, rows)
