@@ -64,7 +64,7 @@ def opacity_level(maps: list[Tensor], bins: int = 100) -> float:
     low, high = OPACITY_RANGE
     if values.numel() == 0:
         return high
-    hist = torch.histc(values, bins, 0.0, 1.0).double()
+    hist = torch.histc(values, bins, 0.0, 1.0).double().cpu()  # 100 numbers: the split is cheaper on the CPU
     centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
     w0 = hist.cumsum(0)[:-1]  # rays below each split point
     w1 = hist.sum() - w0
