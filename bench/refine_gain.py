@@ -53,7 +53,8 @@ def measure_run(run_dir: Path) -> dict:
     truth = primitive_mesh(shape)
     device = torch.device("cpu")
     field = _load_field(run_dir / CHECKPOINTS["coarse"], device)
-    before = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device)
+    before = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
+                          opacity=config.refine.surface_opacity)
     after, _ = _load_refine(run_dir / CHECKPOINTS["refine"], device)
     row = {"run": run_dir.name, "prompt": prompt, "seed": config.seed, "grid": config.refine.grid_resolution}
     for name, (verts, faces) in (("before", before), ("after", after)):

@@ -190,6 +190,7 @@ def occupied_box(
     margin: float = 0.1,  # world units added on every side of the occupied region
     chunk_size: int = 65536,  # points per field query
     device=None,  # where to probe; None = the field's device
+    opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
 ) -> tuple[tuple[float, float, float], tuple[float, float, float], float]:
     """(bbox_min, bbox_max, threshold): the box around every probe point denser than the level, padded
     by one probe cell plus `margin`, within the field's bound; the whole [-bound, bound]^3 when
@@ -200,7 +201,7 @@ def occupied_box(
         raise ValueError(f"threshold must be > 0 or None, got {threshold}")
     bound = _field_bound(field)
     density, probes, cell = probe_density(field, chunk_size, device)
-    level = auto_threshold(density, cell) if threshold is None else float(threshold)
+    level = auto_threshold(density, cell, opacity) if threshold is None else float(threshold)
     occupied = probes.reshape(-1, 3)[density.reshape(-1) > level] if level > 0 else probes.reshape(-1, 3)[:0]
     if occupied.shape[0] == 0:
         return (-bound,) * 3, (bound,) * 3, level
@@ -325,6 +326,7 @@ def initial_sdf(
     smoothing: float = 1.0,  # Gaussian sigma applied to the SDF, grid cells (0 = none)
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
+    opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """The grid fitted to the field's object and its SDF there: (grid verts [V, 3], tets [T, 4],
     sdf [V], cell size [3], threshold). The SDF is smoothed (sub-cell noise of the coarse field
@@ -334,7 +336,7 @@ def initial_sdf(
     if smoothing < 0:
         raise ValueError(f"smoothing must be >= 0, got {smoothing}")
     device = _field_device(field, device)
-    lo, hi, level = occupied_box(field, threshold, margin, chunk_size, device)
+    lo, hi, level = occupied_box(field, threshold, margin, chunk_size, device, opacity)
     verts, tets = make_tet_grid(grid_resolution, lo, hi, device=device)
     n = grid_resolution + 1
     if level > 0:
@@ -357,9 +359,10 @@ def dmtet_from_field(
     update_smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, grid cells
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
+    opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
 ) -> tuple[DMTet, float]:
     """A DMTet whose initial surface is `extract_mesh(field, ...)` with the same settings, and the level used."""
-    verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device)
+    verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity)
     return DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing), level
 
 
@@ -371,9 +374,10 @@ def extract_mesh(
     smoothing: float = 1.0,  # Gaussian sigma applied to the SDF, grid cells (0 = none)
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
+    opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
 ) -> tuple[Tensor, Tensor]:  # (verts [M, 3], faces [F, 3] long), both empty when the field has no surface
     """The field's density level set by marching tetrahedra, without training: the mesh of a run
     stopped after the coarse stage, and the "before refinement" baseline."""
-    verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device)
+    verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity)
     result = marching_tets_full(verts, tets, sdf)
     return result.verts.detach(), result.faces

@@ -297,7 +297,8 @@ def _run_stages(prompt, config, device, guidance_name, run_path: Path, record: d
     if config.stop_after == "coarse":
         from geometry.dmtet import extract_mesh
 
-        mesh = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device)
+        mesh = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
+                            opacity=config.refine.surface_opacity)
         color_field = field
     elif "refine" in record["finished_stages"] and (run_path / CHECKPOINTS["refine"]).exists():
         mesh, color_field = _load_refine(run_path / CHECKPOINTS["refine"], device)

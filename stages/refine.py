@@ -38,6 +38,7 @@ class RefineConfig:
     grid_resolution: int = 128  # tet grid cells per axis of the box fitted to the object
     grid_margin: float = 0.1  # world units added around the coarse object's box
     threshold: float | None = None  # density level of the initial surface; None = automatic
+    surface_opacity: float | None = None  # automatic level: the opacity a ray needs to be on the object; None = the field's own split
     sdf_smoothing: float = 1.0  # Gaussian sigma of the initial SDF, grid cells (as extract_mesh; 0 = off)
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
     deform_scale: float = 0.25  # largest vertex deformation, fraction of a grid cell
@@ -71,6 +72,8 @@ class RefineConfig:
             raise ValueError(f"refine.grid_resolution must be an integer >= 4, got {self.grid_resolution!r}")
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"refine.threshold must be > 0 or None, got {self.threshold!r}")
+        if self.surface_opacity is not None and not 0.0 < self.surface_opacity < 1.0:
+            raise ValueError(f"refine.surface_opacity must be in (0, 1) or None, got {self.surface_opacity!r}")
         if not 0.0 <= self.deform_scale <= 0.5:
             raise ValueError(f"refine.deform_scale must be in [0, 0.5], got {self.deform_scale!r}")
         if not 0.0 <= self.ambient <= 1.0:
@@ -208,7 +211,7 @@ def run(
     generator = torch.Generator().manual_seed(config.seed)
     dmtet, threshold = dmtet_from_field(
         field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
-        config.sdf_smoothing, config.update_smoothing, device=device,
+        config.sdf_smoothing, config.update_smoothing, device=device, opacity=config.surface_opacity,
     )
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)
@@ -236,7 +239,7 @@ def run(
         initial_faces = dmtet.extract()[1].shape[0]
     if initial_faces == 0:
         raise StageError("refine", 0, f"the coarse field has no surface at density level {threshold:.4g}; "
-                                      "set refine.threshold lower or train the coarse stage longer")
+                                      "set refine.threshold or refine.surface_opacity lower, or train the coarse stage longer")
 
     # 2. The SDS loop.
     for step in range(config.iters):

@@ -32,12 +32,13 @@ def test_overrides_parse_to_the_field_type():
     config = apply_overrides(preset("quick"), [
         "coarse.iters=123", "refine.sds.t_max=0.4", "coarse.field.density_activation=exp",
         "camera.elevation_range=(0, 60)", "refine.threshold=2.5", "export.turntable=false", "seed=7",
+        "refine.surface_opacity=0.8",
     ])
     assert config.coarse.iters == 123 and isinstance(config.coarse.iters, int)
     assert config.refine.sds.t_max == 0.4
     assert config.coarse.field.density_activation == "exp"
     assert config.camera.elevation_range == (0, 60)
-    assert config.refine.threshold == 2.5
+    assert config.refine.threshold == 2.5 and config.refine.surface_opacity == 0.8
     assert config.export.turntable is False
     assert config.seed == 7
 

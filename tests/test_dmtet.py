@@ -121,6 +121,12 @@ def test_the_mesh_level_leaves_out_fog_and_keeps_faint_objects():
     faint = FoggyBall(radius=0.45, peak=1.5, softness=0.02, fog=0.0)
     assert auto_threshold(probe_grid(faint), 2.0 / 64, opacity=0.8) == 0.0
     assert _mean_radius(faint) == pytest.approx(0.45, abs=0.06)
+    # A fixed target can still be asked for (refine.surface_opacity): stricter, smaller.
+    soft = SoftBall(radius=0.45, peak=8.0, softness=0.1)
+    radii = [extract_mesh(soft, 40, opacity=o)[0].norm(dim=-1).mean().item() for o in (0.3, 0.9)]
+    assert radii[0] > radii[1] + 0.03
+    _, _, level = occupied_box(soft, opacity=0.9)
+    assert level_radius(soft, level) == pytest.approx(silhouette_radius(soft, 0.9), abs=1.5 / 64)
 
 
 def test_density_to_sdf_has_the_same_slope_for_soft_and_sharp_fields():

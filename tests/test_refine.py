@@ -67,6 +67,7 @@ def test_config_check_names_the_field():
         ({"lr_sdf": -1e-3}, "refine.lr_sdf"), ({"background": "black"}, "refine.background"),
         ({"background": (1.0, 2.0, 0.0)}, "refine.background"), ({"backend": "cuda"}, "refine.backend"),
         ({"ambient": 1.5}, "refine.ambient"), ({"sds": SDSConfig(t_min=0.6, t_max=0.5)}, "t_min"),
+        ({"surface_opacity": 1.0}, "refine.surface_opacity"), ({"surface_opacity": 0.0}, "refine.surface_opacity"),
     ]:
         config = refine.RefineConfig(**changes)
         with pytest.raises(ValueError, match=name):
