@@ -32,7 +32,7 @@ def measure_run(run_dir: Path, opacities: list[float]) -> dict:
     field = _load_field(run_dir / CHECKPOINTS["coarse"], device)
     density, _, cell = probe_density(field, device=device)
     row = {"run": run_dir.name, "prompt": prompt, "shape": shape, "seed": config.seed,
-           "auto_opacity": opacity_level(opacity_maps(density.float().clamp_min(0.0), cell))}
+           "auto_opacity": opacity_level(opacity_maps(density, cell))}
     targets = {f"{o:g}": auto_threshold(density, cell, opacity=o) for o in opacities} | {"auto": auto_threshold(density, cell)}
     for name, level in targets.items():
         if level <= 0:

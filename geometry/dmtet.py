@@ -46,7 +46,9 @@ MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest o
 
 
 def opacity_maps(density: Tensor, cell: float) -> list[Tensor]:
-    """Accumulated opacity 1 - exp(-sum sigma * cell) of straight rays along each axis: 3 maps."""
+    """Accumulated opacity 1 - exp(-sum sigma * cell) of straight rays along each axis: 3 maps
+    (negative densities count as 0)."""
+    density = density.float().clamp_min(0.0)
     return [1.0 - torch.exp(-density.sum(axis) * cell) for axis in range(3)]
 
 
@@ -66,10 +68,10 @@ def opacity_level(maps: list[Tensor], bins: int = 100) -> float:
         return high
     hist = torch.histc(values, bins, 0.0, 1.0).double().cpu()  # 100 numbers: the split is cheaper on the CPU
     centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
-    w0 = hist.cumsum(0)[:-1]  # rays below each split point
+    mass = hist * centres
+    w0, s0 = hist.cumsum(0)[:-1], mass.cumsum(0)[:-1]  # rays below each split point, and their summed opacity
     w1 = hist.sum() - w0
-    m0 = (hist * centres).cumsum(0)[:-1] / w0.clamp_min(1)
-    m1 = ((hist * centres).sum() - (hist * centres).cumsum(0)[:-1]) / w1.clamp_min(1)
+    m0, m1 = s0 / w0.clamp_min(1), (mass.sum() - s0) / w1.clamp_min(1)
     between = w0 * w1 * (m0 - m1) ** 2
     split = (int(between.argmax()) + 1) / bins if float(between.max()) > 0 else 0.5  # one hump: alpha > 0.5
     return min(max(split, low), high)
