@@ -33,38 +33,16 @@ import platform
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+from bench.random_models import random_stable_diffusion
 from stages.common import release_free_memory
 from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
 
 PROMPT = "a red cube"
 NO_CUDA = "no CUDA GPU: CUDA figures not taken"
-# Stable Diffusion 2.1 base (stabilityai/stable-diffusion-2-1-base, unet/config.json).
-SD21_BASE_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True, upcast_attention=False,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-)
-# Its VAE (vae/config.json, shared by SD 1.x and 2.x).
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
-    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-)
-# Its OpenCLIP ViT-H text encoder, as a transformers CLIPTextModel (text_encoder/config.json).
-SD21_TEXT = dict(
-    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-)
-
-
 def machine_info() -> dict:
     model = platform.processor() or platform.machine()
     try:
@@ -246,45 +224,6 @@ def cpu_setup(preset_name: str, overrides: list[str]):
     adapt_to_guidance(config, "primitives")  # white background and the prior's ambient, as in a run
     apply_overrides(config, overrides)
     return config, get_guidance(config, "primitives", torch.device("cpu"))
-
-
-class HashTokenizer:
-    """Stands in for CLIP's tokenizer (its vocabulary files cannot be downloaded): words -> ids by hash."""
-
-    model_max_length = 77
-
-    def __init__(self, vocab_size: int = 49408):
-        self.vocab_size, self.bos, self.eos = vocab_size, vocab_size - 2, vocab_size - 1
-
-    def __call__(self, texts, padding=None, max_length: int = 77, truncation: bool = True, return_tensors="pt"):
-        ids = torch.full((len(texts), max_length), self.eos, dtype=torch.long)  # padded with end tokens, as SD 2
-        for row, text in enumerate(texts):
-            words = [zlib.crc32(w.encode()) % self.bos for w in text.split()][: max_length - 2]
-            tokens = [self.bos, *words, self.eos]
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-        return SimpleNamespace(input_ids=ids)
-
-
-def random_stable_diffusion(device: torch.device, dtype: torch.dtype, unet: dict = SD21_BASE_UNET,
-                            vae: dict = SD_VAE, text: dict = SD21_TEXT):
-    """StableDiffusionGuidance with random weights of the given architectures (default: SD 2.1 base)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from guidance.stable_diffusion import StableDiffusionGuidance, freeze
-
-    # Built without __init__ (which loads from the hub); the attributes are the ones _load sets.
-    model = StableDiffusionGuidance.__new__(StableDiffusionGuidance)
-    model.model_id, model.device, model.dtype = "random weights", torch.device(device), dtype
-    model.unet = freeze(UNet2DConditionModel(**unet).to(dtype), model.device)
-    model.vae = freeze(AutoencoderKL(**vae).to(dtype), model.device)
-    model.text_encoder = freeze(CLIPTextModel(CLIPTextConfig(**text)).to(dtype), model.device)
-    model.tokenizer = HashTokenizer(text["vocab_size"])
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    model.prediction_type = "epsilon"
-    model.alphas_cumprod = scheduler.alphas_cumprod.to(model.device, torch.float32)
-    model.resolution = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    return model
 
 
 def cuda_setup(preset_name: str, overrides: list[str]):

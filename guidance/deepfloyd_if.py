@@ -3,7 +3,8 @@
 Loads the stage-I UNet, the T5 text encoder and tokenizer and the noise schedule from
 a diffusers IF folder or hub id (layout of diffusers' IFPipeline: unet/, text_encoder/,
 tokenizer/, scheduler/). The UNet predicts 2 x 3 channels: the noise and a learned
-variance; SDS uses the noise only. The hub repository is gated.
+variance; SDS uses the noise only. The hub repository is gated. On CUDA the T5 encoder
+and the UNet take turns on the GPU (guidance/text_side.py), so a 16 GB card holds IF-I-XL.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import os
 import torch
 from torch import Tensor
 
-from guidance.hub import DEFAULT_IF_MODEL_ID, load_component, load_or_explain
-from guidance.stable_diffusion import PREDICTION_TYPES, default_dtype, epsilon_from_prediction, free_memory, freeze
+from guidance.hub import DEFAULT_IF_MODEL_ID, default_dtype, freeze, load_component, load_or_explain
+from guidance.stable_diffusion import PREDICTION_TYPES, epsilon_from_prediction
+from guidance.text_side import EmbeddingCache, Placement
 
 IF_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")  # the stage-I parts SDS needs
 MAX_PROMPT_TOKENS = 77  # IF's T5 prompt length (as in diffusers' IFPipeline)
@@ -36,11 +38,13 @@ class DeepFloydIFGuidance:
         *,
         device: torch.device | str,
         dtype: torch.dtype | None = None,  # None: fp16 on CUDA, fp32 elsewhere
-        local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE
+        local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE (and go offline when the hub is unreachable)
+        offload_text_encoder: bool | None = None,  # park T5 on the CPU while the UNet runs; None = on CUDA
     ):
         self.model_id = str(model_id)
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
+        self.offload_text_encoder = self.device.type == "cuda" if offload_text_encoder is None else offload_text_encoder
         note = "" if os.path.isdir(self.model_id) else GATED_NOTE
         load_or_explain(self._load, self.model_id, "DeepFloyd IF", IF_SUBFOLDERS, DEFAULT_IF_MODEL_ID, local_files_only, note)
 
@@ -51,17 +55,33 @@ class DeepFloydIFGuidance:
         half = self.dtype == torch.float16
         common = {"local_files_only": local_files_only}
         # The UNet first: a wrong id, a gated repository or no network fails here, before the T5 download.
+        # Both load into CPU memory; the placement moves each to the GPU when it is used.
         unet = load_component(
             UNet2DConditionModel, self.model_id, "unet", fp16_variant=half, torch_dtype=self.dtype, **common
         )
         text_encoder = load_component(
             T5EncoderModel, self.model_id, "text_encoder", fp16_variant=half, dtype=self.dtype, **common
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, subfolder="tokenizer", **common)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_id, subfolder="tokenizer", **common)
         scheduler = DDPMScheduler.from_pretrained(self.model_id, subfolder="scheduler", **common)
+        self._setup(unet, text_encoder, tokenizer, scheduler)
 
-        self.unet = freeze(unet, self.device)
-        self.text_encoder = freeze(text_encoder, self.device)
+    @classmethod
+    def from_components(cls, unet, text_encoder, tokenizer, scheduler, *, device, dtype, model_id="components",
+                        offload_text_encoder: bool | None = None):
+        """A model from modules already built (random-weight benchmarks); they are cast to `dtype`."""
+        model = cls.__new__(cls)
+        model.model_id, model.device, model.dtype = model_id, torch.device(device), dtype
+        model.offload_text_encoder = model.device.type == "cuda" if offload_text_encoder is None else offload_text_encoder
+        model._setup(unet.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
+        return model
+
+    def _setup(self, unet, text_encoder, tokenizer, scheduler) -> None:
+        self.unet, self.text_encoder, self.tokenizer = freeze(unet), freeze(text_encoder), tokenizer
+        self.placement = Placement(
+            self.device, {"unet": unet, "text_encoder": text_encoder}, exclusive=self.offload_text_encoder
+        )
+        self.embeddings = EmbeddingCache(self._encode)
         self.channels = self.unet.config.in_channels  # 3: RGB
         if self.unet.config.out_channels < self.channels:
             raise ValueError(
@@ -75,10 +95,12 @@ class DeepFloydIFGuidance:
         sample_size = self.unet.config.sample_size
         self.resolution = sample_size if isinstance(sample_size, int) else int(sample_size[0])  # 64 for IF-I
 
-    @torch.no_grad()
     def encode_prompt(self, texts: list[str]) -> Tensor:  # [N, 77, D] T5 hidden states
-        if self.text_encoder is None:
-            raise RuntimeError("encode_prompt needs the text encoder, but release_text_encoder() was called")
+        """Embeddings of `texts`; each text is encoded once and then served from the cache."""
+        return self.embeddings(texts)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> Tensor:
         # IFPipeline's text preprocessing without caption cleaning: lower case, no outer spaces.
         tokens = self.tokenizer(
             [text.lower().strip() for text in texts],
@@ -88,7 +110,8 @@ class DeepFloydIFGuidance:
             add_special_tokens=True,
             return_tensors="pt",
         )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device))
+        encoder = self.placement.use("text_encoder")
+        hidden = encoder(tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device))
         return hidden[0]
 
     def predict_noise(
@@ -98,12 +121,8 @@ class DeepFloydIFGuidance:
         cond: Tensor,  # [B, 77, D] from encode_prompt
     ) -> Tensor:  # [B, 3, 64, 64] predicted noise, in x_t's dtype
         t = t.to(self.device)
-        output = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        unet = self.placement.use("unet")
+        output = unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
         prediction = output[:, : self.channels]  # the rest is the learned variance
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return epsilon_from_prediction(prediction.float(), x_t.float(), alpha_bar, self.prediction_type).to(x_t.dtype)
-
-    def release_text_encoder(self) -> None:
-        """Drop the T5 encoder once the prompts are embedded (about 9 GB in fp16 for IF)."""
-        self.text_encoder = None
-        free_memory(self.device)

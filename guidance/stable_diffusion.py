@@ -6,36 +6,16 @@ trained: every module is frozen and in eval mode. The SDS loss lives in guidance
 """
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
 from torch import Tensor
 
-from guidance.hub import DEFAULT_SD_MODEL_ID, load_component, load_or_explain
+from guidance.hub import DEFAULT_SD_MODEL_ID, default_dtype, freeze, load_component, load_or_explain
+from guidance.text_side import EmbeddingCache, Placement
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # diffusers layout of the parts we load
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def free_memory(device: torch.device) -> None:
-    """Return freed tensors' memory now (CUDA caches it otherwise)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPU fp16 is slow or unsupported)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def freeze(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to `device`, eval mode, no parameter gradients."""
-    module.to(device)
-    module.eval()
-    module.requires_grad_(False)
-    return module
 
 
 def epsilon_from_prediction(
@@ -67,7 +47,7 @@ class StableDiffusionGuidance:
         *,
         device: torch.device | str,
         dtype: torch.dtype | None = None,  # None: fp16 on CUDA, fp32 elsewhere
-        local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE
+        local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE (and go offline when the hub is unreachable)
     ):
         self.model_id = str(model_id)
         self.device = torch.device(device)
@@ -88,13 +68,25 @@ class StableDiffusionGuidance:
         text_encoder = load_component(
             CLIPTextModel, self.model_id, "text_encoder", fp16_variant=half, dtype=self.dtype, **common
         )
-        self.tokenizer = CLIPTokenizer.from_pretrained(self.model_id, subfolder="tokenizer", **common)
+        tokenizer = CLIPTokenizer.from_pretrained(self.model_id, subfolder="tokenizer", **common)
         # Any scheduler config of the repository (PNDM, DDIM, ...) gives the same training schedule.
         scheduler = DDPMScheduler.from_pretrained(self.model_id, subfolder="scheduler", **common)
+        self._setup(unet, vae, text_encoder, tokenizer, scheduler)
 
-        self.unet = freeze(unet, self.device)
-        self.vae = freeze(vae, self.device)
-        self.text_encoder = freeze(text_encoder, self.device)
+    @classmethod
+    def from_components(cls, unet, vae, text_encoder, tokenizer, scheduler, *, device, dtype, model_id="components"):
+        """A model from modules already built (random-weight benchmarks); they are cast to `dtype`."""
+        model = cls.__new__(cls)
+        model.model_id, model.device, model.dtype = model_id, torch.device(device), dtype
+        model._setup(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
+        return model
+
+    def _setup(self, unet, vae, text_encoder, tokenizer, scheduler) -> None:
+        self.unet, self.vae, self.text_encoder = freeze(unet), freeze(vae), freeze(text_encoder)
+        self.tokenizer = tokenizer
+        # CLIP's encoder is small (0.7 GB for SD 2.1): all three stay on the device.
+        self.placement = Placement(self.device, {"unet": unet, "vae": vae, "text_encoder": text_encoder}, exclusive=False)
+        self.embeddings = EmbeddingCache(self._encode)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type must be one of {list(PREDICTION_TYPES)}, got {self.prediction_type!r}")
@@ -104,10 +96,12 @@ class StableDiffusionGuidance:
         sample_size = sample_size if isinstance(sample_size, int) else int(sample_size[0])
         self.resolution = sample_size * vae_scale  # 512 for SD 2.1 base (64 latents x 8)
 
-    @torch.no_grad()
     def encode_prompt(self, texts: list[str]) -> Tensor:  # [N, 77, D] CLIP hidden states
-        if self.text_encoder is None:
-            raise RuntimeError("encode_prompt needs the text encoder, but release_text_encoder() was called")
+        """Embeddings of `texts`; each text is encoded once and then served from the cache."""
+        return self.embeddings(texts)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> Tensor:
         tokens = self.tokenizer(
             list(texts),
             padding="max_length",
@@ -115,7 +109,7 @@ class StableDiffusionGuidance:
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return self.placement.use("text_encoder")(tokens.input_ids.to(self.device))[0]
 
     def encode_images(
         self,
@@ -132,11 +126,7 @@ class StableDiffusionGuidance:
         cond: Tensor,  # [B, 77, D] from encode_prompt
     ) -> Tensor:  # [B, 4, h, w] predicted noise, in x_t's dtype
         t = t.to(self.device)
-        prediction = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        unet = self.placement.use("unet")
+        prediction = unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return epsilon_from_prediction(prediction.float(), x_t.float(), alpha_bar, self.prediction_type).to(x_t.dtype)
-
-    def release_text_encoder(self) -> None:
-        """Drop the text encoder once the prompts are embedded (about 0.7 GB for SD 2.1)."""
-        self.text_encoder = None
-        free_memory(self.device)

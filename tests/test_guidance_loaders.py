@@ -1,134 +1,28 @@
 """The hub loaders on tiny random pipelines built and saved here (no network, no weights).
 
 Each test writes a diffusers-layout folder (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/) with seeded tiny models, loads it through the real loader, and runs one
-SDS step through it. The CLIP tokenizer is built from a vocab.json/merges.txt written
-here; the T5 tokenizer from a small Unigram vocabulary (T5Tokenizer accepts one
-directly, so no sentencepiece model file is needed) and loaded back through AutoTokenizer.
+scheduler/) with seeded tiny models (tests/tiny_pipelines.py), loads it through the real
+loader, and runs SDS steps through it.
 """
 from __future__ import annotations
-
-import json
-import os
 
 import pytest
 import torch
 
 from guidance import DEFAULT_SD_MODEL_ID, REMOVED_SD_MODEL_ID, GuidanceLoadError, load
 from guidance.sds import SDSConfig, SDSLoss
+from tiny_pipelines import save_tiny_if, save_tiny_sd
 
-WORDS = ["a", "red", "cube", "blue", "sphere", "front", "side", "back", "overhead", "view", ","]
-
-
-def _tiny_unet(in_channels: int, out_channels: int, sample_size: int, **kwargs):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        **kwargs,
-    )
-
-
-def _tiny_clip_tokenizer(folder: str):
-    """A byte-level BPE tokenizer from files written here: whole words and a few merges."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz,":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    merges = ["r e", "re d</w>", "c u", "cu b", "cub e</w>"]
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(
-        vocab=os.path.join(folder, "vocab.json"), merges=os.path.join(folder, "merges.txt"), model_max_length=16
-    )
-    return tokenizer, len(vocab)
-
-
-def _tiny_t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + word, -1.0 - i * 0.1) for i, word in enumerate(WORDS)]
-    pieces += [(char, -5.0) for char in "abcdefghijklmnopqrstuvwxyz,"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0), len(pieces)
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    """A tiny Stable Diffusion pipeline in the diffusers layout: latents 8 px, images 16 px."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    torch.manual_seed(0)
-    _tiny_unet(4, 4, 8).save_pretrained(folder / "unet")
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).save_pretrained(folder / "vae")
-    tokenizer, vocab_size = _tiny_clip_tokenizer(str(folder / "tokenizer_files"))
-    tokenizer.save_pretrained(folder / "tokenizer")
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
-        folder / "scheduler"
-    )
-    return folder
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")
 def if_folder(tmp_path_factory):
-    """A tiny DeepFloyd-IF-style stage I: pixels 16 px, 6 output channels, T5 encoder."""
-    from diffusers import DDPMScheduler
-    from transformers import T5Config, T5EncoderModel
-
-    folder = tmp_path_factory.mktemp("tiny-if")
-    torch.manual_seed(0)
-    # IF projects the T5 states (4096 wide) to the cross-attention width; here 16 -> 32.
-    _tiny_unet(3, 6, 16, encoder_hid_dim=16, encoder_hid_dim_type="text_proj").save_pretrained(folder / "unet")
-    tokenizer, vocab_size = _tiny_t5_tokenizer()
-    tokenizer.save_pretrained(folder / "tokenizer")
-    t5_config = T5Config(
-        vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, decoder_start_token_id=0
-    )
-    T5EncoderModel(t5_config).save_pretrained(folder / "text_encoder")
-    DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range").save_pretrained(
-        folder / "scheduler"
-    )
-    return folder
+    return save_tiny_if(tmp_path_factory.mktemp("tiny-if"))
 
 
 def _sds_step(guidance, size: int):
@@ -154,7 +48,6 @@ def test_stable_diffusion_loader_runs_sds(sd_folder, monkeypatch):
 
     # Renders at another size are resized to the model's 16 px by the SDS loss.
     loss_fn, images, loss, info = _sds_step(guidance, 24)
-    assert guidance.text_encoder is None  # released after the prompts were embedded
     assert torch.isfinite(loss)
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert info["grad_norm"] > 0
@@ -275,3 +168,64 @@ def test_unknown_guidance_name_lists_valid_names():
     with pytest.raises(ValueError, match="stable-diffusion") as caught:
         load("dall-e", device="cpu")
     assert "primitives" in str(caught.value) and "deepfloyd-if" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["stable-diffusion", "deepfloyd-if"])
+def test_a_second_loss_on_the_same_model_reuses_the_embeddings(name, sd_folder, if_folder, monkeypatch):
+    """The coarse and the refine stage each build an SDSLoss on the one cached model (the refine
+    stage used to find the text encoder dropped); a later prompt is still encoded."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = sd_folder if name == "stable-diffusion" else if_folder
+    guidance = load(name, device="cpu", model_id=str(folder))
+    first, *_ = _sds_step(guidance, 16)
+    assert guidance.embeddings.encoded_texts == 5  # 4 view prompts and the empty negative
+    second, images, loss, _ = _sds_step(guidance, 16)
+    assert guidance.embeddings.encoded_texts == 5  # nothing encoded again
+    torch.testing.assert_close(second.cond_embeddings, first.cond_embeddings)
+    assert torch.isfinite(loss) and images.grad.abs().sum() > 0
+    other = SDSLoss(guidance, "a blue sphere", SDSConfig())
+    assert guidance.embeddings.encoded_texts == 9  # 4 new view prompts; "" came from the cache
+    assert not torch.allclose(other.cond_embeddings, first.cond_embeddings)
+
+
+def test_exclusive_placement_keeps_one_module_on_the_device():
+    from guidance.text_side import Placement
+
+    moves = []
+
+    class Recorder(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            moves.append((self.name, str(args[0])))
+            return super().to(*args, **kwargs)
+
+    unet, text = Recorder(2, 2), Recorder(2, 2)
+    unet.name, text.name = "unet", "text_encoder"
+    # On the CPU both modules count as on the device; exclusive placement parks all but the last.
+    # (Parking on the CPU too: the recorded moves show the order a GPU would see.)
+    placement = Placement(torch.device("cpu"), {"unet": unet, "text_encoder": text}, exclusive=True, park="cpu")
+    assert placement.resident == {"text_encoder"} and moves == [("unet", "cpu")]
+    assert placement.use("text_encoder") is text and len(moves) == 1  # already there: no move
+    placement.use("unet")
+    assert placement.resident == {"unet"} and moves[1:] == [("text_encoder", "cpu"), ("unet", "cpu")]
+    shared = Placement(torch.device("cpu"), {"unet": Recorder(2, 2), "text_encoder": Recorder(2, 2)}, exclusive=False)
+    assert shared.resident == {"unet", "text_encoder"}
+
+
+def test_embedding_cache_encodes_each_text_once_and_forgets_the_oldest():
+    from guidance.text_side import EmbeddingCache
+
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return torch.stack([torch.full((2,), float(len(t))) for t in texts])
+
+    cache = EmbeddingCache(encode, capacity=3)
+    out = cache(["a", "bb", "a"])
+    assert calls == [["a", "bb"]] and out[:, 0].tolist() == [1.0, 2.0, 1.0]
+    cache(["bb", "ccc"])
+    assert calls[-1] == ["ccc"]
+    cache(["dddd"])  # capacity 3: "a", the least recently used, goes
+    assert list(cache.entries) == ["bb", "ccc", "dddd"]
+    cache(["a"])
+    assert calls[-1] == ["a"] and cache.encoded_texts == 5
