@@ -18,7 +18,9 @@ from geometry.nerf import FieldConfig, NeRFField
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
-from stages.common import Callback, StageError, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, image_grid
+from stages.common import (
+    Callback, NonFiniteSteps, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, gradients_finite, image_grid,
+)
 
 BACKGROUNDS = ("white", "random", "learned")
 
@@ -43,12 +45,13 @@ class CoarseConfig:
     preview_views: int = 4  # orbit views in a preview
     preview_resolution: int = 64  # preview image side, px
     seed: int = 0  # seeds the field, cameras, ray jitter and timesteps
+    max_nonfinite_steps: int = 10  # steps with a NaN/inf loss or gradient are skipped; this many in a row end the stage
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)  # the NeRF's encoding and MLP
     volume: VolumeConfig = dataclasses.field(default_factory=VolumeConfig)  # ray marching and shading
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)  # score distillation
 
     def check(self) -> None:
-        for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution"):
+        for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"coarse.{name} must be an integer >= 1, got {value!r}")
@@ -141,6 +144,7 @@ def run(
     timings = {"render": 0.0, "guidance": 0.0, "backward": 0.0, "optimizer": 0.0}
     previews: list[np.ndarray] = []
     loss_value = float("nan")
+    nonfinite = NonFiniteSteps("coarse", config.max_nonfinite_steps)
 
     # 2. The SDS loop.
     for step in range(config.iters):
@@ -158,16 +162,24 @@ def run(
             generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,
         )
         t1 = clock(device)
+        optimizer.zero_grad(set_to_none=True)
         try:
             loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator)
-        except NonFiniteError as exc:
-            raise StageError("coarse", step + 1, f"{exc} (lower the learning rates or the guidance scale)") from exc
-        t2 = clock(device)
-        loss = loss_sds + _regularizers(out, config, step)
-        if not torch.isfinite(loss):
-            raise StageError("coarse", step + 1, f"the loss is not finite ({float(loss)}); lower the learning rates")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            t2 = clock(device)
+            loss = loss_sds + _regularizers(out, config, step)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the loss is not finite ({float(loss)})")
+            loss.backward()
+            if not gradients_finite(optimizer):
+                raise NonFiniteError("non-finite parameter gradients")
+        except NonFiniteError as exc:  # skip the step: no update
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite.skip(step + 1, str(exc))
+            if callback is not None:
+                callback(StepEvent(stage="coarse", step=step + 1, total=config.iters,
+                                   message=f"coarse NeRF step {step + 1}/{config.iters} skipped: {exc}"))
+            continue
+        nonfinite.good()
         t3 = clock(device)
         optimizer.step()
         t4 = clock(device)
@@ -198,7 +210,7 @@ def run(
     for p in field_.parameters():
         p.requires_grad_(False)
     stats = {f"{k}_s_per_step": v / config.iters for k, v in timings.items()}
-    stats.update(final_loss=loss_value, steps=config.iters)
+    stats.update(final_loss=loss_value, steps=config.iters, nonfinite_skipped=nonfinite.skipped)
     if occupancy is not None:
         stats["occupied_fraction"] = occupancy.occupied_fraction
     return CoarseResult(field=field_, previews=previews, stats=stats)

@@ -91,3 +91,30 @@ def release_free_memory(device: torch.device | None = None) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+class NonFiniteSteps:
+    """Steps skipped because the SDS gradient, the loss or a parameter gradient was NaN or inf
+    (an fp16 overflow now and then is survivable); `limit` of them in a row end the stage."""
+
+    def __init__(self, stage: str, limit: int):
+        self.stage, self.limit = stage, limit
+        self.skipped = 0  # steps skipped in all
+        self.in_a_row = 0  # skipped since the last good step
+
+    def skip(self, step: int, reason: str) -> None:
+        """Count a skipped step (1-based); raises StageError once `limit` came in a row."""
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise StageError(self.stage, step, f"{reason}; {self.in_a_row} steps in a row were not finite "
+                                               "(lower the learning rates or the guidance scale)")
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter gradient is finite (one reduction, one device sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))

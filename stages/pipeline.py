@@ -364,6 +364,8 @@ def _finish_stage(record: dict, stage: str, state: dict, run_path: Path, stats: 
     if stage not in record["finished_stages"]:
         record["finished_stages"].append(stage)
     record.setdefault("stage_stats", {})[stage] = stats
+    if "nonfinite_skipped" in stats:  # fp16 overflows survived, per stage
+        record.setdefault("nonfinite_skipped", {})[stage] = stats["nonfinite_skipped"]
     write_json_atomic(run_path / RUN_FILE, record)
 
 

@@ -24,7 +24,10 @@ from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers import raster
 from renderers.cameras import CameraConfig, Cameras, orbit_cameras, sample_cameras, to_clip
 from renderers.volume import SHADINGS, sample_shading
-from stages.common import Callback, StageError, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, image_grid
+from stages.common import (
+    Callback, NonFiniteSteps, StageError, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, gradients_finite,
+    image_grid,
+)
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
@@ -59,12 +62,13 @@ class RefineConfig:
     preview_views: int = 4  # orbit views in a preview
     preview_resolution: int = 96  # preview image side, px
     seed: int = 0  # seeds cameras, shading draws, backgrounds and timesteps
+    max_nonfinite_steps: int = 10  # steps with a NaN/inf loss or gradient are skipped; this many in a row end the stage
     chunk_size: int = 0  # triangles per visibility pass of the torch rasterizer (0 = all): the memory knob
     backend: str = "auto"  # rasterizer: "auto" (nvdiffrast on CUDA when installed), "torch" or "nvdiffrast"
     sds: SDSConfig = dataclasses.field(default_factory=lambda: SDSConfig(t_max=0.5))  # score distillation
 
     def check(self) -> None:
-        for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution"):
+        for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"refine.{name} must be an integer >= 1, got {value!r}")
@@ -235,6 +239,7 @@ def run(
     totals = dict.fromkeys(TIMING_PARTS, 0.0)
     previews: list[np.ndarray] = []
     loss_value = float("nan")
+    nonfinite = NonFiniteSteps("refine", config.max_nonfinite_steps)
     with torch.no_grad():
         initial_faces = dmtet.extract()[1].shape[0]
     if initial_faces == 0:
@@ -256,24 +261,32 @@ def run(
         t2 = clock(device)
         images = shade_mesh(rast_out, color_field, cams, shading, config.ambient, bg, config.backend)["rgb"]
         t3 = clock(device)
+        optimizer.zero_grad(set_to_none=True)
         try:
             loss_sds, info = sds(
                 _to_guidance_size(images, guidance.resolution), cams.view_words,
                 progress=step / max(config.iters - 1, 1), generator=generator,
             )
-        except NonFiniteError as exc:
-            raise StageError("refine", step + 1, f"{exc} (lower the learning rates or the guidance scale)") from exc
-        t4 = clock(device)
-        loss = loss_sds / config.batch_size
-        if config.lambda_normal_consistency > 0:
-            loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
-        if config.lambda_laplacian > 0:
-            loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
-        if not torch.isfinite(loss):
-            raise StageError("refine", step + 1, f"the loss is not finite ({float(loss)}); lower the learning rates")
-        t5 = clock(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            t4 = clock(device)
+            loss = loss_sds / config.batch_size
+            if config.lambda_normal_consistency > 0:
+                loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
+            if config.lambda_laplacian > 0:
+                loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the loss is not finite ({float(loss)})")
+            t5 = clock(device)
+            loss.backward()
+            if not gradients_finite(optimizer):
+                raise NonFiniteError("non-finite parameter gradients")
+        except NonFiniteError as exc:  # skip the step: no update
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite.skip(step + 1, str(exc))
+            if callback is not None:
+                callback(StepEvent(stage="refine", step=step + 1, total=config.iters,
+                                   message=f"refine mesh step {step + 1}/{config.iters} skipped: {exc}"))
+            continue
+        nonfinite.good()
         optimizer.step()
         t6 = clock(device)
         parts = dict(zip(TIMING_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)))
@@ -304,7 +317,8 @@ def run(
     steps = max(config.iters, 1)
     stats = {key: value / steps for key, value in totals.items()}
     stats.update(faces=int(faces.shape[0]), vertices=int(verts.shape[0]), initial_faces=int(initial_faces),
-                 threshold=float(threshold), final_loss=loss_value, steps=config.iters)
+                 threshold=float(threshold), final_loss=loss_value, steps=config.iters,
+                 nonfinite_skipped=nonfinite.skipped)
     return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=previews, stats=stats)
 
 

@@ -89,11 +89,23 @@ def test_run_checks_the_prompt_and_config():
         coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=0), CameraConfig())
 
 
-def test_nan_in_the_guidance_raises_a_stage_error_naming_the_stage_and_step():
-    with pytest.raises(StageError, match="coarse stage failed at step 3") as caught:
-        coarse.run(FakeGuidance(nan_at=3), PROMPT, tiny_config(iters=5), CameraConfig())
-    assert caught.value.stage == "coarse" and caught.value.step == 3
-    assert "non-finite" in caught.value.cause
+def test_nan_that_persists_raises_a_stage_error_naming_the_stage_and_step():
+    # NaN from step 3 on: steps 3 and 4 are skipped, and the second in a row ends the stage.
+    with pytest.raises(StageError, match="coarse stage failed at step 4") as caught:
+        coarse.run(FakeGuidance(nan_at=3), PROMPT, tiny_config(iters=6, max_nonfinite_steps=2), CameraConfig())
+    assert caught.value.stage == "coarse" and caught.value.step == 4
+    assert "non-finite" in caught.value.cause and "2 steps in a row" in caught.value.cause
+
+
+def test_a_skipped_step_leaves_the_field_unchanged():
+    """A non-finite step makes no update: 3 steps whose third is NaN end where 2 clean steps end."""
+    messages = []
+    skipped = coarse.run(FakeGuidance(nan_at=3), PROMPT, tiny_config(iters=3, preview_every=0), CameraConfig(),
+                         callback=lambda e: messages.append(e.message))
+    clean = coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=2, preview_every=0), CameraConfig())
+    assert skipped.stats["nonfinite_skipped"] == 1 and "skipped" in messages[-1]
+    for a, b in zip(skipped.field.parameters(), clean.field.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_should_stop_cancels_the_run():

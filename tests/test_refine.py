@@ -133,7 +133,7 @@ class BrokenPrior:
 
 def test_non_finite_guidance_is_a_stage_error(prior):
     with pytest.raises(StageError, match="refine stage failed at step 1") as err:
-        refine.run(Blob(), BrokenPrior(prior), "a green cube", tiny_config(), CAMERA)
+        refine.run(Blob(), BrokenPrior(prior), "a green cube", tiny_config(max_nonfinite_steps=1), CAMERA)
     assert err.value.stage == "refine"
     with pytest.raises(StageError, match="no surface"):
         refine.run(Blob(peak=0.0), prior, "a green cube", tiny_config(), CAMERA)
