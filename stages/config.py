@@ -171,13 +171,19 @@ def set_field(config, key: str, raw: str) -> None:
             current = getattr(target, name)
             if dataclasses.is_dataclass(current):
                 raise ValueError(f"setting {key!r} is a group; set one of its fields, e.g. {key}.{dataclasses.fields(current)[0].name}=...")
-            setattr(target, name, parse_value(key, raw, current))
+            annotation = str(next(f.type for f in dataclasses.fields(target) if f.name == name))
+            setattr(target, name, parse_value(key, raw, current, text=annotation.replace(" ", "")))
         else:
             target = getattr(target, name)
 
 
-def parse_value(key: str, raw: str, current):
-    """Parse `raw` to the type of the field's current value."""
+def parse_value(key: str, raw: str, current, text: str = ""):
+    """Parse `raw` to the type of the field's current value. A field annotated `str | None`
+    takes the text as it is, without Python quotes, and "none" for None."""
+    if text == "str|None":
+        return None if raw.lower() == "none" else raw
+    if "tuple" in text and raw.strip()[:1] in ("(", "["):  # `str | tuple` fields (backgrounds) given a colour
+        current = ()
     try:
         if isinstance(current, bool):
             if raw.lower() in ("true", "1", "yes", "on"):

