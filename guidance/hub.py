@@ -7,8 +7,13 @@ and says which id failed, why, and what to do next.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
+import urllib.error
+import urllib.request
+import warnings
 from typing import Callable
 
 import torch
@@ -41,6 +46,63 @@ def resolve_local_files_only(local_files_only: bool | None) -> bool:
     return hub_offline() if local_files_only is None else bool(local_files_only)
 
 
+def hub_endpoint() -> str:
+    """The hub's address: HF_ENDPOINT (read now, as hub_offline) or huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all (any HTTP status counts), within `timeout` seconds.
+
+    Asked once before loading: without it, each file request of an offline machine retries
+    for half a minute before the cache is tried."""
+    request = urllib.request.Request(hub_endpoint(), method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # an error status is still an answer
+    except (OSError, ValueError):  # no route, refused, DNS failure, time-out, a malformed HF_ENDPOINT
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No warnings, retry lines or weight-loading bars from the hub libraries while a model
+    loads (download bars stay): a failure reaches the user as one GuidanceLoadError line."""
+    names = ("huggingface_hub", "diffusers", "transformers")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    toggles = _progress_bar_toggles()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for logger in loggers:
+                logger.setLevel(logging.CRITICAL)  # diffusers logs a missing fp16 file as an error
+            for disable, _ in toggles:
+                disable()
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        for _, enable in toggles:
+            enable()
+
+
+def _progress_bar_toggles() -> list[tuple[Callable, Callable]]:
+    """(disable, enable) of each installed library's own progress bars (transformers' "Loading weights")."""
+    toggles = []
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+
+        toggles.append((transformers_logging.disable_progress_bar, transformers_logging.enable_progress_bar))
+    with contextlib.suppress(ImportError):
+        from diffusers.utils import logging as diffusers_logging
+
+        toggles.append((diffusers_logging.disable_progress_bar, diffusers_logging.enable_progress_bar))
+    return toggles
+
+
 def missing_subfolders(folder: str, subfolders: tuple[str, ...]) -> list[str]:
     """The component subfolders of a local diffusers folder that are absent."""
     return [name for name in subfolders if not os.path.isdir(os.path.join(folder, name))]
@@ -63,14 +125,22 @@ def _status_code(exc: BaseException) -> int | None:
 
 
 def classify_failure(exc: BaseException) -> str:
-    """One of "gated", "not_found", "offline", "network", "invalid_id", "missing_package", "other"."""
+    """One of "gated", "not_found", "missing_file", "offline", "network", "invalid_id",
+    "missing_package", "other"."""
     chain = _causes(exc)
     names = [type(e).__name__ for e in chain]
     text = " ".join(str(e) for e in chain).lower()
     codes = [c for c in (_status_code(e) for e in chain) if c is not None]
-    if "GatedRepoError" in names or 401 in codes or 403 in codes or "gated repo" in text:
+    if "GatedRepoError" in names:
         return "gated"
-    if any(n in names for n in ("RepositoryNotFoundError", "RevisionNotFoundError")) or 404 in codes:
+    # Before the text test: huggingface_hub's not-found message mentions "private or gated repo".
+    if any(n in names for n in ("RepositoryNotFoundError", "RevisionNotFoundError")):
+        return "not_found"
+    if 401 in codes or 403 in codes or "gated repo" in text:
+        return "gated"
+    if any(n in names for n in ("EntryNotFoundError", "RemoteEntryNotFoundError")):
+        return "missing_file"  # the repository exists, one file of it does not (a 404 for a file)
+    if 404 in codes:
         return "not_found"
     if "OfflineModeIsEnabled" in names or "outgoing traffic has been disabled" in text:
         return "offline"
@@ -96,6 +166,7 @@ _REASONS = {
         "the hub could not be reached (no network) and the files are not in the local cache, "
         "or the id does not exist (not found)"
     ),
+    "missing_file": "the repository exists but lacks a file this model needs (it is not a diffusers pipeline of this kind)",
     "invalid_id": "it is neither an existing local folder nor a valid hub id ('owner/name')",
     "missing_package": "a package the tokenizer needs is missing",
     "incomplete_folder": "the local folder is incomplete or unreadable (a component's config or weights failed)",
@@ -108,6 +179,7 @@ _ADVICE = {
         "to a token of that account (or run `hf auth login`)"
     ),
     "not_found": "check the id, or pass another model id",
+    "missing_file": "pass the id of a full diffusers pipeline (unet/, text_encoder/, tokenizer/, scheduler/ ...)",
     "offline": "go online once to download it (unset HF_HUB_OFFLINE), pass a local folder, or another id",
     "network": "connect to the network once to download it, pass a local folder, or another id",
     "invalid_id": "pass an existing folder in the diffusers layout or a hub id such as '{default_id}'",
@@ -123,9 +195,12 @@ def load_error(
     exc: BaseException,  # what the loader caught
     default_id: str,  # the id to suggest
     note: str = "",  # a sentence appended to the message, e.g. that the repository is gated
+    unreachable: bool = False,  # the hub did not answer, so only the cache was tried
 ) -> GuidanceLoadError:
     """A GuidanceLoadError naming the id, the cause and what to do; raise it `from exc`."""
     kind = classify_failure(exc)
+    if unreachable and kind in ("offline", "other"):
+        kind = "network"
     if kind == "other" and os.path.isdir(model_id):
         kind = "incomplete_folder"
     reason = _REASONS[kind]
@@ -158,12 +233,15 @@ def load_component(
     fp16_variant: bool = False,  # try the "fp16" weight files first (half the download)
     **kwargs,  # passed on to from_pretrained (local_files_only, torch_dtype / dtype)
 ):
-    """One pipeline component; falls back to the full-precision files when there is no fp16 variant."""
+    """One pipeline component; falls back to the full-precision files when there is no fp16 variant.
+
+    A missing variant shows up as a 404 for its file online, or as a cache miss offline: both are
+    worth the second try. Only a repository that is gated or does not exist is not."""
     if fp16_variant:
         try:
             return cls.from_pretrained(model_id, subfolder=subfolder, variant="fp16", **kwargs)
-        except Exception as exc:  # noqa: BLE001 - only a missing variant is worth a second try
-            if classify_failure(exc) != "other":
+        except Exception as exc:  # noqa: BLE001 - the plain files' error, if any, says more
+            if classify_failure(exc) in ("gated", "not_found"):
                 raise
     return cls.from_pretrained(model_id, subfolder=subfolder, **kwargs)
 
@@ -187,18 +265,23 @@ def load_or_explain(
     local_files_only: bool | None,  # None: follow HF_HUB_OFFLINE
     note: str = "",  # an extra sentence for the error (e.g. how to get a gated model)
 ) -> None:
-    """Run `load`; a failure of any kind becomes one GuidanceLoadError naming the id, cause and fix."""
+    """Run `load`, quietly; a failure of any kind becomes one GuidanceLoadError naming the id, cause
+    and fix. A hub id on a machine where the hub does not answer is loaded from the cache at once."""
     offline = resolve_local_files_only(local_files_only)
+    unreachable = False
     if os.path.isdir(model_id):
         missing = missing_subfolders(model_id, subfolders)
         if missing:
             raise incomplete_folder_error(model_id, model_name, missing)
+    elif not offline and not hub_reachable():
+        offline = unreachable = True
     try:
-        load(offline)
+        with quiet_loading():
+            load(offline)
     except GuidanceLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
-        raise load_error(model_id, model_name, exc, default_id, note=note) from exc
+        raise load_error(model_id, model_name, exc, default_id, note=note, unreachable=unreachable) from exc
 
 
 def free_memory(device: torch.device) -> None:
