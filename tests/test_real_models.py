@@ -1,0 +1,89 @@
+"""Stable Diffusion and DeepFloyd IF through every stage: tiny random pipelines saved to local
+folders (tests/tiny_pipelines.py) drive coarse -> refine -> export through the command line,
+twice in one process with the cached model, and through --resume after a crash."""
+import json
+
+import pytest
+import torch
+
+import generate as cli
+from stages import pipeline
+from stages.pipeline import generate
+from test_app import TINY
+from tiny_pipelines import save_tiny_if, save_tiny_sd
+
+OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
+           "coarse.pt", "refine.pt")
+# A few steps per stage, renders at the tiny models' 16 px (refine renders 32 px, box-filtered to 16).
+STEPS = [*TINY, "coarse.iters=3", "refine.iters=2", "refine.resolution=32"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {"stable-diffusion": save_tiny_sd(tmp_path_factory.mktemp("tiny-sd")),
+            "deepfloyd-if": save_tiny_if(tmp_path_factory.mktemp("tiny-if"))}
+
+
+def _argv(prompt, name, folder, out, extra=()):
+    argv = [prompt, "--guidance", name, "--model-id", str(folder), "--device", "cpu", "--out", str(out), *extra]
+    return argv + [a for item in STEPS for a in ("--set", item)]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local folders only: no hub look-up
+
+
+@pytest.mark.parametrize("name", ["stable-diffusion", "deepfloyd-if"])
+def test_cli_runs_every_stage_then_a_second_prompt_on_the_cached_model(name, folders, tmp_path, capsys, one_thread):
+    assert cli.main(_argv("a red cube", name, folders[name], tmp_path / "first")) == 0, capsys.readouterr().err
+    model = pipeline._GUIDANCE_CACHE[(name, "cpu", str(folders[name]))]
+    encoded = model.embeddings.encoded_texts
+    assert encoded == 5  # the coarse stage's 4 view prompts and "": the refine stage reused them
+    assert cli.main(_argv("a blue sphere", name, folders[name], tmp_path / "second")) == 0, capsys.readouterr().err
+    assert pipeline._GUIDANCE_CACHE[(name, "cpu", str(folders[name]))] is model  # loaded once
+    assert model.embeddings.encoded_texts == encoded + 4  # the new prompt's views; "" was cached
+    for run in ("first", "second"):
+        for file in OUTPUTS:
+            assert (tmp_path / run / file).stat().st_size > 0, (run, file)
+        record = json.loads((tmp_path / run / "run.json").read_text())
+        assert record["status"] == "finished" and record["finished_stages"] == ["coarse", "refine", "export"]
+        assert record["guidance"] == name and record["model_id"] == str(folders[name])
+        assert record["nonfinite_skipped"] == {"coarse": 0, "refine": 0}
+        assert record["stage_stats"]["refine"]["faces"] > 0
+
+
+def test_resume_after_a_crash_in_refine_with_stable_diffusion(folders, tmp_path, monkeypatch, capsys, one_thread):
+    out = tmp_path / "run"
+    real_refine = pipeline.refine_stage.run
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(pipeline.refine_stage, "run", crash)
+    assert cli.main(_argv("a green cube", "stable-diffusion", folders["stable-diffusion"], out)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: refine stage failed: simulated crash"
+    assert (out / "coarse.pt").is_file() and not (out / "model.obj").exists()
+
+    monkeypatch.setattr(pipeline.refine_stage, "run", real_refine)
+    monkeypatch.setattr(pipeline.coarse_stage, "run", lambda *a, **k: pytest.fail("coarse must not run again"))
+    assert cli.main(["--resume", str(out)]) == 0, capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["guidance"] == "stable-diffusion"
+    assert all((out / file).stat().st_size > 0 for file in OUTPUTS)
+
+
+def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, tmp_path, one_thread):
+    """What an app server does: two generate() calls on the one cached model, the second after the first ended."""
+    from stages.config import apply_overrides, preset
+
+    def config():
+        c = apply_overrides(preset("quick"), [*STEPS, f"model_id={folders['stable-diffusion']}", "export.turntable=false"])
+        c.guidance, c.device = "stable-diffusion", "cpu"
+        return c
+
+    for i, prompt in enumerate(("a red cube", "a green sphere")):
+        events = list(generate(prompt, config(), run_dir=tmp_path / str(i)))
+        assert events[-1].stage == "done", events[-1]
+        assert {e.stage for e in events} >= {"coarse", "refine", "export"}
+        assert torch.isfinite(torch.tensor([e.loss for e in events if e.loss is not None])).all()
