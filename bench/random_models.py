@@ -68,8 +68,11 @@ class HashTokenizer:
 
 
 def _build(cls, device: torch.device, dtype: torch.dtype, *args, **kwargs):
-    """cls(*args, **kwargs) with its parameters allocated and initialised on `device`, then cast."""
-    with torch.device(device):
+    """cls(*args, **kwargs) with its parameters allocated and initialised on `device`, then cast
+    (quietly: diffusers warns about casting a model it did not load)."""
+    from guidance.hub import quiet_loading
+
+    with torch.device(device), quiet_loading():
         return cls(*args, **kwargs).to(dtype)
 
 

@@ -91,10 +91,11 @@ def in_worker_thread(fn, *args):
 
 
 class TimedGuidance:
-    """A guidance model whose network calls (predict_noise, encode_images) add up their seconds."""
+    """A guidance model whose network calls add up their seconds: `seconds` in all, `vae_seconds`
+    of them in encode_images (latent models)."""
 
     def __init__(self, model, device: torch.device):
-        self.model, self.device, self.seconds = model, device, 0.0
+        self.model, self.device, self.seconds, self.vae_seconds = model, device, 0.0, 0.0
 
     def __getattr__(self, name):  # everything else: the wrapped model's
         return getattr(self.model, name)
@@ -108,7 +109,9 @@ class TimedGuidance:
     def encode_images(self, images):
         start = _now(self.device)
         out = self.model.encode_images(images)
-        self.seconds += _now(self.device) - start
+        spent = _now(self.device) - start
+        self.seconds += spent
+        self.vae_seconds += spent
         return out
 
 
@@ -153,10 +156,12 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def summarize_steps(events: list, model_seconds: list[float], resolution: int, memory: PeakMemory) -> dict:
+def summarize_steps(events: list, model_seconds: list[float], resolution: int, memory: PeakMemory,
+                    vae_seconds: list[float] | None = None) -> dict:
     """Mean seconds per part over the steps after the first (the first pays one-time costs)."""
     kept = events[1:] if len(events) > 1 else events
     model = model_seconds[1:] if len(events) > 1 else model_seconds
+    vae = (vae_seconds[1:] if len(events) > 1 else vae_seconds) if vae_seconds else [0.0]
     parts = {k: sum(e.timings[k] for e in kept) / len(kept) for k in kept[0].timings}
     step = sum(parts.values())
     in_model = sum(model) / len(model)
@@ -164,7 +169,7 @@ def summarize_steps(events: list, model_seconds: list[float], resolution: int, m
         "resolution": resolution, "steps": len(events), "measured_steps": len(kept),
         "seconds_per_step": parts, "step_seconds": step, "first_step_seconds": sum(events[0].timings.values()),
         "model_seconds_per_step": in_model, "outside_model_share": 1.0 - in_model / step if step > 0 else 0.0,
-        "peak_memory_mb": memory.mb,
+        "vae_seconds_per_step": sum(vae) / len(vae), "peak_memory_mb": memory.mb,
     }
 
 
@@ -184,20 +189,22 @@ def time_stages(guidance, config, device: torch.device, steps: int) -> dict:
             # occupancy grid skipping empty space from the first step (after its warm-up).
             stage_config.albedo_warmup = 0
             stage_config.volume.occupancy_warmup_steps = 0
-        events, model_seconds = [], []
+        events, model_seconds, vae_seconds = [], [], []
 
-        def record(event, events=events, model_seconds=model_seconds):
+        def record(event, events=events, model_seconds=model_seconds, vae_seconds=vae_seconds):
             model_seconds.append(timed.seconds - sum(model_seconds))
+            vae_seconds.append(timed.vae_seconds - sum(vae_seconds))
             events.append(event)
 
-        timed.seconds = 0.0
+        timed.seconds = timed.vae_seconds = 0.0
         with PeakMemory(device) as memory:
             if name == "coarse":
                 result = coarse_stage.run(timed, PROMPT, stage_config, config.camera, device, record)
                 field = result.field
             else:
                 result = refine_stage.run(field, timed, PROMPT, stage_config, config.camera, device, record)
-        results[name] = summarize_steps(events, model_seconds, stage_config.resolution, memory)
+        results[name] = summarize_steps(events, model_seconds, stage_config.resolution, memory, vae_seconds)
+        results[name]["nonfinite_skipped"] = result.stats.get("nonfinite_skipped", 0)
         if name == "coarse" and "occupied_fraction" in result.stats:
             results[name]["occupied_fraction"] = result.stats["occupied_fraction"]
         if name == "refine":

@@ -165,3 +165,33 @@ def test_random_stable_diffusion_builds_a_working_latent_guidance_model():
     assert timed.seconds > 0
     # Encoded once each: "a red cube", "a blue torus", then SDSLoss's 4 view prompts and "" (duplicates come from the cache).
     assert model.embeddings.encoded_texts == 7
+
+
+def test_gpu_check_dry_run_measures_both_models_through_every_stage(tmp_path, one_thread):
+    from bench import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"sd", "if"} and report["within_budget"]
+    for key, guidance in (("sd", "stable-diffusion"), ("if", "deepfloyd-if")):
+        r = report["models"][key]
+        assert r["guidance"] == guidance and r["fp16"]["finite"]
+        assert r["nonfinite_steps"] == {"coarse": 0, "refine": 0}
+        for stage in ("coarse", "refine"):
+            s = r["stages"][stage]
+            assert s["step_seconds"] > 0 and 0 < 1 - s["outside_model_share"] <= 1
+        assert set(r["stages"]["refine"]["seconds_per_step"]) >= {"marching", "rasterize", "guidance", "backward"}
+        assert r["raster_backend"] == "torch"  # no CUDA here
+        steps = r["stages"]["coarse"]["step_seconds"] * 5000 + r["stages"]["refine"]["step_seconds"] * 3000
+        assert r["projected_full_run_seconds"] > steps  # the standard preset's steps, plus build and export
+    assert report["models"]["sd"]["stages"]["coarse"]["vae_seconds_per_step"] > 0  # a latent model's encoder
+    assert report["models"]["if"]["stages"]["coarse"]["vae_seconds_per_step"] == 0  # a pixel model has none
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_check_without_a_gpu_says_so(capsys, tmp_path):
+    from bench import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().out
