@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 
 from bench.random_models import IF_I_XL_UNET, SD21_BASE_UNET, SD21_TEXT, SD_VAE, T5_XXL
 from bench.random_models import random_deepfloyd_if, random_stable_diffusion
-from bench.speed import in_worker_thread, machine_info, time_stages
+from bench.speed import in_worker_thread, machine_info, time_stages, write_json
 from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
 
 PROMPT = "a ceramic teapot"
@@ -213,9 +212,7 @@ def main(argv=None) -> int:
     print(format_report(report))
     if not report["within_budget"]:
         print(f"note: the check took {report['seconds']:.0f} s, over its {args.budget_s:.0f} s budget")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return 0
 
 

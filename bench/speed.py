@@ -351,9 +351,7 @@ def main(argv=None) -> int:
         e = report["end_to_end"]
         print(f"end to end, quick preset, {e['prompt']!r} on {e['device']}: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in e["stage_seconds"].items()) + f"; total {e['total_seconds']:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return 0
 
 

@@ -102,13 +102,19 @@ class NonFiniteSteps:
         self.skipped = 0  # steps skipped in all
         self.in_a_row = 0  # skipped since the last good step
 
-    def skip(self, step: int, reason: str) -> None:
-        """Count a skipped step (1-based); raises StageError once `limit` came in a row."""
+    def skip(self, step: int, total: int, reason: Exception, optimizer: torch.optim.Optimizer,
+             callback: Callback | None) -> None:
+        """Drop the step's gradients (no update), count it (`step` is 1-based) and report it; raises
+        StageError once `limit` came in a row."""
+        optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
             raise StageError(self.stage, step, f"{reason}; {self.in_a_row} steps in a row were not finite "
-                                               "(lower the learning rates or the guidance scale)")
+                                               "(lower the learning rates or the guidance scale)") from reason
+        if callback is not None:
+            callback(StepEvent(stage=self.stage, step=step, total=total,
+                               message=f"{self.stage} step {step}/{total} skipped: {reason}"))
 
     def good(self) -> None:
         self.in_a_row = 0

@@ -280,11 +280,7 @@ def run(
             if not gradients_finite(optimizer):
                 raise NonFiniteError("non-finite parameter gradients")
         except NonFiniteError as exc:  # skip the step: no update
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite.skip(step + 1, str(exc))
-            if callback is not None:
-                callback(StepEvent(stage="refine", step=step + 1, total=config.iters,
-                                   message=f"refine mesh step {step + 1}/{config.iters} skipped: {exc}"))
+            nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
             continue
         nonfinite.good()
         optimizer.step()
