@@ -19,7 +19,7 @@ from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
 from stages.common import (
-    Callback, NonFiniteSteps, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, gradients_finite, image_grid,
+    Callback, NonFiniteSteps, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock, image_grid,
 )
 
 BACKGROUNDS = ("white", "random", "learned")
@@ -167,11 +167,7 @@ def run(
             loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator)
             t2 = clock(device)
             loss = loss_sds + _regularizers(out, config, step)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"the loss is not finite ({float(loss)})")
-            loss.backward()
-            if not gradients_finite(optimizer):
-                raise NonFiniteError("non-finite parameter gradients")
+            backward_finite(loss, optimizer)
         except NonFiniteError as exc:  # skip the step: no update
             nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
             continue

@@ -120,7 +120,14 @@ class NonFiniteSteps:
         self.in_a_row = 0
 
 
-def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every parameter gradient is finite (one reduction, one device sync)."""
+def backward_finite(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """loss.backward(); NonFiniteError when the loss or any parameter gradient is NaN or inf
+    (the gradients are checked in one reduction, one device sync)."""
+    from guidance.sds import NonFiniteError
+
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss is not finite ({float(loss)})")
+    loss.backward()
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        raise NonFiniteError("non-finite parameter gradients")

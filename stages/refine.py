@@ -25,7 +25,7 @@ from renderers import raster
 from renderers.cameras import CameraConfig, Cameras, orbit_cameras, sample_cameras, to_clip
 from renderers.volume import SHADINGS, sample_shading
 from stages.common import (
-    Callback, NonFiniteSteps, StageError, StepEvent, StopCheck, check_stage_inputs, check_stop, clock, gradients_finite,
+    Callback, NonFiniteSteps, StageError, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock,
     image_grid,
 )
 
@@ -273,12 +273,8 @@ def run(
                 loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
             if config.lambda_laplacian > 0:
                 loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"the loss is not finite ({float(loss)})")
             t5 = clock(device)
-            loss.backward()
-            if not gradients_finite(optimizer):
-                raise NonFiniteError("non-finite parameter gradients")
+            backward_finite(loss, optimizer)
         except NonFiniteError as exc:  # skip the step: no update
             nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
             continue
