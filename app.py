@@ -244,9 +244,9 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
             message = precheck_errors.pop(request.session_hash if request is not None else "", "the input was refused")
             return f"**Error:** {message}"
 
-        # The check is queued (errors of unqueued events never reach the page in Gradio 6.31) but has no
-        # concurrency limit, so it answers at once while a run holds the device.
-        check = run_btn.click(precheck, inputs=inputs, concurrency_limit=None, show_progress="hidden",
+        # The check runs unqueued, so it answers at once (also when the queue is full). Gradio 6.31 shows no
+        # error of an unqueued event on the page, so its .failure writes the message into the status line.
+        check = run_btn.click(precheck, inputs=inputs, queue=False, show_progress="hidden",
                               api_name="precheck", api_visibility="undocumented")
         check.failure(show_refusal, outputs=[status], queue=False, show_progress="hidden")
         event = check.success(generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_limit=1,
