@@ -152,7 +152,8 @@ def test_hostile_prompts_are_refused_before_any_folder_is_made(server, prompt):
 def test_cancel_stops_the_worker_and_the_next_run_starts(server):
     a_client, b_client, c_client = server.client(), server.client(), server.client()
     a = a_client.submit(prompt="a red cube", seed=501, coarse_iters=5000, api_name="/generate", **RUN)
-    _wait(lambda: any("coarse** step" in str(o[1]) for o in a.outputs()), 60, "the long run to stream coarse steps")
+    _wait(lambda: any("Coarse NeRF** · step" in str(o[1]) for o in a.outputs() if len(o) > 1), 60,
+          "the long run to stream coarse steps")
     b = b_client.submit(prompt="a blue sphere", seed=502, coarse_iters=1, api_name="/generate", **RUN)
     c = c_client.submit(prompt="a green cone", seed=503, coarse_iters=1, api_name="/generate", **RUN)
     _wait(lambda: all(j.status().code.name == "IN_QUEUE" for j in (b, c)), 30, "two runs waiting")
