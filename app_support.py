@@ -69,7 +69,7 @@ class StatusLine:
         if event.stage == "done":
             return f"**Done** in {_duration(event.elapsed)} · run `{Path(event.run_dir).name}`"
         if event.stage == "setup" or not event.total:
-            return f"**{event.message[:1].upper() + event.message[1:]}** · {_duration(event.elapsed)} elapsed"
+            return f"**{event.message[:1].upper() + event.message[1:]}** …"
         if event.stage != self.stage:
             self.stage, self.times = event.stage, []
         self.times = (self.times + [(event.step, event.elapsed)])[-ETA_WINDOW:]
