@@ -201,3 +201,25 @@ def test_the_server_model_id_applies_to_hub_models_and_the_page_box_overrides_it
     assert sd.model_id == "my/sd-model"
     assert app.build_config("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", " other/id ").model_id == "other/id"
     assert app.build_config("a red cube", "quick", "0", "primitives", 0, 0, 0, "coarse", "").model_id is None
+
+
+def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypatch, tmp_path):
+    import gradio as gr
+
+    import app
+    from guidance.hub import load_error
+    from stages import pipeline
+
+    def offline(config, name, device):
+        raise load_error("my/sd-model", "Stable Diffusion", OSError("offline"), "my/sd-model") from None
+
+    monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY))
+    monkeypatch.setattr(pipeline, "get_guidance", offline)
+    shown = []
+    with pytest.raises(gr.Error) as err:
+        for outputs in app.generate("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "export", "my/sd-model"):
+            shown.append(outputs[1])
+    assert shown[-1].startswith("**Error:**") and "loading" not in shown[-1].lower().split("error:")[0]
+    for text in (shown[-1], err.value.message):
+        assert "my/sd-model" in text and '"primitives" in the Guidance model menu' in text and "--guidance" not in text

@@ -221,3 +221,11 @@ def test_a_reload_mid_run_finds_the_run_and_it_finishes(app_url, browser):
     record = json.loads((out / run_id / "run.json").read_text())
     assert record["status"] == "finished" and record["config"]["coarse"]["iters"] == 40 and record["seed"] == 7
     assert _run_id(browser) == run_id
+
+
+def test_cancel_with_no_run_going_says_so(app_url, browser):
+    url, _, _ = app_url
+    _open(browser, url)
+    browser.find_element(By.CSS_SELECTOR, "#cancel").click()
+    status = _until(lambda: "cancel" in _status(browser).lower() and _status(browser), "the Cancel button's answer")
+    assert status.startswith("Nothing to cancel"), status
