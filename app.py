@@ -165,8 +165,8 @@ def follow(request: gr.Request):
             yield view(snap)
         return
     if run_id:
-        snap = RUNS.from_disk(OUTPUT_ROOT, run_id)
-        yield view(snap) if snap else view(None)[:1] + (f"No run `{run_id[:60]}` on this server.",) + view(None)[2:]
+        missing = Snapshot(run_id="", status=f"No run `{run_id[:60]}` on this server (its folder was pruned?).", done=True)
+        yield view(RUNS.from_disk(OUTPUT_ROOT, run_id) or missing)
         return
     yield view(None)
 

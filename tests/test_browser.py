@@ -203,7 +203,7 @@ def test_a_reload_mid_run_finds_the_run_and_it_finishes(app_url, browser):
     WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]").is_displayed())
     steps = browser.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]")
     steps.clear()
-    steps.send_keys("40", Keys.TAB)  # long enough to reload while it trains
+    steps.send_keys("60", Keys.TAB)  # long enough to reload while it trains
     _generate(browser, "a blue torus", seed="7")
     _until(lambda: " step " in _status(browser) and _run_id(browser), "the run to start training")
     run_id = _run_id(browser)
@@ -219,13 +219,16 @@ def test_a_reload_mid_run_finds_the_run_and_it_finishes(app_url, browser):
     status = ended() or _until(ended, "the run to end")
     assert status.startswith("Done") and run_id in status, status
     record = json.loads((out / run_id / "run.json").read_text())
-    assert record["status"] == "finished" and record["config"]["coarse"]["iters"] == 40 and record["seed"] == 7
+    assert record["status"] == "finished" and record["config"]["coarse"]["iters"] == 60 and record["seed"] == 7
     assert _run_id(browser) == run_id
 
 
-def test_cancel_with_no_run_going_says_so(app_url, browser):
+def test_cancel_with_no_run_going_says_so_and_an_unknown_run_id_is_named(app_url, browser):
     url, _, _ = app_url
     _open(browser, url)
     browser.find_element(By.CSS_SELECTOR, "#cancel").click()
     status = _until(lambda: "cancel" in _status(browser).lower() and _status(browser), "the Cancel button's answer")
     assert status.startswith("Nothing to cancel"), status
+    _open(browser, url + "?run=20990101-000000-no-such-run")
+    status = _until(lambda: "No run" in _status(browser) and _status(browser), "the unknown run to be named")
+    assert "20990101-000000-no-such-run" in status
