@@ -236,6 +236,8 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                 build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
                 check_queue_room(demo)
             except gr.Error as exc:
+                if len(precheck_errors) > 1000:  # API callers that never fetch theirs
+                    precheck_errors.clear()
                 precheck_errors[session] = exc.message
                 raise
             precheck_errors.pop(session, None)

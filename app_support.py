@@ -42,7 +42,8 @@ def gpu_seconds(prompt, config, *args, **kwargs) -> int:
 def web_message(text: str) -> str:
     """An error as one line for a web user: the command-line flag becomes the menu choice."""
     text = " ".join(str(text).split())
-    return text.replace("use `--guidance primitives`", 'choose "primitives" in the Guidance model menu')
+    menu = 'choose "primitives" in the Guidance model menu'
+    return text.replace("use `--guidance primitives`", menu).replace("`--guidance primitives`", menu)
 
 
 def enlarge(image, width: int = PREVIEW_WIDTH):
