@@ -171,6 +171,12 @@ def follow(request: gr.Request):
     yield view(None)
 
 
+def queued():
+    """Right after the input check: the old model goes, and the page says the run waits its turn."""
+    return None, "**Queued** · runs go one at a time; this one starts when the device is free", \
+        gr.update(value="Running…", interactive=False)
+
+
 def cancel(run_id: str):
     """The Cancel button: stop this page's run and say where it stopped."""
     job = RUNS.get(run_id) if run_id else None
@@ -253,7 +259,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         check.failure(show_refusal, outputs=[status], queue=False, show_progress="hidden")
         event = check.success(generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_limit=1,
                               show_progress="hidden")
-        check.success(lambda: None, outputs=[viewer], queue=False, api_visibility="undocumented")  # the old model goes
+        check.success(queued, outputs=[viewer, status, run_btn], queue=False, api_visibility="undocumented")
         event.success(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
         # A reload (or a second tab) with ?run=ID follows that run: still going, or its result.
         load = demo.load(follow, outputs=outputs, concurrency_limit=None, show_progress="hidden",
