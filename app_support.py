@@ -24,7 +24,7 @@ GPU_STEP_SECONDS = {"coarse": 0.15, "refine": 0.35}
 GPU_FIXED_SECONDS = 180  # model loading, marching tets, xatlas and texture baking
 GPU_MARGIN = 1.5
 ETA_MIN_STEPS = 10  # steps into a stage before a time-left estimate is shown (the first steps warm up)
-ETA_WINDOW = 20  # latest steps the rate is measured over
+ETA_WINDOW = 0.5  # the share of the stage's steps so far (the latest ones) its rate is measured over
 PREVIEW_WIDTH = 768  # px the latest preview is enlarged to
 MAX_PREVIEWS = 24  # previews kept for the gallery (the latest ones)
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}")
@@ -64,7 +64,7 @@ class StatusLine:
 
     def __init__(self) -> None:
         self.stage = ""
-        self.times: list[tuple[int, float]] = []  # (step, elapsed) of the stage's latest steps
+        self.times: list[tuple[int, float]] = []  # (step, elapsed) of the stage's reported steps
 
     def __call__(self, event) -> str:
         if event.stage == "done":
@@ -73,9 +73,11 @@ class StatusLine:
             return f"**{event.message[:1].upper() + event.message[1:]}** …"
         if event.stage != self.stage:
             self.stage, self.times = event.stage, []
-        self.times = (self.times + [(event.step, event.elapsed)])[-ETA_WINDOW:]
+        self.times.append((event.step, event.elapsed))
         left = "estimating the time left"
-        (step0, t0), (step1, t1) = self.times[0], self.times[-1]
+        # The latest half of the steps: late enough to leave out the warm-up, long enough to average the
+        # preview renders in, recent enough to follow a machine that got busier or freer.
+        (step0, t0), (step1, t1) = self.times[int(len(self.times) * (1 - ETA_WINDOW))], self.times[-1]
         if event.step >= ETA_MIN_STEPS and step1 > step0:
             left = f"about {_duration((t1 - t0) / (step1 - step0) * (event.total - event.step))} left in this stage"
         name = STAGE_NAMES.get(event.stage, event.stage)
