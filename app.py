@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -86,7 +87,9 @@ def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters
         _, _, guidance_name = check_inputs(prompt, config)  # the prompt, the config, the device, the prior's vocabulary
         config.model_id = check_model_id(model_id, guidance_name) or (MODEL_ID if guidance_name != "primitives" else None)
     except ValueError as exc:  # PromptError and UnknownPromptError too
-        raise gr.Error(web_message(str(exc)), print_exception=False) from None
+        message = web_message(str(exc))
+        print(f"input refused: {message[:200]}", file=sys.stderr, flush=True)  # one line in the server's log
+        raise gr.Error(message, print_exception=False) from None
     return config
 
 

@@ -150,7 +150,8 @@ def test_bad_input_shows_a_visible_error_that_names_the_fix(app_url, browser, pr
         assert "torus" in status  # the message lists what the prior knows
         _shot(browser, "error.png")
     assert sorted(out.iterdir()) == before  # nothing was started
-    assert "Traceback" not in log_path.read_text()  # bad input costs the server log no traceback
+    log = log_path.read_text()
+    assert "Traceback" not in log and f"input refused: {status.split('Error: ')[-1][:40]}" in log  # one line
 
 
 def test_a_tiny_run_shows_one_progress_display_then_the_model_and_its_downloads(app_url, browser):
