@@ -2,6 +2,7 @@
 
     python app.py                      # http://127.0.0.1:7860
     python app.py --host 0.0.0.0 --port 8080 --queue-size 8 --keep-runs 20 --max-output-gb 5
+    python app.py --model-id stable-diffusion-v1-5/stable-diffusion-v1-5   # or env DREAMLIFT_MODEL_ID
 
 All training happens in `stages.pipeline.generate`; this file only wires the UI to it.
 """
@@ -9,28 +10,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 from pathlib import Path
 
 import gradio as gr
 import torch
 
 from stages.config import GUIDANCE_CHOICES, MAX_SEED, PRESETS, STAGES, apply_overrides, preset
-from stages.runs import prune_runs
+from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, gpu_seconds, int_setting, wait_until, web_message
+from stages.runs import new_run_dir, prune_runs
 
 OUTPUT_ROOT = Path(os.environ.get("DREAMLIFT_OUTPUT_DIR", "outputs")).resolve()  # every run's folder is made here
 KEEP_RUNS = int(os.environ.get("DREAMLIFT_KEEP_RUNS", "20"))  # finished runs kept under OUTPUT_ROOT (oldest pruned)
 MAX_OUTPUT_BYTES = int(os.environ.get("DREAMLIFT_MAX_OUTPUT_BYTES", "0"))  # bytes the earlier runs may take; 0 = no bound
+MODEL_ID = os.environ.get("DREAMLIFT_MODEL_ID") or None  # the server's default hub id / folder for SD and IF; None = theirs
 SERVED_FILE_AGE = 24 * 3600  # seconds Gradio keeps its served copies of results (previews, GLB, zip) before deleting them
 CLOSE_WAIT = 1.0  # seconds a cancel waits for the worker in Gradio's event loop (the next run waits for the device)
-MAX_GALLERY = 24  # previews kept in the gallery (the latest ones)
-GPU_SECONDS = 1500  # budget asked of a Hugging Face ZeroGPU Space per generation
+CANCEL_WAIT = 10.0  # seconds the Cancel button waits for the run to stop (it stops within a step)
 SERVER_OVERRIDES: list[str] = []  # "--set key=value" given to the server, applied to every run
+RUNS = Runs()  # the runs of this server, by run id: a reloaded page finds its run here
+DEMO: dict = {}  # "blocks": the served gr.Blocks, whose queue tells a cancel from a page that went away
 
-try:  # a no-op outside Hugging Face Spaces
+try:  # a no-op outside Hugging Face Spaces; on ZeroGPU each run asks for the time its step counts need
     import spaces
 
-    gpu = spaces.GPU(duration=GPU_SECONDS)
+    gpu = spaces.GPU(duration=gpu_seconds)
 except Exception:  # pragma: no cover - spaces missing or broken: run without it
     def gpu(fn):
         return fn
@@ -52,62 +56,40 @@ def default_guidance() -> str:
 
 def example_prompts() -> list[str]:
     if default_guidance() == "primitives":
-        return ["a red sphere", "a green cube", "a blue torus", "a yellow cylinder", "an orange cone", "a purple capsule"]
+        return ["a red cube", "a blue torus", "a green sphere", "a yellow cylinder", "an orange cone", "a purple capsule"]
     path = Path(__file__).parent / "examples" / "prompts.txt"
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
     return lines or ["a ceramic teapot", "a wooden chair"]
 
 
-def _int_setting(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or value is None:
-        raise gr.Error(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise gr.Error(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise gr.Error(f"{name} must be an integer in [{low}, {high}], got {value!r}") from None
-    if not isinstance(value, int) or not low <= value <= high:
-        raise gr.Error(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return value
-
-
-def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after):
-    """Validate the UI/API inputs (gr.Error on anything wrong) and build the run's Config."""
-    from stages.pipeline import PromptError, check_inputs, check_prompt
+def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id=None):
+    """Validate the UI/API inputs (gr.Error naming what to change) and build the run's Config."""
+    from stages.pipeline import check_inputs
 
     try:
-        check_prompt(prompt)
-    except PromptError as exc:
-        raise gr.Error(str(exc)) from None
-    if preset_name not in PRESETS:
-        raise gr.Error(f"preset must be one of {list(PRESETS)}, got {preset_name!r}")
-    if guidance not in GUIDANCE_CHOICES:
-        raise gr.Error(f"guidance must be one of {list(GUIDANCE_CHOICES)}, got {guidance!r}")
-    if stop_after not in STAGES:
-        raise gr.Error(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
-    config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)
-    config.seed = _int_setting("seed", seed, 0, MAX_SEED)
-    config.guidance = guidance
-    config.stop_after = stop_after
-    advanced = {"coarse_iters": coarse_iters, "refine_iters": refine_iters, "texture_size": texture_size}
-    for name, value in advanced.items():
-        advanced[name] = 0 if value is None else _int_setting(name, value, *ADVANCED_LIMITS[name])
-    if advanced["coarse_iters"]:
-        config.coarse.iters = advanced["coarse_iters"]
-    if advanced["refine_iters"]:
-        config.refine.iters = advanced["refine_iters"]
-    if advanced["texture_size"]:
-        if advanced["texture_size"] < 64:
-            raise gr.Error(f"texture_size must be 0 (the preset's) or in [64, 4096], got {advanced['texture_size']}")
-        config.export.texture_size = advanced["texture_size"]
-    try:
-        check_inputs(prompt, config)  # the config, the device, and the prompt against the prior's vocabulary
-    except ValueError as exc:
-        raise gr.Error(str(exc)) from None
+        if preset_name not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset_name!r}")
+        if guidance not in GUIDANCE_CHOICES:
+            raise ValueError(f"guidance must be one of {list(GUIDANCE_CHOICES)}, got {guidance!r}")
+        if stop_after not in STAGES:
+            raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
+        config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)
+        config.seed = int_setting("seed", seed, 0, MAX_SEED)
+        config.guidance, config.stop_after = guidance, stop_after
+        advanced = {"coarse_iters": coarse_iters, "refine_iters": refine_iters, "texture_size": texture_size}
+        for name, value in advanced.items():
+            advanced[name] = 0 if value is None else int_setting(name, value, *ADVANCED_LIMITS[name])
+        config.coarse.iters = advanced["coarse_iters"] or config.coarse.iters
+        config.refine.iters = advanced["refine_iters"] or config.refine.iters
+        if 0 < advanced["texture_size"] < 64:
+            raise ValueError(f"texture_size must be 0 (the preset's) or in [64, 4096], got {advanced['texture_size']}")
+        config.export.texture_size = advanced["texture_size"] or config.export.texture_size
+        _, _, guidance_name = check_inputs(prompt, config)  # the prompt, the config, the device, the prior's vocabulary
+        config.model_id = check_model_id(model_id, guidance_name) or (MODEL_ID if guidance_name != "primitives" else None)
+    except ValueError as exc:  # PromptError and UnknownPromptError too
+        message = web_message(str(exc))
+        print(f"input refused: {message[:200]}", file=sys.stderr, flush=True)  # one line in the server's log
+        raise gr.Error(message, print_exception=False) from None
     return config
 
 
@@ -119,65 +101,93 @@ def check_queue_room(demo: gr.Blocks) -> None:
         return
     waiting = len(queue)
     if waiting >= bound:
-        raise gr.Error(f"The queue is full: {waiting} runs are waiting (the limit is {bound}). Please try again in a few minutes.")
-
-
-def _status(event) -> str:
-    if event.stage == "done":
-        return f"**Done** in {event.elapsed:.0f} s · {event.run_dir}"
-    if event.stage == "setup" or not event.total:
-        return f"**{event.stage}** · {event.message}"
-    eta = f" · about {event.stage_eta:.0f} s left in this stage" if event.stage_eta is not None else ""
-    loss = f" · loss {event.loss:.4g}" if event.loss is not None else ""
-    return f"**{event.stage}** step {event.step}/{event.total}{loss}{eta} · {event.elapsed:.0f} s elapsed"
+        raise gr.Error(f"The queue is full: {waiting} runs are waiting (the limit is {bound}). Please try again in a few "
+                       "minutes.", print_exception=False)
 
 
 @gpu
-def generate(
-    prompt: str,
-    preset: str = "quick",
-    seed: int = 0,
-    guidance: str = "auto",
-    coarse_iters: int | None = None,
-    refine_iters: int | None = None,
-    texture_size: int | None = None,
-    stop_after: str = "export",
-    progress=gr.Progress(),
-):
-    """Stream (gallery, status, model, files) while the pipeline runs."""
-    from stages.common import Cancelled
+def device_run(prompt, config, run_dir, should_stop):
+    """The pipeline's events for one run (on a ZeroGPU Space, the GPU is held while this runs)."""
     from stages.pipeline import generate as run_pipeline
 
-    config = build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after)
+    yield from run_pipeline(prompt, config, run_dir=run_dir, should_stop=should_stop, close_wait=CLOSE_WAIT)
+
+
+def view(snap: Snapshot | None) -> tuple:
+    """(gallery newest first, status, model, files, latest preview, run id, Generate button) for a snapshot."""
+    if snap is None:
+        return [], "Ready.", None, None, None, "", gr.update(value="Generate", interactive=True)
+    paths = snap.paths or {}
+    files = [paths[k] for k in ("zip", "glb") if k in paths] or None
+    gallery = [(image, caption) for image, caption in reversed(snap.previews)]
+    latest = enlarge(snap.previews[-1][0]) if snap.previews else None
+    button = gr.update(value="Generate" if snap.done else "Running…", interactive=snap.done)
+    return gallery, snap.status, paths.get("glb"), files, latest, snap.run_id, button
+
+
+def generate(prompt: str, preset: str = "quick", seed: int = 0, guidance: str = "auto", coarse_iters: int | None = None,
+             refine_iters: int | None = None, texture_size: int | None = None, stop_after: str = "export",
+             model_id: str | None = None, request: gr.Request = None):
+    """Start a run and stream its view; the run lives on its own thread (a reloaded page follows it by run id)."""
+    from stages.pipeline import check_prompt
+
+    config = build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
     prune_runs(OUTPUT_ROOT, keep=max(KEEP_RUNS - 1, 0), max_bytes=MAX_OUTPUT_BYTES or None)
-    gallery: list = []
-    last_yield = 0.0
-    # Gradio closes this generator on Cancel (or a lost client); closing `events` stops the worker.
-    events = run_pipeline(prompt, config, out_root=OUTPUT_ROOT, close_wait=CLOSE_WAIT)
+    prompt = check_prompt(prompt)
+    run_dir = new_run_dir(OUTPUT_ROOT, prompt, config.seed)
+    job = RunJob(run_dir, lambda stopped: device_run(prompt, config, str(run_dir), stopped))
+    RUNS.add(job)
     try:
-        for event in events:
-            if event.total:
-                progress(event.step / event.total, desc=f"{event.stage} {event.step}/{event.total}")
-            if event.preview is not None:
-                gallery.append((event.preview, f"{event.stage} step {event.step}"))
-                gallery = gallery[-MAX_GALLERY:]
-            if event.stage == "done":
-                paths = event.paths or {}
-                files = [paths[k] for k in ("zip", "glb", "obj", "turntable") if k in paths]
-                yield gallery, _status(event), paths.get("glb"), files
-                return
-            now = time.monotonic()
-            if event.preview is not None or now - last_yield > 1.0:
-                last_yield = now
-                yield gallery, _status(event), None, None
-    except Cancelled:
-        raise gr.Error("The run was cancelled.") from None
-    except gr.Error:
-        raise
-    except Exception as exc:  # a readable message, never a traceback
-        raise gr.Error(" ".join(str(exc).split()) or type(exc).__name__) from None
-    finally:
-        events.close()
+        for snap in job.follow():
+            yield view(snap)
+            if snap.error:
+                raise gr.Error(snap.error, print_exception=False)
+    finally:  # Gradio closed this generator: a cancel stops the run; a page that went away (reload) leaves it running
+        if not job.snapshot.done and not client_left(request):
+            job.cancel()
+
+
+def client_left(request) -> bool:
+    """Whether the page of `request` went away (closed, reloaded), rather than cancelled its event.
+
+    Gradio marks a lost page's events not alive before it closes their generators; a cancel leaves
+    them alive. A private attribute of Gradio's queue: if it moves, every close counts as a cancel.
+    """
+    events = getattr(getattr(DEMO.get("blocks"), "_queue", None), "event_ids_to_events", None)
+    if request is None or not isinstance(events, dict):
+        return False
+    return any(e.session_hash == request.session_hash and not getattr(e, "alive", True) for e in list(events.values()))
+
+
+def follow(request: gr.Request):
+    """On page load: the run named by `?run=` in the URL, still going or finished; nothing without one."""
+    run_id = (request.query_params.get("run") or "") if request is not None else ""
+    job = RUNS.get(run_id) if run_id else None
+    if job is not None:
+        for snap in job.follow():
+            yield view(snap)
+        return
+    if run_id:
+        missing = Snapshot(run_id="", status=f"No run `{run_id[:60]}` on this server (its folder was pruned?).", done=True)
+        yield view(RUNS.from_disk(OUTPUT_ROOT, run_id) or missing)
+        return
+    yield view(None)
+
+
+def queued():
+    """Right after the input check: the old model goes, and the page says the run waits its turn."""
+    return None, "**Queued** · runs go one at a time; this one starts when the device is free", \
+        gr.update(value="Running…", interactive=False)
+
+
+def cancel(run_id: str):
+    """The Cancel button: stop this page's run and say where it stopped."""
+    job = RUNS.get(run_id) if run_id else None
+    if job is None or job.snapshot.done:
+        return "Nothing to cancel: no run is going.", gr.update(value="Generate", interactive=True)
+    job.cancel()
+    wait_until(lambda: job.snapshot.done, CANCEL_WAIT)
+    return job.snapshot.status, gr.update(value="Generate", interactive=True)
 
 
 def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Blocks:
@@ -185,6 +195,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
     SERVER_OVERRIDES[:] = list(overrides or [])
     apply_overrides(preset("quick"), SERVER_OVERRIDES)  # fail at start on a bad override
     device, guidance = active_device(), default_guidance()
+    precheck_errors: dict[str, str] = {}  # session -> the last refused input's message, for the status line
     with gr.Blocks(title="DreamLift: text to 3D", delete_cache=(3600, SERVED_FILE_AGE)) as demo:
         gr.Markdown(
             "# DreamLift\nType a prompt, get a textured 3D model (Score Distillation Sampling into a NeRF, "
@@ -194,56 +205,88 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         )
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", placeholder=example_prompts()[0], max_lines=1)
+                prompt = gr.Textbox(label="Prompt", placeholder=example_prompts()[0], max_lines=1, elem_id="prompt")
                 with gr.Row():
                     preset_in = gr.Dropdown(list(PRESETS), value="quick" if device == "cpu" else "standard", label="Preset")
                     # A text box, so that a bad seed sent to the API gets our message that names it.
-                    seed = gr.Textbox(value="0", label=f"Seed (0 to {MAX_SEED})", max_lines=1)
+                    seed = gr.Textbox(value="0", label=f"Seed (0 to {MAX_SEED})", max_lines=1, elem_id="seed")
                 guidance_in = gr.Dropdown(list(GUIDANCE_CHOICES), value="auto", label="Guidance model")
-                with gr.Accordion("Advanced settings", open=False):
-                    coarse_iters = gr.Slider(*ADVANCED_LIMITS["coarse_iters"], value=0, step=1, label="Coarse steps (0 = the preset's)")
+                with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                    model_id = gr.Textbox(label="Model id (hub id or local folder, for stable-diffusion and deepfloyd-if)",
+                                          placeholder=MODEL_ID or "empty = the guidance model's default", max_lines=1)
+                    coarse_iters = gr.Slider(*ADVANCED_LIMITS["coarse_iters"], value=0, step=1, label="Coarse steps (0 = the preset's)",
+                                             elem_id="coarse-steps")
                     refine_iters = gr.Slider(*ADVANCED_LIMITS["refine_iters"], value=0, step=1, label="Refine steps (0 = the preset's)")
                     texture_size = gr.Slider(*ADVANCED_LIMITS["texture_size"], value=0, step=64, label="Texture size, px (0 = the preset's)")
                     stop_after = gr.Dropdown(list(STAGES), value="export", label="Stop after")
                 with gr.Row():
-                    run_btn = gr.Button("Generate", variant="primary")
-                    cancel_btn = gr.Button("Cancel")
+                    run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel_btn = gr.Button("Cancel", elem_id="cancel")
                 gr.Examples(example_prompts(), inputs=[prompt])
             with gr.Column(scale=2):
-                status = gr.Markdown("Ready.")
-                gallery = gr.Gallery(
-                    label="Previews (coarse NeRF, then refined mesh)", columns=2, height=320, object_fit="contain"
-                )
+                status = gr.Markdown("Ready.", elem_id="status")
+                run_id = gr.Textbox(visible="hidden", elem_id="run-id")  # the run this page shows, mirrored in ?run=
+                latest = gr.Image(label="Latest preview", height=300, interactive=False, elem_id="latest-preview")
                 # Gradio 6.31's Model3D does not mount its 3D canvas when a streaming (generator) event
-                # sets it, so /generate fills a hidden one and a plain follow-up event shows it.
+                # sets it, so the runs fill a hidden one and a plain follow-up event shows it.
                 model = gr.Model3D(label="Model (GLB)", visible=False)
-                viewer = gr.Model3D(label="Model (GLB)", height=380, clear_color=(1.0, 1.0, 1.0, 1.0))
-                files = gr.File(label="Downloads: model.zip (OBJ + MTL + PNG), model.glb", file_count="multiple")
-        inputs = [prompt, preset_in, seed, guidance_in, coarse_iters, refine_iters, texture_size, stop_after]
+                viewer = gr.Model3D(label="Model (GLB)", height=380, clear_color=(1.0, 1.0, 1.0, 1.0), elem_id="viewer")
+                files = gr.File(label="Downloads: model.zip (OBJ + MTL + PNG), model.glb", file_count="multiple",
+                                interactive=False, elem_id="downloads")
+                gallery = gr.Gallery(label="Earlier previews (newest first)", columns=3, height=240, object_fit="contain")
+        inputs = [prompt, preset_in, seed, guidance_in, coarse_iters, refine_iters, texture_size, stop_after, model_id]
+        outputs = [gallery, status, model, files, latest, run_id, run_btn]
 
-        def precheck(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after):
+        def precheck(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id,
+                     request: gr.Request):
             """Answer bad input and a full queue at once, before the run waits in the queue."""
-            build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after)
-            check_queue_room(demo)
+            session = request.session_hash if request is not None else ""
+            try:
+                build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
+                check_queue_room(demo)
+            except gr.Error as exc:
+                if len(precheck_errors) > 1000:  # API callers that never fetch theirs
+                    precheck_errors.clear()
+                precheck_errors[session] = exc.message
+                raise
+            precheck_errors.pop(session, None)
 
-        # The check runs unqueued; API clients call /generate directly (which checks again, and
-        # whose "Queue is full" comes from Gradio).
-        event = run_btn.click(precheck, inputs=inputs, queue=False, api_name="precheck", api_visibility="undocumented")
-        event = event.success(
-            generate,
-            inputs=inputs,
-            outputs=[gallery, status, model, files],
-            api_name="generate",
-            concurrency_limit=1,
-        )
+        def show_refusal(request: gr.Request):
+            message = precheck_errors.pop(request.session_hash if request is not None else "", "the input was refused")
+            return f"**Error:** {message}"
+
+        # The check runs unqueued, so it answers at once (also when the queue is full). Gradio 6.31 shows no
+        # error of an unqueued event on the page, so its .failure writes the message into the status line.
+        check = run_btn.click(precheck, inputs=inputs, queue=False, show_progress="hidden",
+                              api_name="precheck", api_visibility="undocumented")
+        check.failure(show_refusal, outputs=[status], queue=False, show_progress="hidden")
+        event = check.success(generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_limit=1,
+                              show_progress="hidden")
+        check.success(queued, outputs=[viewer, status, run_btn], queue=False, api_visibility="undocumented")
         event.success(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
-        cancel_btn.click(lambda: "Cancelled.", outputs=[status], cancels=[event], queue=False)
+        # A reload (or a second tab) with ?run=ID follows that run: still going, or its result.
+        load = demo.load(follow, outputs=outputs, concurrency_limit=None, show_progress="hidden",
+                         api_visibility="undocumented")
+        load.then(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
+        run_id.change(None, inputs=[run_id], js=URL_JS, queue=False, api_visibility="undocumented")
+        cancel_btn.click(cancel, inputs=[run_id], outputs=[status, run_btn], cancels=[event, load],
+                         api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    DEMO["blocks"] = demo
     return demo
 
 
+CSS = "#downloads .label-clear-button { display: none; }"  # downloads are results: no remove buttons
+URL_JS = """(id) => {  // the run id in the address bar, so that a reload finds the run
+    const url = new URL(window.location.href);
+    if (id) { url.searchParams.set("run", id); } else { url.searchParams.delete("run"); }
+    window.history.replaceState(null, "", url);
+    return [];
+}"""
+
+
 def main(argv=None) -> None:
-    global KEEP_RUNS, MAX_OUTPUT_BYTES
+    global KEEP_RUNS, MAX_OUTPUT_BYTES, MODEL_ID
     parser = argparse.ArgumentParser(description="DreamLift web app")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -251,6 +294,9 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-runs", type=int, default=KEEP_RUNS, help="finished runs kept under the output folder")
     parser.add_argument("--max-output-gb", type=float, default=MAX_OUTPUT_BYTES / 1e9,
                         help="disk the earlier runs may take, GB (oldest pruned first); 0 = no bound")
+    parser.add_argument("--model-id", default=MODEL_ID,
+                        help="hub id or local folder for stable-diffusion / deepfloyd-if runs (env DREAMLIFT_MODEL_ID); "
+                             "the page's Model id box overrides it per run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every run, e.g. coarse.iters=300 (repeatable)")
     args = parser.parse_args(argv)
@@ -258,9 +304,10 @@ def main(argv=None) -> None:
         parser.error(f"--keep-runs and --queue-size must be >= 1 and --max-output-gb >= 0, got {args.keep_runs}, "
                      f"{args.queue_size}, {args.max_output_gb}")
     KEEP_RUNS, MAX_OUTPUT_BYTES = args.keep_runs, int(args.max_output_gb * 1e9)
+    MODEL_ID = (args.model_id or "").strip() or None
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
     demo = build_demo(args.queue_size, args.overrides)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(OUTPUT_ROOT)], show_error=True)
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(OUTPUT_ROOT)], show_error=True, css=CSS)
 
 
 if __name__ == "__main__":

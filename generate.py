@@ -55,8 +55,10 @@ def build_config(args: argparse.Namespace):
 def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> dict:
     from tqdm import tqdm
 
-    from stages.pipeline import generate
+    from stages.pipeline import check_inputs, generate
 
+    print(describe_guidance(*check_inputs(prompt, config)[1:], config.model_id), flush=True)
+    terminal = sys.stderr.isatty()
     bar, stage, paths = None, None, {}
     try:
         kwargs = {"run_dir": out_dir} if out_dir is not None else {"out_root": "outputs"}
@@ -65,18 +67,32 @@ def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> 
                 if bar is not None:
                     bar.close()
                 stage = event.stage
-                bar = tqdm(total=event.total, desc=stage, unit="step", leave=True)
+                # The rate counts from the first reported step (a stage's first step includes its warm-up), as
+                # an average; off a terminal (a log file) the bar is redrawn every 30 s instead of every 0.1 s.
+                bar = tqdm(total=event.total, initial=event.step, desc=stage, unit="step", leave=True, smoothing=0,
+                           mininterval=0.1 if terminal else 30.0, dynamic_ncols=terminal)
             if bar is not None and event.stage == stage and event.total:
-                bar.n = event.step
-                bar.set_postfix_str(f"loss {event.loss:.3g}" if event.loss is not None else "")
-                bar.refresh()
+                if event.loss is not None:
+                    bar.set_postfix_str(f"loss {event.loss:.3g}", refresh=False)
+                bar.update(event.step - bar.n)
             if event.stage == "done":
+                if bar is not None:
+                    bar.close()
                 paths = event.paths or {}
                 print(f"{event.message}: {event.run_dir}")
     finally:
         if bar is not None:
             bar.close()
     return paths
+
+
+def describe_guidance(device, name: str, model_id: str | None) -> str:
+    """One line naming the guidance model (and its id) and the device the run uses."""
+    from guidance.hub import DEFAULT_IF_MODEL_ID, DEFAULT_SD_MODEL_ID
+
+    default = {"stable-diffusion": DEFAULT_SD_MODEL_ID, "deepfloyd-if": DEFAULT_IF_MODEL_ID}.get(name)
+    model = f" '{model_id or default}'" if default else " (offline, no weights)"
+    return f"guidance: {name}{model} on {device}"
 
 
 def read_prompts(path: Path, config) -> list[str]:

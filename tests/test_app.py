@@ -71,16 +71,19 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
     outputs = list(job)
     assert outputs, "no streamed outputs"
     final = job.result()
-    gallery, status, model, files = final
-    captions = _captions(gallery)
+    gallery, status, model, files, latest, run_id = final  # (the API leaves out the Generate button's state)
+    captions = _captions(gallery)[::-1]  # the gallery shows the newest first
     stages = [c.split()[0] for c in captions]
     assert "coarse" in stages and "refine" in stages
     assert stages.index("refine") > max(i for i, s in enumerate(stages) if s == "coarse")
-    assert "Done" in status
+    assert "Done" in status and run_id in status and str(out) not in status  # the run id, not the server's path
+    assert (out / run_id / "run.json").is_file()
+    assert latest and Path(latest).is_file()  # the latest preview, enlarged
     assert model and model.endswith("model.glb")
     scene = trimesh.load(model)
     assert sum(len(g.faces) for g in scene.geometry.values()) > 0
     paths = [f if isinstance(f, str) else f.get("path") for f in files]
+    assert sorted(Path(p).name for p in paths) == ["model.glb", "model.zip"]  # what the Downloads label promises
     zip_path = next(p for p in paths if p.endswith("model.zip"))
     with zipfile.ZipFile(zip_path) as z:
         assert sorted(z.namelist()) == ["model.mtl", "model.obj", "texture_kd.png"]
@@ -115,6 +118,8 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
         (dict(prompt="a red cube", refine_iters=-1), "minimum value 0"),  # Gradio's slider check
         (dict(prompt="a red cube", texture_size=32), "[64, 4096]"),
         (dict(prompt="a red cube", coarse_iters="many"), "expected a `float`"),
+        (dict(prompt="a red cube", model_id="some/model"), "takes no model id"),
+        (dict(prompt="a red cube", guidance="stable-diffusion", model_id="a\nb"), "one line"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, kwargs, message):
@@ -127,3 +132,94 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, kwarg
     assert message.lower() in text.lower(), text
     assert "Traceback" not in text
     assert proc.poll() is None  # still serving
+
+
+# ---- the app's helpers, in-process ---------------------------------------------------------------
+def _event(stage, step, total, elapsed, **kw):
+    from stages.pipeline import ProgressEvent
+
+    return ProgressEvent(stage=stage, step=step, total=total, elapsed=elapsed, run_dir="/srv/outputs/RUN-ID", **kw)
+
+
+def test_status_line_waits_for_enough_steps_then_estimates_from_the_latest_ones():
+    from app_support import ETA_MIN_STEPS, StatusLine
+
+    line = StatusLine()
+    early = line(_event("coarse", 1, 100, 50.0))  # a slow first step (warm-up) must not set the estimate
+    assert "estimating" in early and "step 1/100" in early and "left in this stage" not in early
+    for step in range(2, ETA_MIN_STEPS + 1):
+        text = line(_event("coarse", step, 100, 50.0 + (step - 1)))  # then one step a second
+    assert "about 1 min 30 s left in this stage" in text, text
+    assert text.count("<progress") == 1
+    assert "estimating" in line(_event("refine", 1, 10, 70.0))  # a new stage starts its own estimate
+    done = line(_event("done", 0, 0, 125.0))
+    assert done.startswith("**Done** in 2 min 05 s") and "RUN-ID" in done and "/srv" not in done
+
+
+def test_web_message_names_the_menu_not_the_command_line_flag():
+    from app_support import web_message
+    from guidance.hub import load_error
+
+    exc = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    text = web_message(str(load_error("owner/model", "Stable Diffusion", exc, "owner/model")))
+    assert "--guidance" not in text and '"primitives" in the Guidance model menu' in text
+    assert "owner/model" in text and "\n" not in text
+
+
+def test_zero_gpu_duration_follows_the_step_counts():
+    from app_support import gpu_seconds
+    from stages.config import preset
+
+    standard, quick = preset("standard"), preset("quick")
+    assert gpu_seconds("a cat", standard) >= 0.15 * 5000 + 0.35 * 3000  # the steps alone
+    assert gpu_seconds("a cat", quick) < gpu_seconds("a cat", standard)
+    standard.stop_after = "coarse"
+    assert gpu_seconds("a cat", standard) < gpu_seconds("a cat", preset("standard"))
+
+
+def test_a_finished_run_of_an_earlier_server_is_read_back_and_paths_outside_are_refused(tmp_path):
+    import json
+
+    from app_support import Runs
+
+    run = tmp_path / "20260101-000000-a-red-cube-s0-abc123"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "finished", "total_seconds": 42,
+                                              "outputs": {"glb": str(run / "model.glb")}}))
+    snap = Runs().from_disk(tmp_path, run.name)
+    assert snap.done and snap.paths["glb"].endswith("model.glb") and "42 s" in snap.status and not snap.error
+    (tmp_path / "x.json").write_text("{}")
+    for bad in ("../" + run.name, "/etc", "..", "", None, run.name + "/../" + run.name):
+        assert Runs().from_disk(tmp_path, bad) is None
+
+
+def test_the_server_model_id_applies_to_hub_models_and_the_page_box_overrides_it(monkeypatch):
+    import app
+
+    monkeypatch.setattr(app, "MODEL_ID", "my/sd-model")
+    sd = app.build_config("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", "")
+    assert sd.model_id == "my/sd-model"
+    assert app.build_config("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", " other/id ").model_id == "other/id"
+    assert app.build_config("a red cube", "quick", "0", "primitives", 0, 0, 0, "coarse", "").model_id is None
+
+
+def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypatch, tmp_path):
+    import gradio as gr
+
+    import app
+    from guidance.hub import load_error
+    from stages import pipeline
+
+    def offline(config, name, device):
+        raise load_error("my/sd-model", "Stable Diffusion", OSError("offline"), "my/sd-model") from None
+
+    monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY))
+    monkeypatch.setattr(pipeline, "get_guidance", offline)
+    shown = []
+    with pytest.raises(gr.Error) as err:
+        for outputs in app.generate("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "export", "my/sd-model"):
+            shown.append(outputs[1])
+    assert shown[-1].startswith("**Error:**") and "loading" not in shown[-1].lower().split("error:")[0]
+    for text in (shown[-1], err.value.message):
+        assert "my/sd-model" in text and '"primitives" in the Guidance model menu' in text and "--guidance" not in text

