@@ -28,6 +28,7 @@ from batch.worker import RunWorker
 MAX_ATTEMPTS = 3  # hand-outs of one run before it counts as failed (a worker died each time)
 STOP_GRACE_S = 30.0  # how long a cancel waits for the runs in progress to stop by themselves
 WAIT_TICK_S = 0.5  # the driver wakes this often to notice a cancel
+RESTART_WAIT_S = 300.0  # how long a dead worker may take to come back before the batch goes on without it
 
 
 def import_ray():
@@ -130,16 +131,16 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
         return plan
     actors, infos, start_seconds = start_workers(cluster, plan.root, min(cluster.slots, len(todo)))
     plan.info["ray"].update(workers=infos, worker_start_seconds=start_seconds)
-    pids = {id(a): info["pid"] for a, info in zip(actors, infos)}
-    queue, idle, inflight = deque(todo), deque(actors), {}  # inflight: ObjectRef -> (entry, actor, hand-out time)
+    workers = _Workers(ray, actors, infos)
+    queue, inflight = deque(todo), {}  # inflight: ObjectRef -> (entry, actor, hand-out time)
     for entry in todo:
         entry.status, entry.error = "pending", None
     bar = tqdm(total=len(plan.runs), initial=len(plan.runs) - len(todo), unit="run", desc="batch", smoothing=0)
     plan.save("running")
     try:
         while queue or inflight:
-            while queue and idle:
-                entry, actor = queue.popleft(), idle.popleft()
+            while queue and workers.idle:
+                entry, actor = queue.popleft(), workers.idle.popleft()
                 entry.attempts += 1
                 entry.status = "running"
                 ref = actor.run.remote(entry.prompt, plan.run_config(entry), str(plan.root / entry.run_dir),
@@ -147,30 +148,38 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
                 inflight[ref] = (entry, actor, time.perf_counter())
                 plan.save("running")
                 if on_dispatch is not None:
-                    on_dispatch(entry, pids[id(actor)])
+                    on_dispatch(entry, workers.pid[id(actor)])
+            if queue and not inflight and not workers.count():
+                for entry in queue:
+                    entry.status, entry.error = "failed", "no Ray worker left: every worker died and none came back"
+                    log(_line(plan, entry))
+                break
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_TICK_S)
+            workers.reprobe()
+            ready, _ = ray.wait([*inflight, *workers.probes], num_returns=1, timeout=WAIT_TICK_S)
             for ref in ready:
+                if ref in workers.probes:
+                    workers.answered(ref, log)
+                    continue
                 entry, actor, handed = inflight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:  # the worker process died: Ray restarts it
-                    idle.append(actor)  # last in line: the run goes to another free worker first
-                    if entry.attempts < max_attempts:
+                    log(f"worker pid {workers.pid[id(actor)]} died during {entry.run_dir}: {_short(exc, 120)}")
+                    workers.restarting(actor)
+                    if entry.attempts < max_attempts:  # first in line for the next free worker
                         entry.status = "pending"
                         queue.appendleft(entry)
-                        log(f"worker pid {pids[id(actor)]} died during {entry.run_dir}; retrying it "
-                            f"(attempt {entry.attempts + 1} of {max_attempts})")
                         plan.save("running")
                         continue
                     result = {"status": "failed", "error": f"its worker died {entry.attempts} times: {_short(exc)}"}
                 except ray.exceptions.RayError as exc:
-                    idle.append(actor)
+                    workers.idle.append(actor)
                     result = {"status": "failed", "error": _short(exc)}
                 else:
-                    idle.appendleft(actor)
-                    pids[id(actor)] = result.get("pid", pids[id(actor)])
+                    workers.idle.appendleft(actor)
+                    workers.pid[id(actor)] = result.get("pid", workers.pid[id(actor)])
                 _record(plan, entry, result, time.perf_counter() - handed)
                 bar.update(1)
                 log(_line(plan, entry))
@@ -187,6 +196,43 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
         bar.close()
         for actor in actors:
             ray.kill(actor)
+
+
+class _Workers:
+    """The batch's actors: the idle ones, and those Ray is restarting, asked for info() until they answer."""
+
+    def __init__(self, ray, actors: list, infos: list[dict]):
+        self.ray = ray
+        self.idle = deque(actors)
+        self.pid = {id(a): info["pid"] for a, info in zip(actors, infos)}
+        self.probes: dict = {}  # ObjectRef of info() -> (actor, when its restart began)
+        self.unavailable: list = []  # (actor, restart began, probe again at): answered "restarting" recently
+
+    def count(self) -> int:
+        """Actors idle or coming back (busy ones are counted by the caller's in-flight runs)."""
+        return len(self.idle) + len(self.probes) + len(self.unavailable)
+
+    def restarting(self, actor) -> None:
+        self.probes[actor.info.remote()] = (actor, time.perf_counter())
+
+    def reprobe(self) -> None:
+        now, waiting = time.perf_counter(), self.unavailable
+        self.unavailable = [w for w in waiting if w[2] > now]
+        for actor, since, _ in (w for w in waiting if w[2] <= now):
+            self.probes[actor.info.remote()] = (actor, since)
+
+    def answered(self, ref, log) -> None:
+        actor, since = self.probes.pop(ref)
+        try:
+            self.pid[id(actor)] = self.ray.get(ref)["pid"]
+            self.idle.append(actor)
+        except self.ray.exceptions.ActorUnavailableError:  # still restarting
+            if time.perf_counter() - since < RESTART_WAIT_S:
+                self.unavailable.append((actor, since, time.perf_counter() + WAIT_TICK_S))
+            else:
+                log(f"a worker did not come back within {RESTART_WAIT_S:.0f} s; going on without it")
+        except self.ray.exceptions.RayError as exc:  # dead for good
+            log(f"a worker is gone for good: {_short(exc, 120)}")
 
 
 def _record(plan: BatchPlan, entry: RunEntry, result: dict, wall: float) -> None:
