@@ -106,7 +106,7 @@ def start_workers(cluster: Cluster, root: Path, count: int) -> tuple[list, list[
     except ray.exceptions.RayError as exc:
         for actor in actors:
             ray.kill(actor)
-        raise RuntimeError(f"a Ray worker could not start: {_short(exc)}") from None
+        raise RuntimeError(f"a Ray worker could not start: {_cause(exc)}") from None
     return actors, infos, time.perf_counter() - start
 
 
@@ -129,7 +129,12 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
     if not todo:
         plan.save("finished")
         return plan
-    actors, infos, start_seconds = start_workers(cluster, plan.root, min(cluster.slots, len(todo)))
+    plan.save("starting")  # from here on, --resume can continue the batch
+    try:
+        actors, infos, start_seconds = start_workers(cluster, plan.root, min(cluster.slots, len(todo)))
+    except BaseException:
+        plan.save("failed")
+        raise
     plan.info["ray"].update(workers=infos, worker_start_seconds=start_seconds)
     workers = _Workers(ray, actors, infos)
     queue, inflight = deque(todo), {}  # inflight: ObjectRef -> (entry, actor, hand-out time)
@@ -167,6 +172,8 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:  # the worker process died: Ray restarts it
                     log(f"worker pid {workers.pid[id(actor)]} died during {entry.run_dir}: {_short(exc, 120)}")
+                    if isinstance(exc, ray.exceptions.ActorUnavailableError):  # it may still be running the run:
+                        ray.kill(actor, no_restart=False)  # restart it, so no run is ever done twice at once
                     workers.restarting(actor)
                     if entry.attempts < max_attempts:  # first in line for the next free worker
                         entry.status = "pending"
@@ -281,6 +288,14 @@ def _line(plan: BatchPlan, entry: RunEntry) -> str:
     seconds = f" in {entry.seconds:.0f} s" if entry.seconds is not None else ""
     error = f": {entry.error}" if entry.status != "finished" and entry.error else ""
     return f"[{done}/{len(plan.runs)}] {entry.status} {entry.run_dir}{seconds}{where}{error}"
+
+
+def _cause(exc: BaseException) -> str:
+    """The line that says why: for an actor whose __init__ raised, the last line of its traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if getattr(exc, "actor_init_failed", False) and lines:
+        return lines[-1]
+    return _short(exc)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

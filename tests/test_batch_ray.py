@@ -34,6 +34,13 @@ def cluster():
     ray.shutdown()
 
 
+def _short_config():
+    """tiny_config, and shorter still: the coarse stage's mesh exported, no turntable."""
+    config = tiny_config(stop_after="coarse")
+    config.export.turntable = False
+    return config
+
+
 def _prompts_file(tmp_path, lines):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(lines) + "\n")
@@ -76,7 +83,7 @@ def test_four_prompts_on_two_workers_write_what_the_serial_batch_writes(cluster,
 
 
 def test_a_killed_worker_loses_no_run(cluster, tmp_path):
-    plan = new_plan(tmp_path, PROMPTS[:3], tiny_config())
+    plan = new_plan(tmp_path, PROMPTS[:3], _short_config())
     killed = []
 
     def kill_first_run_mid_way(entry, pid):
@@ -118,7 +125,7 @@ def test_bad_prompts_are_all_reported_before_any_run_starts(cluster, tmp_path, m
 
 
 def test_a_failing_run_is_recorded_and_resume_runs_only_the_unfinished(cluster, tmp_path):
-    plan = new_plan(tmp_path, PROMPTS[:3], tiny_config())
+    plan = new_plan(tmp_path, PROMPTS[:3], _short_config())
     blocker = tmp_path / plan.runs[1].run_dir
     blocker.write_text("a file where the run's folder should go")  # the run raises when it makes its folder
     ray_runner.run_batch(plan, cluster, log=lambda *_: None)
@@ -140,7 +147,7 @@ def test_a_failing_run_is_recorded_and_resume_runs_only_the_unfinished(cluster, 
 
 
 def test_cancel_leaves_unstarted_runs_pending_and_resume_finishes_them(cluster, tmp_path):
-    plan = new_plan(tmp_path, PROMPTS, tiny_config())
+    plan = new_plan(tmp_path, PROMPTS, _short_config())
     handed = []
     with pytest.raises(KeyboardInterrupt):
         ray_runner.run_batch(plan, cluster, log=lambda *_: None, should_stop=lambda: len(handed) >= 2,
@@ -155,3 +162,8 @@ def test_cancel_leaves_unstarted_runs_pending_and_resume_finishes_them(cluster, 
     resumed = ray_runner.run_batch(load_plan(tmp_path), cluster, resume=True, log=lambda *_: None)
     assert all(r.status == "finished" for r in resumed.runs)
     assert all((tmp_path / r.run_dir / "model.glb").is_file() for r in resumed.runs)
+
+
+def test_a_worker_that_cannot_see_the_output_folder_says_so(cluster, tmp_path):
+    with pytest.raises(RuntimeError, match="could not start: .*not visible on .*--out must be on storage"):
+        ray_runner.start_workers(cluster, tmp_path / "not-shared", 1)
