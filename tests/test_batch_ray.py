@@ -79,7 +79,9 @@ def test_four_prompts_on_two_workers_write_what_the_serial_batch_writes(cluster,
     pids = {r["pid"] for r in runs}
     assert len(pids) == 2  # both workers ran
     for pid in pids:  # each worker loaded the guidance model for its first run only
-        assert [r["model_loaded"] for r in runs if r["pid"] == pid] == [True, False]
+        loaded = [r["model_loaded"] for r in runs if r["pid"] == pid]
+        assert loaded[0] is True and not any(loaded[1:])
+    assert sum(r["model_loaded"] for r in runs) == 2
 
 
 def test_a_killed_worker_loses_no_run(cluster, tmp_path):
