@@ -132,12 +132,13 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
     plan.save("starting")  # from here on, --resume can continue the batch
     try:
         actors, infos, start_seconds = start_workers(cluster, plan.root, min(cluster.slots, len(todo)))
-    except BaseException:
-        plan.save("failed")
+    except BaseException as exc:
+        plan.save("cancelled" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
     plan.info["ray"].update(workers=infos, worker_start_seconds=start_seconds)
     workers = _Workers(ray, actors, infos)
     queue, inflight = deque(todo), {}  # inflight: ObjectRef -> (entry, actor, hand-out time)
+    tries = {entry.index: 0 for entry in todo}  # hand-outs in this call (entry.attempts counts across resumes)
     for entry in todo:
         entry.status, entry.error = "pending", None
     bar = tqdm(total=len(plan.runs), initial=len(plan.runs) - len(todo), unit="run", desc="batch", smoothing=0)
@@ -147,9 +148,10 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
             while queue and workers.idle:
                 entry, actor = queue.popleft(), workers.idle.popleft()
                 entry.attempts += 1
+                tries[entry.index] += 1
                 entry.status = "running"
                 ref = actor.run.remote(entry.prompt, plan.run_config(entry), str(plan.root / entry.run_dir),
-                                       resume or entry.attempts > 1)
+                                       resume or tries[entry.index] > 1)
                 inflight[ref] = (entry, actor, time.perf_counter())
                 plan.save("running")
                 if on_dispatch is not None:
@@ -175,12 +177,12 @@ def run_batch(plan: BatchPlan, cluster: Cluster, resume: bool = False, max_attem
                     if isinstance(exc, ray.exceptions.ActorUnavailableError):  # it may still be running the run:
                         ray.kill(actor, no_restart=False)  # restart it, so no run is ever done twice at once
                     workers.restarting(actor)
-                    if entry.attempts < max_attempts:  # first in line for the next free worker
+                    if tries[entry.index] < max_attempts:  # first in line for the next free worker
                         entry.status = "pending"
                         queue.appendleft(entry)
                         plan.save("running")
                         continue
-                    result = {"status": "failed", "error": f"its worker died {entry.attempts} times: {_short(exc)}"}
+                    result = {"status": "failed", "error": f"its worker died {tries[entry.index]} times: {_short(exc)}"}
                 except ray.exceptions.RayError as exc:
                     workers.idle.append(actor)
                     result = {"status": "failed", "error": _short(exc)}
