@@ -43,7 +43,7 @@ def import_ray():
 @dataclass
 class Cluster:
     ray: object  # the ray module
-    started_here: bool  # this process started the (local) cluster, and shuts it down
+    started_here: bool  # this process called ray.init (joined or started a cluster), and calls ray.shutdown
     mode: str  # "gpu" (one GPU a run) or "cpu" (cpus_per_run CPUs a run)
     slots: int  # runs the cluster can hold at once
     num_cpus: int  # CPUs asked for per actor
@@ -71,9 +71,14 @@ def open_cluster(address: str | None, device: str, cpus_per_run: int) -> Cluster
     ray = import_ray()
     started = False
     if not ray.is_initialized():
-        ray.init(address=None if address in (None, "auto") else address, include_dashboard=False,
-                 logging_level="WARNING")
-        started = True
+        try:
+            ray.init(address=None if address in (None, "auto") else address, include_dashboard=False,
+                     logging_level="WARNING")
+        except (ConnectionError, RuntimeError) as exc:
+            raise RuntimeError(f"cannot join the Ray cluster ({address}): {_short(exc)}. Is `ray start --head` "
+                               "running there, and is RAY_AUTH_MODE=token with the cluster's token set here "
+                               "(README, Scale-out)?") from None
+        started = True  # this process connected (or started a local cluster): it disconnects at the end
     try:
         resources = dict(ray.cluster_resources())
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
