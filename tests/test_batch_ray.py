@@ -169,3 +169,18 @@ def test_cancel_leaves_unstarted_runs_pending_and_resume_finishes_them(cluster, 
 def test_a_worker_that_cannot_see_the_output_folder_says_so(cluster, tmp_path):
     with pytest.raises(RuntimeError, match="could not start: .*not visible on .*--out must be on storage"):
         ray_runner.start_workers(cluster, tmp_path / "not-shared", 1)
+
+
+def test_resume_counts_a_run_finished_only_when_its_own_run_json_says_so(tmp_path):
+    plan = new_plan(tmp_path, PROMPTS[:3], tiny_config())
+    for entry, status in zip(plan.runs, ["finished", "finished", "running"]):
+        entry.status = status
+    (tmp_path / plan.runs[0].run_dir).mkdir()
+    (tmp_path / plan.runs[0].run_dir / "run.json").write_text(json.dumps({"status": "finished"}))
+    plan.save("cancelled")  # run 1 claims to be finished but has no folder; run 2 was cut off
+    with pytest.raises(ValueError, match="already holds a batch"):
+        new_plan(tmp_path, PROMPTS[:3], tiny_config())
+    resumed = load_plan(tmp_path)
+    assert [r.status for r in resumed.runs] == ["finished", "pending", "pending"]
+    assert [r.index for r in resumed.todo()] == [1, 2]
+    assert resumed.config.prior_resolution == 16 and resumed.runs[2].prompt == PROMPTS[2]
