@@ -17,6 +17,7 @@ dies (killed, out of memory, node lost) fails its call with RayActorError: Ray r
 """
 from __future__ import annotations
 
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def open_cluster(address: str | None, device: str, cpus_per_run: int) -> Cluster
     ray = import_ray()
     started = False
     if not ray.is_initialized():
+        _check_reachable(address)
         try:
             ray.init(address=None if address in (None, "auto") else address, include_dashboard=False,
                      logging_level="WARNING")
@@ -94,6 +96,18 @@ def open_cluster(address: str | None, device: str, cpus_per_run: int) -> Cluster
         if started:
             ray.shutdown()
         raise
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail at once when a HOST:PORT address does not answer (ray.init would retry for minutes)."""
+    if address in (None, "auto") or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"no Ray cluster answers at {address} ({exc}); start one there with "
+                           "`ray start --head --port=PORT`, or use --ray alone for a local cluster") from None
 
 
 def start_workers(cluster: Cluster, root: Path, count: int) -> tuple[list, list[dict], float]:
