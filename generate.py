@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from batch.cli import add_arguments as add_ray_arguments
 from stages.config import GUIDANCE_CHOICES, PRESETS, STAGES, apply_overrides, preset
 
 
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stop-after", choices=STAGES, default="export", help="last stage to train")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. coarse.iters=300 (repeatable)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run (or --ray batch)")
+    add_ray_arguments(parser)
     args = parser.parse_args(argv)
     given = sum(x is not None for x in (args.prompt, args.prompts, args.resume))
     if given != 1:
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
         print(f"error: {one_line(exc)} (see --help)", file=sys.stderr)
         return 2
     try:
+        if args.ray is not None:  # a batch on a Ray cluster: batch/
+            from batch.cli import main as ray_main
+
+            return ray_main(args, build_config)
         if args.resume is not None:
             from stages.pipeline import load_run_config
 

@@ -1,0 +1,4 @@
+"""Batch generation on a Ray cluster (`generate.py --prompts FILE --ray`); see batch/ray_runner.py.
+
+Ray is optional: nothing here imports it until a batch runs (batch.ray_runner.import_ray).
+"""
