@@ -1,4 +1,5 @@
 """The app, served on 127.0.0.1 with tiny settings and driven through gradio_client."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -26,12 +27,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    out = tmp_path_factory.mktemp("app-outputs")
+@contextlib.contextmanager
+def launch_app(out: Path, extra_args=(), extra_env=None):
+    """The app served on a free 127.0.0.1 port with the TINY settings: (gradio_client Client, process)."""
     port = _free_port()
-    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
-    args = [sys.executable, "app.py", "--port", str(port), "--queue-size", "4"]
+    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False", **(extra_env or {}))
+    args = [sys.executable, "app.py", "--port", str(port), "--queue-size", "4", *extra_args]
     for item in TINY:
         args += ["--set", item]
     log = open(out / "server.log", "w")
@@ -51,14 +52,22 @@ def server(tmp_path_factory):
         raise RuntimeError("the app did not start in 120 s: " + (out / "server.log").read_text())
     from gradio_client import Client
 
-    client = Client(url, verbose=False)
-    yield client, out, proc
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield Client(url, verbose=False), proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("app-outputs")
+    with launch_app(out) as (client, proc):
+        yield client, out, proc
 
 
 def _captions(gallery) -> list[str]:

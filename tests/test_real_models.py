@@ -87,3 +87,25 @@ def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, t
         assert events[-1].stage == "done", events[-1]
         assert {e.stage for e in events} >= {"coarse", "refine", "export"}
         assert torch.isfinite(torch.tensor([e.loss for e in events if e.loss is not None])).all()
+
+
+def test_app_runs_stable_diffusion_twice_then_deepfloyd_if_in_one_server(folders, tmp_path):
+    """The path every GPU user takes, through the app's API: runs back to back in one server,
+    on the model it keeps loaded (the server's --model-id; the page's Model id box for IF)."""
+    from test_app import launch_app
+
+    steps = [a for item in ["coarse.iters=3", "refine.iters=2", "refine.resolution=32"] for a in ("--set", item)]
+    args = ["--model-id", str(folders["stable-diffusion"]), *steps]
+    with launch_app(tmp_path, args, {"HF_HUB_OFFLINE": "1"}) as (client, proc):
+        runs = [("a red cube", "stable-diffusion", ""), ("a blue sphere", "stable-diffusion", ""),
+                ("a green cube", "deepfloyd-if", str(folders["deepfloyd-if"]))]
+        for prompt, name, model_id in runs:
+            result = client.predict(prompt=prompt, preset="quick", seed=0, guidance=name, model_id=model_id,
+                                    api_name="/generate")
+            gallery, status, model, files, latest, run_id = result
+            assert "Done" in status, status
+            record = json.loads((tmp_path / run_id / "run.json").read_text())
+            assert record["status"] == "finished" and record["guidance"] == name and record["prompt"] == prompt
+            assert record["model_id"] == str(folders[name])
+            assert model.endswith("model.glb") and all((tmp_path / run_id / f).stat().st_size > 0 for f in OUTPUTS)
+        assert proc.poll() is None
