@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
+from geometry.silhouettes import axis_opacity, silhouette_holes
 from geometry.tets import MarchingResult, make_tet_grid, marching_tets_full
 
 PROBE_RESOLUTION = 64  # cells per axis of the probe grid that finds the occupied box and the level
@@ -46,7 +47,6 @@ OPACITY_FLOOR = 0.05  # rays below this opacity miss the field: left out of the 
 OPACITY_RANGE = (0.25, 0.9)  # the opacity that outlines the object is clamped to this range
 SDF_BAND = 2.0  # grid cells from the surface to where the initial SDF saturates at +-1
 MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
-MIN_HOLE_RAYS = 9  # silhouette holes of fewer rays (about 3 x 3 cells) are noise, not openings
 
 
 def opacity_maps(density: Tensor, cell: float) -> list[Tensor]:
@@ -217,39 +217,6 @@ def occupied_box(
     return tuple(lo), tuple(hi), level
 
 
-def silhouette_holes(
-    density: Tensor,  # [X, Y, Z] densities on a regular grid of points (1 / world unit)
-    cell: list[float],  # spacing of those points along x, y and z, world units
-    opacity: float | None = None,  # a ray is "on the object" above this opacity; None = `opacity_level`
-) -> Tensor:  # [X, Y, Z] bool: on a ray through a hole of the field's own silhouette
-    """The points that straight rays along an axis reach through a hole in the field's silhouette.
-
-    A hole is a region of a silhouette (rays above `opacity`) that the outside cannot reach
-    within that 2D map: the opening of a torus seen from above. A coarse field often leaves
-    fog or a thin film in such an opening, dense enough to exceed the surface level there
-    while rays still pass through it mostly unblocked; a level set closes the hole (genus 0)
-    and refinement rarely reopens it. Carving those rays keeps the opening the field's own
-    silhouette shows. The outline itself is never moved: only rays enclosed by the object, in
-    holes of at least MIN_HOLE_RAYS rays (a single thin ray through a soft middle is noise).
-    """
-    density = density.float().clamp_min(0.0)
-    maps = [1.0 - torch.exp(-density.sum(axis) * cell[axis]) for axis in range(3)]
-    if opacity is None:
-        opacity = opacity_level(maps)
-    structure = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)  # 4-connected: diagonal gaps do not leak
-    carve = torch.zeros(density.shape, dtype=torch.bool)
-    for axis, opaque in enumerate(maps):
-        clear = (opaque <= opacity).cpu().numpy()
-        labels, _ = ndimage.label(clear, structure=structure)
-        border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))
-        sizes = np.bincount(labels.ravel())
-        enclosed = np.flatnonzero(sizes >= MIN_HOLE_RAYS)
-        enclosed = enclosed[(enclosed > 0) & ~np.isin(enclosed, border)]
-        holes = torch.from_numpy(np.isin(labels, enclosed))  # [2D], clear rays the border cannot reach
-        carve |= holes.unsqueeze(axis).expand_as(carve)
-    return carve.to(density.device)
-
-
 def smooth_grid(
     volume: Tensor,  # [X, Y, Z] values on the grid vertices
     sigma: float,  # Gaussian standard deviation, grid cells; 0 = unchanged
@@ -381,8 +348,9 @@ def initial_sdf(
     if level > 0:
         density = _query_density(field, verts, chunk_size).view(n, n, n)
         sdf = density_to_sdf(density, level)
-        cell_size = [(h - l) / grid_resolution for l, h in zip(lo, hi)]
-        sdf = torch.where(silhouette_holes(density, cell_size, opacity), torch.ones_like(sdf), sdf)
+        maps = axis_opacity(density, [(h - l) / grid_resolution for l, h in zip(lo, hi)])
+        holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
+        sdf = torch.where(holes, torch.ones_like(sdf), sdf)
         sdf = clean_sdf(smooth_grid(sdf, smoothing))
     else:  # no ray through the field becomes opaque: nothing to extract
         sdf = torch.ones(n, n, n, device=device, dtype=verts.dtype)

@@ -3,11 +3,19 @@ the field leaves a film across the opening (what coarse NeRFs of tori tend to do
 import torch
 import trimesh
 
-from geometry.dmtet import density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf, silhouette_holes
+from geometry.dmtet import density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf, opacity_level
+from geometry.silhouettes import axis_opacity
 from geometry.tets import marching_tets
 from stages.config import preset
 
 MAJOR, MINOR, PEAK = 0.4, 0.15, 8.0  # the primitives prior's torus; a soft coarse field's peak density
+
+
+def silhouette_holes(density, cell):  # with the object's opacity read off the maps, as initial_sdf does
+    from geometry.silhouettes import silhouette_holes as holes
+
+    maps = axis_opacity(density, cell)
+    return holes(maps, opacity_level(maps))
 
 
 class TorusField:
