@@ -104,12 +104,17 @@ def from_y_up(points: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- cleaning
 def _drop_degenerate(v: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove faces with repeated or collinear vertices, duplicate faces and unused vertices."""
+    """Remove faces with a repeated vertex, repeated faces (one copy stays), both faces of a
+    two-sided fin (one triangle twice, wound both ways) and unused vertices. Zero-area faces
+    with three distinct vertices stay: deleting one would open a hole in a closed surface
+    (a weld of near-coincident marching-tets vertices makes such slivers)."""
     f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
-    scale = float(np.ptp(v, axis=0).max()) if len(v) else 0.0
-    f = f[face_areas(v, f) > 1e-12 * scale**2]
-    _, first = np.unique(np.sort(f, axis=1), axis=0, return_index=True)
+    start = np.argmin(f, axis=1)[:, None]  # rotate the smallest index first, keeping the winding
+    canonical = np.take_along_axis(f, (start + np.arange(3)) % 3, axis=1)
+    _, first = np.unique(canonical, axis=0, return_index=True)
     f = f[np.sort(first)]
+    _, same, count = np.unique(np.sort(f, axis=1), axis=0, return_inverse=True, return_counts=True)
+    f = f[count[same.reshape(-1)] == 1]
     used, f = np.unique(f, return_inverse=True)
     return v[used], f.reshape(-1, 3)
 

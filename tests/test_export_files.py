@@ -14,7 +14,8 @@ import trimesh
 
 from bench.export_checks import mp4_atoms, shape_mesh
 from geometry.uv import texture_fill, unwrap
-from stages.export import ExportConfig, export
+from geometry.tets import is_watertight
+from stages.export import ExportConfig, clean_mesh, export
 from stages.export_files import MATERIAL_NAME
 
 
@@ -136,3 +137,17 @@ def test_atlas_fill(shape, least):
     assert np.array_equal(vmap[uv_faces], f)  # the split mesh is the input mesh
     assert uv.min() >= 0 and uv.max() <= 1
     assert texture_fill(uv, uv_faces, 512) >= least
+
+
+def test_cleaning_keeps_a_closed_mesh_closed():
+    """A weld collapses an edge and a sliver has zero area: the surface must stay closed."""
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    v, f = sphere.vertices.copy(), sphere.faces
+    a, b, c = f[0]
+    v[c] = (v[a] + v[b]) / 2  # face 0: zero area, three distinct vertices (deleting it opens a hole)
+    e0, e1 = f[100][:2]
+    v[e1] = v[e0]  # an edge of length 0: its ends weld, its two faces fold away
+    cv, cf = clean_mesh(v, f, min_component_ratio=0.0, merge_distance=1e-6)
+    assert (len(cv), len(cf)) == (len(v) - 1, len(f) - 2)
+    assert is_watertight(torch.as_tensor(cf))
+    assert trimesh.Trimesh(cv, cf, process=False).euler_number == 2
