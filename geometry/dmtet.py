@@ -22,6 +22,9 @@ gradients, chunked) and `albedo(x [N, 3]) -> [N, 3]`, such as `geometry.nerf.NeR
    (so a learning rate moves every surface at a similar speed). It is smoothed by a Gaussian of
    `smoothing` cells (sub-cell noise of the hash grid would become bumps), floaters and closed
    cavities are removed, and the box's faces are pinned outside, so every surface is closed.
+4. Openings: rays along an axis through a hole of the field's own silhouette (the opening of
+   a torus seen from above) are carved outside before smoothing (`silhouette_holes`), so fog
+   or a thin film the coarse field leaves in an opening does not close it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
+from geometry.silhouettes import axis_opacity, silhouette_holes
 from geometry.tets import MarchingResult, make_tet_grid, marching_tets_full
 
 PROBE_RESOLUTION = 64  # cells per axis of the probe grid that finds the occupied box and the level
@@ -342,7 +346,11 @@ def initial_sdf(
     verts, tets = make_tet_grid(grid_resolution, lo, hi, device=device)
     n = grid_resolution + 1
     if level > 0:
-        sdf = density_to_sdf(_query_density(field, verts, chunk_size).view(n, n, n), level)
+        density = _query_density(field, verts, chunk_size).view(n, n, n)
+        sdf = density_to_sdf(density, level)
+        maps = axis_opacity(density, [(h - l) / grid_resolution for l, h in zip(lo, hi)])
+        holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
+        sdf = torch.where(holes, torch.ones_like(sdf), sdf)
         sdf = clean_sdf(smooth_grid(sdf, smoothing))
     else:  # no ray through the field becomes opaque: nothing to extract
         sdf = torch.ones(n, n, n, device=device, dtype=verts.dtype)

@@ -89,3 +89,36 @@ def laplacian_loss(
     used = degree > 0
     delta = verts[used] - total[used] / degree[used, None]
     return delta.norm(dim=-1).mean()
+
+
+def albedo_tilt_loss(
+    verts: Tensor,  # [V, 3] (treated as constant: this loss trains the colour only)
+    faces: Tensor,  # [F, 3] long
+    albedo,  # points [N, 3] -> colours [N, 3]
+    samples: int = 8192,  # faces sampled per call (0 = all)
+    generator: torch.Generator | None = None,
+) -> Tensor:  # scalar
+    """Squared slope of albedo brightness against the normal's z over the surface (area-weighted).
+
+    Light from above baked into the albedo makes upward faces brighter than downward ones;
+    a uniformly coloured object has slope 0. Rarely seen faces (a cone's base, seen only from
+    low elevations at grazing angles) get almost no colour gradient from SDS and keep what the
+    coarse field's shading left there; this pulls them toward the rest.
+    """
+    with torch.no_grad():
+        n = face_normals(verts.detach(), faces, normalize=False)  # [F, 3], length = 2 * area
+        area = n.norm(dim=-1)
+        pick = torch.arange(len(faces), device=faces.device)
+        if 0 < samples < len(faces):
+            pick = torch.multinomial(area.cpu(), samples, replacement=True, generator=generator).to(faces.device)
+            weight = torch.ones(samples, device=verts.device, dtype=verts.dtype)
+        else:
+            weight = area
+        z = n[pick, 2] / area[pick].clamp_min(1e-20)  # [S] normal z
+        centroid = verts.detach()[faces[pick]].mean(1)  # [S, 3]
+        weight = weight / weight.sum()
+        z_centred = z - (weight * z).sum()
+        variance = (weight * z_centred**2).sum().clamp_min(1e-6)
+    brightness = albedo(centroid).mean(-1)  # [S]
+    slope = (weight * z_centred * brightness).sum() / variance
+    return slope**2

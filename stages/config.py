@@ -27,6 +27,7 @@ GUIDANCE_CHOICES = ("auto", "primitives", "stable-diffusion", "deepfloyd-if")
 STAGES = ("coarse", "refine", "export")
 MAX_SEED = 2**32 - 1
 PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
+PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
 
 
 @dataclass
@@ -141,6 +142,10 @@ def adapt_to_guidance(config: Config, guidance_name: str, prompt: str | None = N
             # The mesh regularizers' weights suit CFG-100 gradients; at the prior's 5 they hold the
             # mesh still (a rounded cylinder's IoU: +0.03 in 150 steps at 5, +0.08 at 10).
             config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
+        if config.refine.lambda_albedo_tilt is None:
+            # Every prompt of the prior is one colour, so brightness must not follow the normal's z
+            # ("a brown cone", seed 0: up/down brightness 1.55 -> 1.01, colour error 0.089 -> 0.049).
+            config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
     else:
         if not isinstance(config.coarse.background, str) or config.coarse.background == "white":
             config.coarse.background = "learned"

@@ -9,8 +9,10 @@ converted by the rotation `to_y_up` (inverse `from_y_up`). The training front (+
 stays on +x.
 
 Texture layout: the baked texture is stored in memory as nvdiffrast sees it (row 0 is v = 0);
-OBJ puts v = 0 on the bottom row of the image, so the PNG is that array flipped vertically.
-trimesh flips v again when it writes the GLB (glTF puts v = 0 on the top row).
+OBJ puts v = 0 on the bottom row of the image, so the PNG is that array flipped vertically;
+the GLB writer flips v again (glTF puts v = 0 on the top row).
+
+The file encoders live in `stages.export_files`, the UV atlas in `geometry.uv`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import math
 import os
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,16 +28,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from geometry.tets import is_watertight
+from geometry.uv import RASTER_CHUNK, face_areas, unwrap, uv_coverage
 from renderers.cameras import orbit_cameras, to_clip
 from renderers.raster import antialias, interpolate, rasterize, texture
 from stages.common import Callback, StepEvent, StopCheck, check_stop
+from stages.export_files import MTL_NAME, OBJ_NAME, TEXTURE_NAME, glb_bytes, mtl_text, obj_text, zip_bytes
+from stages.export_files import write_video as _write_video
 
 FILE_NAMES = {  # ExportResult.paths keys -> fixed file names
-    "obj": "model.obj", "mtl": "model.mtl", "texture": "texture_kd.png",
+    "obj": OBJ_NAME, "mtl": MTL_NAME, "texture": TEXTURE_NAME,
     "glb": "model.glb", "zip": "model.zip", "turntable": "turntable.mp4",
 }
-_ATLAS_FILL_GUESS = 0.7  # expected xatlas utilisation, sizes the atlas near texture_size
-_RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ExportConfig:
     dilation_iterations: int = 16  # texel rings around the charts that copy the nearest chart texel (hides seams); the rest gets the mean colour
     bake_chunk_size: int = 65536  # surface points per albedo_fn call
     uv_faces_per_chart: int = 250  # caps an xatlas chart's area at about this many faces' worth; smaller = faster unwrap, more seams; 0 = no cap
-    uv_padding: int = 2  # empty texels between xatlas charts
+    uv_padding: int = 1  # empty texels between xatlas charts (the bake dilates charts into them)
     uv_max_iterations: int = 0  # xatlas chart-optimisation iterations; 1 made a noisy 60k-face unwrap ~4x slower
     turntable: bool = True  # render turntable.mp4
     turntable_frames: int = 60  # frames of the 360-degree orbit
@@ -82,7 +85,10 @@ class ExportResult:
     paths: dict[str, str | None]  # FILE_NAMES keys -> written path; "turntable" is None when off
     timings: dict[str, float] = field(default_factory=dict)  # clean, unwrap, bake, write, turntable -> seconds
     num_faces: int = 0  # faces of the exported mesh
-    num_vertices: int = 0  # vertices of the exported mesh (split along UV seams)
+    num_vertices: int = 0  # vertices of the exported mesh, welded (the OBJ's `v` lines)
+    num_uv_vertices: int = 0  # vertices split along UV seams (the OBJ's `vt` lines, the GLB's vertices)
+    watertight: bool = False  # every edge of the welded mesh has two faces, wound consistently (GLB single-sided)
+    texture_fill: float = 0.0  # fraction of texel centres a triangle covers
 
 
 # --------------------------------------------------------------------------- frames
@@ -97,17 +103,18 @@ def from_y_up(points: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- cleaning
-def _face_areas(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
-
-
 def _drop_degenerate(v: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove faces with repeated or collinear vertices, duplicate faces and unused vertices."""
+    """Remove faces with a repeated vertex, repeated faces (one copy stays), both faces of a
+    two-sided fin (one triangle twice, wound both ways) and unused vertices. Zero-area faces
+    with three distinct vertices stay: deleting one would open a hole in a closed surface
+    (a weld of near-coincident marching-tets vertices makes such slivers)."""
     f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
-    scale = float(np.ptp(v, axis=0).max()) if len(v) else 0.0
-    f = f[_face_areas(v, f) > 1e-12 * scale**2]
-    _, first = np.unique(np.sort(f, axis=1), axis=0, return_index=True)
+    start = np.argmin(f, axis=1)[:, None]  # rotate the smallest index first, keeping the winding
+    canonical = np.take_along_axis(f, (start + np.arange(3)) % 3, axis=1)
+    _, first = np.unique(canonical, axis=0, return_index=True)
     f = f[np.sort(first)]
+    _, same, count = np.unique(np.sort(f, axis=1), axis=0, return_inverse=True, return_counts=True)
+    f = f[count[same.reshape(-1)] == 1]
     used, f = np.unique(f, return_inverse=True)
     return v[used], f.reshape(-1, 3)
 
@@ -135,7 +142,7 @@ def clean_mesh(
     _, labels = connected_components(graph, directed=False)
     face_label = labels[f[:, 0]]
     counts = np.bincount(face_label)
-    areas = np.bincount(face_label, weights=_face_areas(v, f))
+    areas = np.bincount(face_label, weights=face_areas(v, f))
     keep = (counts >= min_component_ratio * counts.max()) | (areas >= min_component_ratio * areas.max())
     return _drop_degenerate(v, f[keep[face_label]])
 
@@ -149,45 +156,19 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tupl
     except ImportError as err:
         raise ImportError("decimation needs `pip install fast-simplification` (or set target_faces=0)") from err
     v, f = simplify(vertices.astype(np.float64), faces.astype(np.int64), target_count=int(target_faces))
-    return _drop_degenerate(np.asarray(v, np.float64), np.asarray(f, np.int64))
+    # Collapses can leave two vertices at one position (seen along a cube's edges): weld them,
+    # or the mesh has open edges and exports as non-watertight.
+    v, inverse = np.unique(np.asarray(v, np.float64), axis=0, return_inverse=True)
+    return _drop_degenerate(v, inverse.reshape(-1)[np.asarray(f, np.int64)])
 
 
 def vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
     """Area-weighted unit vertex normals [V, 3]."""
     fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
     n = np.stack([np.bincount(f.reshape(-1), np.repeat(fn[:, k], 3), minlength=len(v)) for k in range(3)], 1)
-    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-20)
-
-
-# --------------------------------------------------------------------------- unwrap
-def unwrap(
-    vertices: np.ndarray,  # [V, 3]
-    faces: np.ndarray,  # [F, 3]
-    config: ExportConfig,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # vmapping [V'], faces [F, 3] into V', uv [V', 2] in [0, 1]
-    """xatlas parametrization packed into one atlas. Chart area is capped (uv_faces_per_chart)
-    because xatlas' time grows faster than linearly with the faces of a chart."""
-    import xatlas
-
-    area = float(_face_areas(vertices, faces).sum())
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32))
-    charts = xatlas.ChartOptions()
-    charts.max_iterations = config.uv_max_iterations
-    if config.uv_faces_per_chart > 0:
-        charts.max_chart_area = area * config.uv_faces_per_chart / len(faces)
-    pack = xatlas.PackOptions()
-    pack.padding = config.uv_padding
-    pack.bruteForce = False
-    pack.blockAlign = True
-    # resolution 0 keeps a single atlas; texels_per_unit sizes it near texture_size.
-    pack.resolution = 0
-    pack.texels_per_unit = config.texture_size * math.sqrt(_ATLAS_FILL_GUESS / max(area, 1e-20))
-    atlas.generate(charts, pack)
-    if atlas.atlas_count != 1:
-        raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases, expected 1")
-    vmapping, indices, uv = atlas.get_mesh(0)
-    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), uv.astype(np.float32)
+    length = np.linalg.norm(n, axis=1, keepdims=True)
+    # A vertex whose face normals cancel (a pinch) gets +z: glTF requires unit normals.
+    return np.where(length > 1e-20, n / np.maximum(length, 1e-20), (0.0, 0.0, 1.0))
 
 
 # --------------------------------------------------------------------------- bake
@@ -222,10 +203,8 @@ def bake_texture(
 ) -> tuple[Tensor, Tensor]:  # texture [T, T, 3] (row 0 = v 0), covered [T, T] bool
     """Rasterize the mesh in UV space, query albedo_fn at covered texel centres, dilate seams."""
     size = config.texture_size
-    pos_clip = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], 1)[None]
-    rast = rasterize(pos_clip, faces, (size, size), chunk_size=_RASTER_CHUNK)  # [1, T, T, 4]
+    rast, covered = uv_coverage(uv, faces, size)  # [1, T, T, 4], [T, T]
     points = interpolate(positions[None], rast, faces)[0]  # [T, T, 3]
-    covered = rast[0, ..., 3] > 0  # [T, T]
     query = points[covered]  # [N, 3]
     colours = []
     for start in range(0, len(query), config.bake_chunk_size):
@@ -260,7 +239,7 @@ def render_turntable(
     for start in range(0, len(cams), batch):
         mvp, c2w = cams.mvp[start : start + batch], cams.c2w[start : start + batch]
         pos_clip = to_clip(vertices - centre, mvp)  # [b, V, 4]
-        rast = rasterize(pos_clip, faces, (res, res), chunk_size=_RASTER_CHUNK)  # [b, R, R, 4]
+        rast = rasterize(pos_clip, faces, (res, res), chunk_size=RASTER_CHUNK)  # [b, R, R, 4]
         colour = texture(tex[None], interpolate(uv, rast, faces), boundary="clamp")  # [b, R, R, 3]
         n = torch.nn.functional.normalize(interpolate(normals, rast, faces), dim=-1)
         facing = (n * c2w[:, None, None, :3, 2]).sum(-1, keepdim=True).abs()  # |n . towards camera|
@@ -269,57 +248,6 @@ def render_turntable(
         image = antialias(image, rast, pos_clip, faces)
         frames.append((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
     return np.concatenate(frames)
-
-
-# --------------------------------------------------------------------------- writers
-def _obj_text(v: np.ndarray, uv: np.ndarray, n: np.ndarray, f: np.ndarray) -> bytes:
-    buf = io.StringIO()
-    buf.write(f"# DreamLift export, Y-up\nmtllib {FILE_NAMES['mtl']}\nusemtl material_0\n")
-    np.savetxt(buf, v, fmt="v %.6f %.6f %.6f")
-    np.savetxt(buf, uv, fmt="vt %.6f %.6f")
-    np.savetxt(buf, n, fmt="vn %.5f %.5f %.5f")
-    np.savetxt(buf, np.repeat(f + 1, 3, axis=1), fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
-    return buf.getvalue().encode()
-
-
-def _mtl_text() -> bytes:
-    return (
-        "newmtl material_0\nKa 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nd 1.0\nillum 1\n"
-        f"map_Kd {FILE_NAMES['texture']}\n"
-    ).encode()
-
-
-def _glb_bytes(v: np.ndarray, uv: np.ndarray, n: np.ndarray, f: np.ndarray, png_image) -> bytes:
-    import trimesh
-
-    material = trimesh.visual.material.PBRMaterial(
-        baseColorTexture=png_image, metallicFactor=0.0, roughnessFactor=1.0, doubleSided=True
-    )
-    visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
-    mesh = trimesh.Trimesh(vertices=v, faces=f, vertex_normals=n, visual=visual, process=False)
-    return mesh.export(file_type="glb")
-
-
-def _zip_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
-
-
-def _write_video(path: str, frames: np.ndarray, fps: int) -> None:
-    import imageio.v2 as imageio
-
-    writer = imageio.get_writer(
-        path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-        macro_block_size=16, ffmpeg_log_level="error",
-    )
-    try:
-        for frame in frames:
-            writer.append_data(frame)
-    finally:
-        writer.close()
 
 
 # --------------------------------------------------------------------------- export
@@ -374,18 +302,20 @@ def export(
             normals = vertex_normals(v, f)
             timings["clean"] = time.perf_counter() - t0
             report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices")
-            # 2. UV unwrap: xatlas splits vertices along seams (vmapping points back to v).
+            # 2. UV unwrap: xatlas splits vertices along seams (vmap points back to the welded v).
             t0 = time.perf_counter()
-            vmap, uv_faces, uv = unwrap(v, f, config)
-            v, normals = v[vmap], normals[vmap]
+            vmap, uv_faces, uv = unwrap(
+                v, f, config.texture_size, config.uv_faces_per_chart, config.uv_padding, config.uv_max_iterations
+            )
+            v_split, n_split = v[vmap], normals[vmap]
             timings["unwrap"] = time.perf_counter() - t0
-            report("unwrap", f"unwrapped: {len(v)} vertices after seam splits")
+            report("unwrap", f"unwrapped: {len(v_split)} vertices after seam splits")
             # 3. Bake the colour field.
             t0 = time.perf_counter()
-            pos_t = torch.as_tensor(v, dtype=dtype, device=device)
+            pos_t = torch.as_tensor(v_split, dtype=dtype, device=device)
             uv_t = torch.as_tensor(uv, dtype=dtype, device=device)
             tri_t = torch.as_tensor(uv_faces, dtype=torch.long, device=device)
-            tex, _ = bake_texture(pos_t, uv_t, tri_t, albedo_fn, config)
+            tex, covered = bake_texture(pos_t, uv_t, tri_t, albedo_fn, config)
             timings["bake"] = time.perf_counter() - t0
             report("bake", f"baked a {config.texture_size}px texture")
             # 4. Encode every file in memory, then write the temporaries.
@@ -395,14 +325,14 @@ def export(
             png_image = Image.fromarray((tex.flip(0).clamp(0, 1) * 255 + 0.5).byte().cpu().numpy())
             png = io.BytesIO()
             png_image.save(png, format="PNG")
-            v_out, n_out = to_y_up(v), to_y_up(normals)
+            watertight = is_watertight(torch.as_tensor(f))
             data = {
-                "obj": _obj_text(v_out, uv, n_out, uv_faces),
-                "mtl": _mtl_text(),
+                "obj": obj_text(to_y_up(v), to_y_up(normals), uv, vmap, uv_faces),
+                "mtl": mtl_text(),
                 "texture": png.getvalue(),
-                "glb": _glb_bytes(v_out, uv, n_out, uv_faces, png_image),
+                "glb": glb_bytes(to_y_up(v_split), to_y_up(n_split), uv, uv_faces, png.getvalue(), not watertight),
             }
-            data["zip"] = _zip_bytes({FILE_NAMES[k]: data[k] for k in ("obj", "mtl", "texture")})
+            data["zip"] = zip_bytes({FILE_NAMES[k]: data[k] for k in ("obj", "mtl", "texture")})
             for key, payload in data.items():
                 with open(temps[key], "wb") as handle:
                     handle.write(payload)
@@ -412,7 +342,7 @@ def export(
             t0 = time.perf_counter()
             if config.turntable:
                 frames = render_turntable(
-                    pos_t, tri_t, uv_t, torch.as_tensor(normals, dtype=dtype, device=device), tex, config
+                    pos_t, tri_t, uv_t, torch.as_tensor(n_split, dtype=dtype, device=device), tex, config
                 )
                 _write_video(temps["turntable"], frames, config.turntable_fps)
             timings["turntable"] = time.perf_counter() - t0
@@ -430,4 +360,7 @@ def export(
             if os.path.exists(path):
                 os.remove(path)
         raise
-    return ExportResult(paths=paths, timings=timings, num_faces=len(uv_faces), num_vertices=len(v))
+    return ExportResult(
+        paths=paths, timings=timings, num_faces=len(uv_faces), num_vertices=len(v), num_uv_vertices=len(v_split),
+        watertight=watertight, texture_fill=float(covered.float().mean()),
+    )

@@ -5,7 +5,8 @@
 for colour. Each step extracts the mesh with marching tetrahedra, rasterizes it from random
 cameras, shades the covered pixels (albedo, Lambertian or textureless), composites over the
 background with analytic antialiasing (the silhouette gradient), and applies the SDS loss
-plus two mesh regularisers. The coarse field itself is never modified.
+plus two mesh regularisers (and, with `lambda_albedo_tilt`, a penalty on light baked into the
+albedo). The coarse field itself is never modified.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geometry.dmtet import dmtet_from_field
-from geometry.mesh_ops import laplacian_loss, normal_consistency_loss, vertex_normals
+from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss, vertex_normals
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers import raster
 from renderers.cameras import CameraConfig, Cameras, orbit_cameras, sample_cameras, to_clip
@@ -52,6 +53,7 @@ class RefineConfig:
     # of order 10-1000 with CFG 100, while the regularisers are means over edges / vertices.
     lambda_normal_consistency: float = 1000.0  # weight of the mean 1 - cos between adjacent face normals
     lambda_laplacian: float = 10000.0  # weight of the mean uniform-Laplacian length (world units)
+    lambda_albedo_tilt: float | None = None  # weight of the squared slope of albedo brightness against normal z (baked light); None = 1e5 with the primitives prior, else 0
     albedo_warmup: int = 0  # first steps shaded with albedo only (the coarse stage already warmed the colour)
     prob_albedo: float = 0.2  # after the warm-up: probability of albedo shading
     prob_lambertian: float = 0.8  # after the warm-up: probability of Lambertian shading
@@ -86,6 +88,8 @@ class RefineConfig:
                      "lambda_laplacian", "grid_margin", "albedo_warmup", "prob_albedo", "prob_lambertian", "prob_textureless", "preview_every", "chunk_size"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lambda_albedo_tilt is not None and not self.lambda_albedo_tilt >= 0:
+            raise ValueError(f"refine.lambda_albedo_tilt must be >= 0 or None, got {self.lambda_albedo_tilt!r}")
         if self.lr_sdf + self.lr_deform + self.lr_color <= 0:
             raise ValueError("refine.lr_sdf + lr_deform + lr_color must be > 0 (nothing would be trained)")
         if self.prob_albedo + self.prob_lambertian + self.prob_textureless <= 0:
@@ -273,6 +277,9 @@ def run(
                 loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
             if config.lambda_laplacian > 0:
                 loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
+            if config.lambda_albedo_tilt and color_params:
+                loss = loss + config.lambda_albedo_tilt * albedo_tilt_loss(verts, faces, color_field.albedo,
+                                                                           generator=generator)
             t5 = clock(device)
             backward_finite(loss, optimizer)
         except NonFiniteError as exc:  # skip the step: no update
