@@ -198,6 +198,7 @@ def run(
             ))
 
     # 4. Hand off the trained field.
+    nonfinite.finish(config.iters)
     field_.eval()
     for p in field_.parameters():
         p.requires_grad_(False)

@@ -119,6 +119,13 @@ class NonFiniteSteps:
     def good(self) -> None:
         self.in_a_row = 0
 
+    def finish(self, total: int) -> None:
+        """At the end of the stage: StageError when not one of its `total` steps was finite (a stage
+        shorter than `limit` would otherwise hand on an untrained result)."""
+        if total > 0 and self.skipped == total:
+            raise StageError(self.stage, total, f"all {total} steps were not finite "
+                                                "(lower the learning rates or the guidance scale)")
+
 
 def backward_finite(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
     """loss.backward(); NonFiniteError when the loss or any parameter gradient is NaN or inf

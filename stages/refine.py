@@ -307,6 +307,7 @@ def run(
             ))
 
     # 4. Hand off the final mesh and the colour field.
+    nonfinite.finish(config.iters)
     with torch.no_grad():
         verts, faces = dmtet.extract()
     if hasattr(color_field, "eval"):

@@ -97,6 +97,11 @@ def test_nan_that_persists_raises_a_stage_error_naming_the_stage_and_step():
     assert "non-finite" in caught.value.cause and "2 steps in a row" in caught.value.cause
 
 
+def test_a_stage_whose_every_step_is_non_finite_fails_even_below_the_limit():
+    with pytest.raises(StageError, match="coarse stage failed at step 3: all 3 steps were not finite"):
+        coarse.run(FakeGuidance(nan_at=1), PROMPT, tiny_config(iters=3, max_nonfinite_steps=10), CameraConfig())
+
+
 def test_a_skipped_step_leaves_the_field_unchanged():
     """A non-finite step makes no update: 3 steps whose third is NaN end where 2 clean steps end."""
     messages = []

@@ -92,8 +92,10 @@ class _NaNGuidance:
 def test_non_finite_guidance_stops_with_stage_and_step(tmp_path, monkeypatch):
     real = pipeline.get_guidance
     monkeypatch.setattr(pipeline, "get_guidance", lambda *a: _NaNGuidance(real(*a)))
-    with pytest.raises(StageError, match=r"coarse stage failed at step 1"):
-        _drain("a red cube", tiny_config(), run_dir=tmp_path / "run")
+    config = tiny_config()
+    config.coarse.max_nonfinite_steps = 2
+    with pytest.raises(StageError, match=r"coarse stage failed at step 2: .*2 steps in a row were not finite"):
+        _drain("a red cube", config, run_dir=tmp_path / "run")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "failed" and "coarse" in record["error"]
 
