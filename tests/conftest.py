@@ -65,3 +65,14 @@ def tiny_config(**changes):
     for key, value in changes.items():
         setattr(config, key, value)
     return config
+
+
+# The command line's tiny settings: a whole run in seconds (test_cli, test_batch_ray).
+TINY_CLI_SETTINGS = [
+    "--set", "prior_resolution=16", "--set", "prior_renders_per_view=4",
+    "--set", "coarse.iters=3", "--set", "coarse.resolution=16", "--set", "coarse.preview_every=0",
+    "--set", "coarse.preview_resolution=16", "--set", "coarse.volume.num_samples=16",
+    "--set", "refine.iters=2", "--set", "refine.batch_size=1", "--set", "refine.resolution=16",
+    "--set", "refine.grid_resolution=16", "--set", "refine.preview_resolution=16",
+    "--set", "export.texture_size=64", "--set", "export.turntable_frames=4", "--set", "export.turntable_resolution=64",
+]

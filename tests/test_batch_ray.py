@@ -11,18 +11,10 @@ ray = pytest.importorskip("ray", reason="Ray batch tests: pip install -r require
 import generate as cli  # noqa: E402
 from batch import ray_runner  # noqa: E402
 from batch.plan import BATCH_FILE, load_plan, new_plan  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import TINY_CLI_SETTINGS, tiny_config  # noqa: E402
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow torus"]
-TINY = [
-    "--guidance", "primitives",
-    "--set", "prior_resolution=16", "--set", "prior_renders_per_view=4",
-    "--set", "coarse.iters=3", "--set", "coarse.resolution=16", "--set", "coarse.preview_every=0",
-    "--set", "coarse.preview_resolution=16", "--set", "coarse.volume.num_samples=16",
-    "--set", "refine.iters=2", "--set", "refine.batch_size=1", "--set", "refine.resolution=16",
-    "--set", "refine.grid_resolution=16", "--set", "refine.preview_resolution=16",
-    "--set", "export.texture_size=64", "--set", "export.turntable_frames=4", "--set", "export.turntable_resolution=64",
-]
+TINY = ["--guidance", "primitives", *TINY_CLI_SETTINGS]
 
 
 @pytest.fixture(scope="module")

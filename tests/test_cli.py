@@ -6,16 +6,10 @@ from pathlib import Path
 import pytest
 
 import generate as cli
+from conftest import TINY_CLI_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--set", "prior_resolution=16", "--set", "prior_renders_per_view=4",
-    "--set", "coarse.iters=3", "--set", "coarse.resolution=16", "--set", "coarse.preview_every=0",
-    "--set", "coarse.preview_resolution=16", "--set", "coarse.volume.num_samples=16",
-    "--set", "refine.iters=2", "--set", "refine.batch_size=1", "--set", "refine.resolution=16",
-    "--set", "refine.grid_resolution=16", "--set", "refine.preview_resolution=16",
-    "--set", "export.texture_size=64", "--set", "export.turntable_frames=4", "--set", "export.turntable_resolution=64",
-]
+TINY = TINY_CLI_SETTINGS
 
 
 def test_cli_writes_every_file(tmp_path):
