@@ -1,6 +1,7 @@
 """Shared test set-up: a private cache folder, one torch thread, tiny run settings for
 end-to-end tests, and the quick preset cut to test size with a small primitives prior."""
 import os
+import subprocess
 
 import pytest
 import torch
@@ -76,3 +77,12 @@ TINY_CLI_SETTINGS = [
     "--set", "refine.grid_resolution=16", "--set", "refine.preview_resolution=16",
     "--set", "export.texture_size=64", "--set", "export.turntable_frames=4", "--set", "export.turntable_resolution=64",
 ]
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Terminate a server process started by a test; kill it if it has not exited after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import trimesh
 
+from conftest import stop_server
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=4", "coarse.resolution=16",
@@ -55,11 +57,7 @@ def launch_app(out: Path, extra_args=(), extra_env=None):
     try:
         yield Client(url, verbose=False), proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from conftest import stop_server
 from test_app import TINY, _free_port
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements.txt)")
@@ -57,11 +58,7 @@ def app_url(tmp_path_factory):
             assert proc.poll() is None, log_path.read_text()[-3000:]
             yield url, out, log_path
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 @pytest.fixture(scope="module")
