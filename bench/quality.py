@@ -43,7 +43,9 @@ from geometry.metrics import chamfer_distance, volumetric_iou
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
 from renderers import raster
 from renderers.cameras import Cameras, view_word
+from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
+from geometry.uv import face_areas
 from stages.config import PRESETS, apply_overrides, preset
 from stages.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from stages.export import from_y_up
@@ -113,12 +115,8 @@ def corner_normals(
 
 def mean_texture_color(mesh: dict) -> np.ndarray:
     """Area-weighted mean of the texture sampled at each face's centroid UV: [3] in [0, 1]."""
-    v, f = mesh["vertices"], mesh["faces"]
-    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
-    uv = torch.tensor(mesh["uv"][f].mean(1), dtype=torch.float32)  # [F, 2]
-    tex = torch.tensor(mesh["texture"])[None]  # [1, T, T, 3]
-    colours = raster.texture(tex, uv[None, :, None, :], boundary="clamp", backend="torch")[0, :, 0].double().numpy()
-    return (colours * area[:, None]).sum(0) / max(area.sum(), 1e-20)
+    area = face_areas(mesh["vertices"], mesh["faces"])
+    return (face_colors(mesh) * area[:, None]).sum(0) / max(area.sum(), 1e-20)
 
 
 def render_textured(
@@ -176,8 +174,9 @@ def retrieval(mesh: dict, prior) -> list[str]:
 def measure(obj_path: str | Path, prompt: str, prior) -> dict:
     """Every metric of one exported model against its prompt's primitive; `prior` is a PrimitivesPrior."""
     color, shape, _ = parse_prompt(prompt)
-    mesh = load_export(obj_path)
     truth = primitive_mesh(shape)
+    mesh, heading = align_azimuth(load_export(obj_path), shape,
+                                  lambda m: volumetric_iou((m["vertices"], m["faces"]), truth, VOLUME_RESOLUTION))
     solid = (mesh["vertices"], mesh["faces"])
 
     # 1. Silhouettes over the held-out views.
@@ -199,6 +198,7 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
         "silhouette_iou": float(np.mean(per_view)),
         "silhouette_iou_min": float(np.min(per_view)),
         "volume_iou": volumetric_iou(solid, truth, VOLUME_RESOLUTION),
+        "heading": heading,  # degrees the mesh was turned about z to match the primitive (bench.shape_checks)
         "chamfer": chamfer_distance(solid, truth, CHAMFER_POINTS),
         "mean_color": [round(float(c), 4) for c in mean_color],
         "color_error": color_error(torch.tensor(mean_color), color),
@@ -206,12 +206,15 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
         "retrieved": retrieved,
         "retrieval_reference": sum(r == canonical for r in reference) / len(reference),
         "faces": int(len(mesh["faces"])),
+        # 4. Topology, flat base, baked light and texture fill (bench.shape_checks).
+        "shape": shape, "genus_expected": expected_genus(shape), **shape_checks(mesh, shape),
     }
 
 
 def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
     """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row."""
-    from stages.pipeline import get_guidance, resolve_device, run_to_completion
+    from bench.refine_gain import measure_run
+    from stages.pipeline import CHECKPOINTS, get_guidance, resolve_device, run_to_completion
 
     row = {"prompt": prompt, "seed": seed, "status": "ok"}
     run_dir = out_dir / f"{slugify(prompt)}-seed{seed}"
@@ -229,6 +232,10 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
         t0 = time.perf_counter()
         prior = get_guidance(config, "primitives", resolve_device(config.device))  # the run's own, cached
         row.update(in_worker_thread(measure, done.paths["obj"], prompt, prior))  # see in_worker_thread
+        if (run_dir / CHECKPOINTS["refine"]).exists():  # the refine stage's gain (not with stop_after=coarse)
+            gain = measure_run(run_dir)
+            row.update(iou_start=gain["iou_before"], iou_refined=gain["iou_after"],
+                       refine_gain=gain["iou_after"] - gain["iou_before"])
         row["measure_seconds"] = round(time.perf_counter() - t0, 2)
     except KeyboardInterrupt:
         raise
@@ -317,6 +324,8 @@ def main(argv=None) -> int:
                 print(f"[quality]   error: {rows[-1]['error']}", file=sys.stderr, flush=True)
     summary = summarize(rows)
     print(format_table(rows, summary))
+    print()
+    print(format_shape_table(rows))
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "preset": args.preset,
         "quick": args.quick, "overrides": overrides, "seeds": seeds, "prompts": prompts, "summary": summary,

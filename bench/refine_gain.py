@@ -4,7 +4,8 @@ For each run folder (made by `generate.py` or `bench.quality` with the primitive
 reads the coarse checkpoint, extracts the mesh the refine stage starts from (the coarse
 field's level set on the run's own refine grid: `geometry.dmtet.extract_mesh`), reads the
 refined mesh from the refine checkpoint, and compares both with the canonical primitive
-(volumetric IoU, watertightness, faces). Prints a table and writes JSON.
+(volumetric IoU, a cube at its best heading about z as in bench.quality; watertightness,
+faces). Prints a table and writes JSON.
 
     python -m bench.refine_gain bench/out/quality            # every run folder under it
     python -m bench.refine_gain runs/a-green-cube-seed0 --json gain.json
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from bench.shape_checks import aligned_volume_iou
 from bench.speed import write_json
 from geometry.dmtet import extract_mesh
-from geometry.metrics import volumetric_iou
 from geometry.tets import is_watertight
-from guidance.primitive_shapes import parse_prompt, primitive_mesh
+from guidance.primitive_shapes import parse_prompt
 from stages.pipeline import CHECKPOINTS, _load_field, _load_refine, load_run_config
 
 VOLUME_RESOLUTION = 64  # voxels per axis of the IoU grid (bench.quality uses the same)
@@ -50,7 +51,6 @@ def finished_runs(parser: argparse.ArgumentParser, paths: list[Path]) -> list[Pa
 def measure_run(run_dir: Path) -> dict:
     prompt, config = load_run_config(run_dir)
     _, shape, _ = parse_prompt(prompt)
-    truth = primitive_mesh(shape)
     device = torch.device("cpu")
     field = _load_field(run_dir / CHECKPOINTS["coarse"], device)
     before = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
@@ -58,7 +58,7 @@ def measure_run(run_dir: Path) -> dict:
     after, _ = _load_refine(run_dir / CHECKPOINTS["refine"], device)
     row = {"run": run_dir.name, "prompt": prompt, "seed": config.seed, "grid": config.refine.grid_resolution}
     for name, (verts, faces) in (("before", before), ("after", after)):
-        row[f"iou_{name}"] = volumetric_iou((verts, faces), truth, VOLUME_RESOLUTION) if faces.shape[0] else 0.0
+        row[f"iou_{name}"] = aligned_volume_iou(verts, faces, shape, VOLUME_RESOLUTION) if faces.shape[0] else 0.0
         row[f"faces_{name}"] = int(faces.shape[0])
         row[f"watertight_{name}"] = bool(faces.shape[0]) and is_watertight(faces)
     return row

@@ -42,6 +42,9 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
         assert len(row["retrieved"]) == 8 and row["retrieval"] == sum(
             r == row["prompt"] for r in row["retrieved"]) / 8
         assert row["faces"] > 0
+        assert row["genus_ok"] == (row["genus"] == 0) and 0.0 < row["fill"] <= 1.0  # cube and sphere: genus 0
+        assert row["albedo_up_down"] > 0 and (row["base_gap"] is None) == (row["shape"] == "sphere")
+        assert row["refine_gain"] == pytest.approx(row["iou_refined"] - row["iou_start"])
         assert set(row["stage_seconds"]) == {"coarse", "refine", "export"}
         assert all(v > 0 for v in row["stage_seconds"].values())
         run = json.loads((tmp_path / "quality" / f"{slugify(row['prompt'])}-seed0" / "run.json").read_text())

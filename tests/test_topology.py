@@ -81,3 +81,33 @@ def test_no_holes_in_solid_shapes():
     cube[14:19, 14:19, :] *= 0.02  # but a 5 x 5 shaft through it is
     holes = silhouette_holes(cube.float(), [2 / 32] * 3)
     assert holes[14:19, 14:19].all() and int(holes.sum()) == 25 * 33  # exactly the shaft's rays along z
+
+
+def test_film_more_opaque_than_the_surface_level_is_carved():
+    """A film that stops most of the light (opacity 0.76, above the field's surface opacity) still
+    leaves a basin in the view from above, walled in by the ring: its floor is carved."""
+    field = TorusField(film=3.0)
+    verts, _, _, _, level = initial_sdf(field, GRID)
+    density = field.query(verts)[0].view(GRID + 1, GRID + 1, GRID + 1)
+    maps = axis_opacity(density, [float(c) for c in (verts.amax(0) - verts.amin(0)) / GRID])
+    film_opacity = float(maps[2][GRID // 2, GRID // 2])
+    assert opacity_level(maps) < film_opacity < 0.9  # no clear ray through the opening
+    holes = silhouette_holes(density, [float(c) for c in (verts.amax(0) - verts.amin(0)) / GRID])
+    assert holes[GRID // 2, GRID // 2, :].all()
+    r = torch.sqrt(verts[:, 0] ** 2 + verts[:, 1] ** 2)
+    depth = (MINOR - torch.sqrt((r - MAJOR) ** 2 + verts[:, 2] ** 2)).view_as(density)
+    assert float(depth[holes].max()) < 0.01
+    with torch.no_grad():
+        assert _euler(*dmtet_from_field(field, GRID)[0].extract()) == 0
+
+
+def test_basins_are_filled_to_their_rim():
+    from geometry.silhouettes import filled_basins
+
+    values = torch.zeros(20, 20, dtype=torch.float64)
+    values[4:16, 4:16] = 0.9
+    values[8:12, 8:12] = 0.6  # a basin walled in at 0.9
+    values[4:8, 0:4] = 0.5  # a dip open to the border drains: not a basin
+    filled = torch.from_numpy(filled_basins(values.numpy()))
+    assert torch.allclose(filled[8:12, 8:12], torch.tensor(0.9, dtype=torch.float64))
+    assert torch.equal(filled[:, :4], values[:, :4]) and bool((filled >= values).all())
