@@ -28,6 +28,7 @@ STAGES = ("coarse", "refine", "export")
 MAX_SEED = 2**32 - 1
 PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
 PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
+PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
 
 
 @dataclass
@@ -78,7 +79,8 @@ def _quick() -> Config:
             sds=SDSConfig(t_anneal="linear", t_max_end=0.5),
         ),
         refine=RefineConfig(
-            iters=150, batch_size=1, resolution=64, grid_resolution=48, preview_every=50, preview_resolution=64,
+            iters=300, batch_size=1, resolution=64, grid_resolution=48, lr_sdf=5e-2, preview_every=100,
+            preview_resolution=64,
         ),
         export=ExportConfig(texture_size=512, target_faces=20_000, turntable_resolution=256, turntable_frames=48),
     )
@@ -146,6 +148,12 @@ def adapt_to_guidance(config: Config, guidance_name: str, prompt: str | None = N
             # Every prompt of the prior is one colour, so brightness must not follow the normal's z
             # ("a brown cone", seed 0: up/down brightness 1.55 -> 1.01, colour error 0.089 -> 0.049).
             config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
+        defaults = RefineConfig()
+        for name in ("lambda_normal_consistency", "lambda_laplacian"):
+            # The weights suit CFG-100 gradients; at the prior's refine CFG of 10 they hold the surface
+            # still, and a tenth lets the SDS gradient reshape it (bench/RESULTS.md). Unless set by hand.
+            if getattr(config.refine, name) == getattr(defaults, name):
+                setattr(config.refine, name, getattr(defaults, name) * PRIMITIVES_REGULARIZER_SCALE)
     else:
         if not isinstance(config.coarse.background, str) or config.coarse.background == "white":
             config.coarse.background = "learned"
