@@ -211,7 +211,8 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
 
 def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
     """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row."""
-    from stages.pipeline import get_guidance, resolve_device, run_to_completion
+    from stages.pipeline import resolve, run_to_completion
+    from stages.workers import guidance_for
 
     row = {"prompt": prompt, "seed": seed, "status": "ok"}
     run_dir = out_dir / f"{slugify(prompt)}-seed{seed}"
@@ -227,7 +228,7 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
         row["stage_seconds"] = {k: round(v, 2) for k, v in record["stage_seconds"].items()}
         row["total_seconds"] = round(time.perf_counter() - start, 2)
         t0 = time.perf_counter()
-        prior = get_guidance(config, "primitives", resolve_device(config.device))  # the run's own, cached
+        prior = guidance_for(resolve(prompt, config))  # the run's own, cached
         row.update(in_worker_thread(measure, done.paths["obj"], prompt, prior))  # see in_worker_thread
         row["measure_seconds"] = round(time.perf_counter() - t0, 2)
     except KeyboardInterrupt:

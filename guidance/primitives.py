@@ -7,7 +7,7 @@ so E[x0 | x_t] = sum_i softmax_i x_i exactly, and eps_hat = (x_t - sqrt(a) E[x0 
 The unconditional branch (empty prompt plus a view word) is the union of every prompt's
 library for that view word. The model sees only x_t, t and the text: never a camera.
 So the object's size is only defined if the stages' cameras all see it at one scale: the runs
-using this prior fix the camera distance and field of view (`stages.config.adapt_to_guidance`).
+using this prior fix the camera distance and field of view (`guidance.registry.adapt_to_primitives`).
 
 Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with
 A_k = 2 g (1 - alpha) - 1 for a grey background level g and B_k = 2 alpha_shade of render k, so
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from guidance.primitive_shapes import (
     COLORS,
+    PRIOR_AMBIENT,
     SHAPES,
     LibraryConfig,
     load_library,
@@ -82,7 +83,7 @@ class PrimitivesPrior:
         resolution: int = 64,  # library image side, px
         renders_per_view: int = 96,  # K renders per shape and view word
         camera: CameraConfig | None = None,  # the stages' camera distribution (never individual poses)
-        ambient: float = 0.3,  # ambient share of the library's Lambertian shading
+        ambient: float = PRIOR_AMBIENT,  # ambient share of the library's Lambertian shading
         background: float = 1.0,  # grey level behind the objects in [0, 1]: the stages must render on the same
         cache: str | None = None,  # cache folder; None = the user cache folder
         log=print,

@@ -30,10 +30,11 @@ def one_thread():
 
 def quick_primitives_config(coarse_iters: int = 400, resolution: int = 32, prompt: str | None = None):
     """The `quick` preset as a run with the primitives prior gets it (for `prompt`), its coarse stage cut to test size."""
-    from stages.config import adapt_to_guidance, preset
+    from guidance import registry
+    from stages.config import preset
 
     config = preset("quick")
-    adapt_to_guidance(config, "primitives", prompt)
+    registry.get("primitives").adapt(config, prompt)
     config.coarse.iters, config.coarse.resolution, config.coarse.preview_every = coarse_iters, resolution, 0
     return config
 

@@ -217,12 +217,12 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
     from guidance.hub import load_error
     from stages import pipeline
 
-    def offline(config, name, device):
+    def offline(plan):
         raise load_error("my/sd-model", "Stable Diffusion", OSError("offline"), "my/sd-model") from None
 
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
     monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY))
-    monkeypatch.setattr(pipeline, "get_guidance", offline)
+    monkeypatch.setattr(pipeline, "guidance_for", offline)
     shown = []
     with pytest.raises(gr.Error) as err:
         for outputs in app.generate("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "export", "my/sd-model"):

@@ -90,8 +90,8 @@ class _NaNGuidance:
 
 
 def test_non_finite_guidance_stops_with_stage_and_step(tmp_path, monkeypatch):
-    real = pipeline.get_guidance
-    monkeypatch.setattr(pipeline, "get_guidance", lambda *a: _NaNGuidance(real(*a)))
+    real = pipeline.guidance_for
+    monkeypatch.setattr(pipeline, "guidance_for", lambda *a: _NaNGuidance(real(*a)))
     config = tiny_config()
     config.coarse.max_nonfinite_steps = 2
     with pytest.raises(StageError, match=r"coarse stage failed at step 2: .*2 steps in a row were not finite"):
@@ -133,13 +133,8 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
 
 def test_one_prior_library_serves_white_and_coloured_prompts():
     # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
-    from stages.config import adapt_to_guidance
-
-    white, red = tiny_config(), tiny_config()
-    adapt_to_guidance(white, "primitives", "a white cube")
-    adapt_to_guidance(red, "primitives", "a red cube")
-    assert white.prior_background < red.prior_background == 1.0
-    cpu = torch.device("cpu")
-    red_prior, white_prior = pipeline.get_guidance(red, "primitives", cpu), pipeline.get_guidance(white, "primitives", cpu)
-    assert (red_prior.background, white_prior.background) == (red.prior_background, white.prior_background)
-    assert white_prior.lib_u is red_prior.lib_u and pipeline.get_guidance(red, "primitives", cpu) is red_prior
+    white, red = pipeline.resolve("a white cube", tiny_config()), pipeline.resolve("a red cube", tiny_config())
+    assert white.config.prior_background < red.config.prior_background == 1.0
+    red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
+    assert (red_prior.background, white_prior.background) == (red.config.prior_background, white.config.prior_background)
+    assert white_prior.lib_u is red_prior.lib_u and pipeline.guidance_for(red) is red_prior

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import generate as cli
-from stages import pipeline
+from stages import pipeline, workers
 from stages.pipeline import generate
 from test_app import TINY
 from tiny_pipelines import save_tiny_if, save_tiny_sd
@@ -37,11 +37,13 @@ def offline(monkeypatch):
 @pytest.mark.parametrize("name", ["stable-diffusion", "deepfloyd-if"])
 def test_cli_runs_every_stage_then_a_second_prompt_on_the_cached_model(name, folders, tmp_path, capsys, one_thread):
     assert cli.main(_argv("a red cube", name, folders[name], tmp_path / "first")) == 0, capsys.readouterr().err
-    model = pipeline._GUIDANCE_CACHE[(name, "cpu", str(folders[name]))]
+    plan = pipeline.resolve("a red cube", cli.build_config(cli.parse_args(_argv("a red cube", name, folders[name], tmp_path))))
+    assert workers.guidance_loaded(plan)
+    model = workers.guidance_for(plan)
     encoded = model.embeddings.encoded_texts
     assert encoded == 5  # the coarse stage's 4 view prompts and "": the refine stage reused them
     assert cli.main(_argv("a blue sphere", name, folders[name], tmp_path / "second")) == 0, capsys.readouterr().err
-    assert pipeline._GUIDANCE_CACHE[(name, "cpu", str(folders[name]))] is model  # loaded once
+    assert workers.guidance_for(plan) is model  # loaded once
     assert model.embeddings.encoded_texts == encoded + 4  # the new prompt's views; "" was cached
     for run in ("first", "second"):
         for file in OUTPUTS:

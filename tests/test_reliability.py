@@ -244,7 +244,7 @@ def test_many_clients_queue_in_order_overflow_is_refused_and_nothing_is_mixed_up
 
 # ---- the pipeline: cancel by closing, faults -------------------------------------------------------
 def test_closing_returns_fast_and_the_next_run_waits_for_the_device(tmp_path, monkeypatch):
-    real = pipeline.get_guidance
+    real = pipeline.guidance_for
     slow = {"first": True}
 
     def slow_guidance(*args):
@@ -252,7 +252,7 @@ def test_closing_returns_fast_and_the_next_run_waits_for_the_device(tmp_path, mo
             time.sleep(2.0)  # a long load that cannot look at the stop flag
         return real(*args)
 
-    monkeypatch.setattr(pipeline, "get_guidance", slow_guidance)
+    monkeypatch.setattr(pipeline, "guidance_for", slow_guidance)
     first = generate("a red cube", tiny_config(), run_dir=tmp_path / "first", close_wait=0.2)
     assert "loading" in next(first).message
     start = time.time()
@@ -297,13 +297,13 @@ class _NaNGuidance:
 
 def test_non_finite_loss_in_refine_names_the_stage_and_step_and_frees_the_frames(tmp_path, monkeypatch):
     on = {"nan": False}
-    real_guidance, real_refine = pipeline.get_guidance, pipeline.refine_stage.run
+    real_guidance, real_refine = pipeline.guidance_for, pipeline.refine_stage.run
 
     def refine_with_nan(*args, **kwargs):
         on["nan"] = True
         return real_refine(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "get_guidance", lambda *a: _NaNGuidance(real_guidance(*a), on))
+    monkeypatch.setattr(pipeline, "guidance_for", lambda *a: _NaNGuidance(real_guidance(*a), on))
     monkeypatch.setattr(pipeline.refine_stage, "run", refine_with_nan)
     config = tiny_config()
     config.refine.max_nonfinite_steps = 2  # NaN at every step: skipped once, then the stage ends
@@ -320,7 +320,7 @@ def test_non_finite_loss_in_refine_names_the_stage_and_step_and_frees_the_frames
 def test_a_non_finite_step_now_and_then_is_skipped_counted_and_the_run_finishes(tmp_path, monkeypatch):
     """fp16 overflows: NaN noise predictions at two separate coarse steps are skipped, not fatal."""
     calls = {"n": 0}
-    real_guidance = pipeline.get_guidance
+    real_guidance = pipeline.guidance_for
 
     class Flaky(_NaNGuidance):
         def predict_noise(self, x_t, t, cond):
@@ -328,7 +328,7 @@ def test_a_non_finite_step_now_and_then_is_skipped_counted_and_the_run_finishes(
             self.on["nan"] = calls["n"] in (2, 4)
             return super().predict_noise(x_t, t, cond)
 
-    monkeypatch.setattr(pipeline, "get_guidance", lambda *a: Flaky(real_guidance(*a), {"nan": False}))
+    monkeypatch.setattr(pipeline, "guidance_for", lambda *a: Flaky(real_guidance(*a), {"nan": False}))
     config = tiny_config()
     config.coarse.max_nonfinite_steps = 2  # two in all, but never two in a row
     events = list(generate("a red cube", config, run_dir=tmp_path / "run"))
