@@ -9,13 +9,13 @@ import torch
 import generate as cli
 from stages import pipeline, workers
 from stages.pipeline import generate
-from test_app import TINY
+from helpers import TINY_SETTINGS, launch_app
 from tiny_pipelines import save_tiny_if, save_tiny_sd
 
 OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
            "coarse.pt", "refine.pt")
 # A few steps per stage, renders at the tiny models' 16 px (refine renders 32 px, box-filtered to 16).
-STEPS = [*TINY, "coarse.iters=3", "refine.iters=2", "refine.resolution=32"]
+STEPS = [*TINY_SETTINGS, "coarse.iters=3", "refine.iters=2", "refine.resolution=32"]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,6 @@ def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, t
 def test_app_runs_stable_diffusion_twice_then_deepfloyd_if_in_one_server(folders, tmp_path):
     """The path every GPU user takes, through the app's API: runs back to back in one server,
     on the model it keeps loaded (the server's --model-id; the page's Model id box for IF)."""
-    from test_app import launch_app
 
     steps = [a for item in ["coarse.iters=3", "refine.iters=2", "refine.resolution=32"] for a in ("--set", item)]
     args = ["--model-id", str(folders["stable-diffusion"]), *steps]

@@ -13,7 +13,7 @@ import generate as cli
 from batch.plan import check_prompts
 from guidance import registry
 from guidance.registry import Guidance, GuidanceSpec
-from conftest import tiny_config
+from helpers import tiny_run_config
 from stages import pipeline, workers
 from stages.plan import resolve
 
@@ -73,7 +73,7 @@ def test_the_built_in_models_and_auto():
 
 
 def test_resolve_checks_once_and_leaves_the_callers_config_alone():
-    config = tiny_config()
+    config = tiny_run_config()
     plan = resolve("  a white cube ", config)
     assert plan.prompt == "a white cube" and plan.device == torch.device("cpu") and plan.guidance_name == "primitives"
     assert plan.config.prior_background < 1.0 and config.prior_background == 1.0  # adapted: a copy
@@ -85,7 +85,7 @@ def test_resolve_checks_once_and_leaves_the_callers_config_alone():
 
 
 def test_a_fourth_model_registered_in_one_file_runs_through_the_pipeline(still_model, tmp_path, one_thread):
-    config = tiny_config(guidance="still")
+    config = tiny_run_config(guidance="still")
     plan = resolve("a still cube", config)
     assert plan.guidance is still_model and plan.config.coarse.background == "white"
     assert isinstance(workers.guidance_for(plan), Guidance)
@@ -107,4 +107,4 @@ def test_the_command_line_the_app_and_the_batch_offer_the_new_model(still_model,
         app.build_config("a still cube", "quick", "0", "still", 0, 0, 0, "export", "some/id")
     lines = [(1, "a still cube"), (2, "a teapot")]
     with pytest.raises(ValueError, match="line 2: the still model cannot draw teapots"):
-        check_prompts(tmp_path / "prompts.txt", lines, tiny_config(guidance="still"), "cpu")
+        check_prompts(tmp_path / "prompts.txt", lines, tiny_run_config(guidance="still"), "cpu")
