@@ -31,12 +31,12 @@ from guidance.primitive_shapes import (
     parse_prompt,
     prompt_text,
 )
-from renderers.cameras import VIEW_WORDS, CameraConfig
+from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, VIEW_WORDS, CameraConfig
 
 
 # The one camera distance and vertical field of view the runs with this prior use (see above).
-CAMERA_DISTANCE = 2.8  # world units
-CAMERA_FOVY = 45.0  # degrees
+CAMERA_DISTANCE = VIEW_DISTANCE  # world units
+CAMERA_FOVY = VIEW_FOVY  # degrees
 DARK_BACKGROUND = 0.15  # grey level behind white objects: below their darkest shade (0.3 ambient x 0.95)
 
 
