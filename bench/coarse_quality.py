@@ -1,7 +1,7 @@
 """The coarse stage alone, with the primitives prior: silhouette IoU and colour of the trained field.
 
 Runs `stages.coarse.run` at a preset (adapted to the prior exactly as a run is) for each prompt
-and seed, and measures the field with `stages.evaluate.evaluate_field`: silhouette IoU against
+and seed, and measures the field with `bench.evaluate.evaluate_field`: silhouette IoU against
 the true primitive over the 8 held-out views (alpha > 0.5), its worst view, and the mean albedo
 on the object against the named colour. Prints one line per run and writes JSON.
 
@@ -21,7 +21,7 @@ from guidance.primitive_shapes import parse_prompt
 from stages import coarse
 from guidance import registry
 from stages.config import PRESETS, apply_overrides, preset
-from stages.evaluate import evaluate_field
+from bench.evaluate import evaluate_field
 from stages.workers import kept_guidance
 
 

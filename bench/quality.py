@@ -4,7 +4,7 @@ For each prompt and seed, `stages.pipeline.run_to_completion` trains and exports
 the offline primitives prior. The exported model.obj is read back with trimesh, rotated back
 into the +z-up training frame (`stages.export.from_y_up`) and compared with the canonical primitive:
 
-- silhouette IoU over the 8 held-out views of `stages.evaluate` (the project rasterizer);
+- silhouette IoU over the 8 held-out views of `bench.evaluate` (the project rasterizer);
 - volumetric IoU and symmetric Chamfer distance (`geometry.metrics`, world units);
 - colour error: the area-weighted mean texture colour over the surface (the texture sampled at
   the face centroids' UVs) against the prompt's colour, as a Euclidean RGB distance (0 .. 1.73);
@@ -45,7 +45,7 @@ from renderers import raster
 from renderers.cameras import Cameras, view_word
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
 from stages.config import PRESETS, apply_overrides, preset
-from stages.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
+from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from stages.export import from_y_up
 from stages.runs import slugify
 

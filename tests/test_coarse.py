@@ -15,7 +15,7 @@ from stages import coarse
 from stages.coarse import CoarseConfig
 from stages.common import Cancelled, StageError, StepEvent
 from stages.config import preset
-from stages.evaluate import evaluate_field
+from bench.evaluate import evaluate_field
 
 PROMPT = "a green cube"
 
