@@ -70,9 +70,8 @@ class PrimitivesPrior:
 
     space = "pixel"
     # 5, not Stable Diffusion's 100: both branches are exact posteriors, so s multiplies their
-    # whole difference; at 100 the albedo saturates and a haze fills the bounding sphere. "A green
-    # cube", quick preset: silhouette IoU 0.80 and colour error 0.19 at s=100, 0.87 / 0.10 at 10,
-    # 0.88 / 0.09 at 5; at s=1 the shape stays the initial blob (IoU 0.63).
+    # whole difference; at 100 the albedo saturates and a haze fills the bounding sphere, at 1 the
+    # shape stays the initial blob (the figures: bench/RESULTS.md, "CFG 100 is far too strong").
     default_guidance_scale = 5.0
     view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
 
