@@ -65,13 +65,7 @@ def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters
     from stages.plan import resolve
 
     try:
-        if preset_name not in PRESETS:
-            raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset_name!r}")
-        if guidance not in registry.choices():
-            raise ValueError(f"guidance must be one of {list(registry.choices())}, got {guidance!r}")
-        if stop_after not in STAGES:
-            raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
-        config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)
+        config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)  # preset() names a bad preset
         config.seed = int_setting("seed", seed, 0, MAX_SEED)
         config.guidance, config.stop_after = guidance, stop_after
         advanced = {"coarse_iters": coarse_iters, "refine_iters": refine_iters, "texture_size": texture_size}
@@ -82,7 +76,8 @@ def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters
         if 0 < advanced["texture_size"] < 64:
             raise ValueError(f"texture_size must be 0 (the preset's) or in [64, 4096], got {advanced['texture_size']}")
         config.export.texture_size = advanced["texture_size"] or config.export.texture_size
-        spec = resolve(prompt, config).guidance  # the prompt, the config, the device, the model's vocabulary
+        # The prompt, the config (guidance and stop_after included), the device, the model's vocabulary.
+        spec = resolve(prompt, config).guidance
         config.model_id = check_model_id(model_id, spec) or (MODEL_ID if spec.takes_model_id else None)
     except ValueError as exc:  # PromptError and UnknownPromptError too
         message = web_message(str(exc))

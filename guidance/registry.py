@@ -123,6 +123,10 @@ def resolve_name(name: str, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- the built-in models
+PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
+PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
+
+
 def _build_primitives(device, dtype=None, model_id=None, **kwargs):
     from guidance.primitives import PrimitivesPrior
 
@@ -170,10 +174,6 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
-
-
-PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
-PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
 
 
 def _primitives_for_run(model, config):

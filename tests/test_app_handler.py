@@ -77,3 +77,17 @@ def test_app_refuses_bad_server_settings():
         with pytest.raises(SystemExit) as err:
             app.main(argv)
         assert err.value.code == 2
+
+
+@pytest.mark.parametrize("preset, guidance, stop_after, message", [
+    ("huge", "auto", "export", "preset must be one of ['quick', 'standard', 'high'], got 'huge'"),
+    ("quick", "magic", "export", "guidance must be one of ['auto', 'primitives', 'stable-diffusion', 'deepfloyd-if'], "
+                                 "got 'magic'"),
+    ("quick", "auto", "never", "stop_after must be one of ['coarse', 'refine', 'export'], got 'never'"),
+])
+def test_app_names_a_bad_menu_value_once_checked_by_resolve(preset, guidance, stop_after, message):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as err:
+        app.build_config("a red cube", preset, "0", guidance, 0, 0, 0, stop_after)
+    assert err.value.message == message
