@@ -16,8 +16,10 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from stages.config import GUIDANCE_CHOICES, MAX_SEED, PRESETS, STAGES, apply_overrides, preset
+from guidance import registry
+from stages.config import MAX_SEED, PRESETS, STAGES, apply_overrides, preset
 from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, gpu_seconds, int_setting, wait_until, web_message
+from stages.plan import resolve_device
 from stages.runs import new_run_dir, prune_runs
 
 OUTPUT_ROOT = Path(os.environ.get("DREAMLIFT_OUTPUT_DIR", "outputs")).resolve()  # every run's folder is made here
@@ -47,33 +49,23 @@ ADVANCED_LIMITS = {  # name: (low, high) accepted from the UI and the API; 0 (or
 
 
 def active_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto").type
 
 
 def default_guidance() -> str:
-    return "stable-diffusion" if active_device() == "cuda" else "primitives"
+    return registry.resolve_name(registry.AUTO, torch.device(active_device()))
 
 
 def example_prompts() -> list[str]:
-    if default_guidance() == "primitives":
-        return ["a red cube", "a blue torus", "a green sphere", "a yellow cylinder", "an orange cone", "a purple capsule"]
-    path = Path(__file__).parent / "examples" / "prompts.txt"
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-    return lines or ["a ceramic teapot", "a wooden chair"]
+    return registry.get(default_guidance()).examples()
 
 
 def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id=None):
     """Validate the UI/API inputs (gr.Error naming what to change) and build the run's Config."""
-    from stages.pipeline import check_inputs
+    from stages.plan import resolve
 
     try:
-        if preset_name not in PRESETS:
-            raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset_name!r}")
-        if guidance not in GUIDANCE_CHOICES:
-            raise ValueError(f"guidance must be one of {list(GUIDANCE_CHOICES)}, got {guidance!r}")
-        if stop_after not in STAGES:
-            raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
-        config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)
+        config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)  # preset() names a bad preset
         config.seed = int_setting("seed", seed, 0, MAX_SEED)
         config.guidance, config.stop_after = guidance, stop_after
         advanced = {"coarse_iters": coarse_iters, "refine_iters": refine_iters, "texture_size": texture_size}
@@ -84,8 +76,9 @@ def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters
         if 0 < advanced["texture_size"] < 64:
             raise ValueError(f"texture_size must be 0 (the preset's) or in [64, 4096], got {advanced['texture_size']}")
         config.export.texture_size = advanced["texture_size"] or config.export.texture_size
-        _, _, guidance_name = check_inputs(prompt, config)  # the prompt, the config, the device, the prior's vocabulary
-        config.model_id = check_model_id(model_id, guidance_name) or (MODEL_ID if guidance_name != "primitives" else None)
+        # The prompt, the config (guidance and stop_after included), the device, the model's vocabulary.
+        spec = resolve(prompt, config).guidance
+        config.model_id = check_model_id(model_id, spec) or (MODEL_ID if spec.takes_model_id else None)
     except ValueError as exc:  # PromptError and UnknownPromptError too
         message = web_message(str(exc))
         print(f"input refused: {message[:200]}", file=sys.stderr, flush=True)  # one line in the server's log
@@ -129,7 +122,7 @@ def generate(prompt: str, preset: str = "quick", seed: int = 0, guidance: str = 
              refine_iters: int | None = None, texture_size: int | None = None, stop_after: str = "export",
              model_id: str | None = None, request: gr.Request = None):
     """Start a run and stream its view; the run lives on its own thread (a reloaded page follows it by run id)."""
-    from stages.pipeline import check_prompt
+    from stages.plan import check_prompt
 
     config = build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
     prune_runs(OUTPUT_ROOT, keep=max(KEEP_RUNS - 1, 0), max_bytes=MAX_OUTPUT_BYTES or None)
@@ -200,8 +193,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         gr.Markdown(
             "# DreamLift\nType a prompt, get a textured 3D model (Score Distillation Sampling into a NeRF, "
             "then a DMTet mesh). "
-            f"Active guidance: **{guidance}** on **{device}**"
-            + (" (offline primitives prior: prompts like 'a red cube', 'a blue torus')." if guidance == "primitives" else ".")
+            f"Active guidance: **{guidance}** on **{device}**{registry.get(guidance).app_note}."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -210,7 +202,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                     preset_in = gr.Dropdown(list(PRESETS), value="quick" if device == "cpu" else "standard", label="Preset")
                     # A text box, so that a bad seed sent to the API gets our message that names it.
                     seed = gr.Textbox(value="0", label=f"Seed (0 to {MAX_SEED})", max_lines=1, elem_id="seed")
-                guidance_in = gr.Dropdown(list(GUIDANCE_CHOICES), value="auto", label="Guidance model")
+                guidance_in = gr.Dropdown(list(registry.choices()), value=registry.AUTO, label="Guidance model")
                 with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                     model_id = gr.Textbox(label="Model id (hub id or local folder, for stable-diffusion and deepfloyd-if)",
                                           placeholder=MODEL_ID or "empty = the guidance model's default", max_lines=1)

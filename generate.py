@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from batch.cli import add_arguments as add_ray_arguments
-from stages.config import GUIDANCE_CHOICES, PRESETS, STAGES, apply_overrides, preset
+from guidance import registry
+from stages.config import PRESETS, STAGES, apply_overrides, preset
 
 
 class ArgumentError(ValueError):
@@ -30,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("prompt", nargs="?", help="what to make, e.g. 'a red cube'")
     parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--preset", default="quick", choices=PRESETS, help="quick (CPU), standard (one GPU), high")
-    parser.add_argument("--guidance", default="auto", choices=GUIDANCE_CHOICES, help="the 2D prior to distil")
+    parser.add_argument("--guidance", default="auto", choices=registry.choices(), help="the 2D prior to distil")
     parser.add_argument("--model-id", help="hub id or local folder of the guidance model")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0 .. 2^32-1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -57,14 +58,15 @@ def build_config(args: argparse.Namespace):
 def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> dict:
     from tqdm import tqdm
 
-    from stages.pipeline import check_inputs, generate
+    from stages.pipeline import resolve, run_plan
 
-    print(describe_guidance(*check_inputs(prompt, config)[1:], config.model_id), flush=True)
+    plan = resolve(prompt, config)
+    print(describe_guidance(plan.device, plan.guidance, config.model_id), flush=True)
     terminal = sys.stderr.isatty()
     bar, stage, paths = None, None, {}
     try:
         kwargs = {"run_dir": out_dir} if out_dir is not None else {"out_root": "outputs"}
-        for event in generate(prompt, config, resume=resume, **kwargs):
+        for event in run_plan(plan, resume=resume, **kwargs):
             if event.stage != stage and event.total:
                 if bar is not None:
                     bar.close()
@@ -88,25 +90,22 @@ def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> 
     return paths
 
 
-def describe_guidance(device, name: str, model_id: str | None) -> str:
-    """One line naming the guidance model (and its id) and the device the run uses."""
-    from guidance.hub import DEFAULT_IF_MODEL_ID, DEFAULT_SD_MODEL_ID
-
-    default = {"stable-diffusion": DEFAULT_SD_MODEL_ID, "deepfloyd-if": DEFAULT_IF_MODEL_ID}.get(name)
-    model = f" '{model_id or default}'" if default else " (offline, no weights)"
-    return f"guidance: {name}{model} on {device}"
+def describe_guidance(device, spec, model_id: str | None) -> str:
+    """One line naming the guidance model (a guidance.registry spec, and its id) and the device the run uses."""
+    model = f" '{model_id or spec.default_model_id}'" if spec.takes_model_id else " (offline, no weights)"
+    return f"guidance: {spec.name}{model} on {device}"
 
 
 def read_prompts(path: Path, config) -> list[str]:
     """The prompts of a file (one a line, '#' comments), all checked before the first run starts."""
-    from stages.pipeline import check_inputs
+    from stages.plan import resolve
 
     prompts = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            prompts.append(check_inputs(line, config)[0])
+            prompts.append(resolve(line, config).prompt)
         except ValueError as exc:
             raise ValueError(f"{path}, line {number}: {exc}") from None
     if not prompts:
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
 
             return ray_main(args, build_config)
         if args.resume is not None:
-            from stages.pipeline import load_run_config
+            from stages.runs import load_run_config
 
             prompt, config = load_run_config(args.resume)
             apply_overrides(config, args.overrides)
@@ -135,7 +134,7 @@ def main(argv=None) -> int:
         config = build_config(args)
         if args.prompts is not None:
             lines = read_prompts(args.prompts, config)
-            from stages.pipeline import slugify
+            from stages.runs import slugify
 
             root = args.out or Path("outputs")
             for i, prompt in enumerate(lines):

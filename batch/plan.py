@@ -93,18 +93,15 @@ def check_prompts(path: Path, lines: list[tuple[int, str]], config: Config, work
     `worker_device` ("cpu" or "cuda") is where the runs will execute, which decides the guidance
     model for `--guidance auto` (the driver itself may have no GPU), and so the vocabulary check.
     """
-    from stages.pipeline import check_prompt, resolve_guidance_name
+    from stages.plan import check_prompt, resolve_guidance
 
     config.check()
-    guidance = resolve_guidance_name(config.guidance, torch.device(worker_device))
+    spec = resolve_guidance(config, torch.device(worker_device))
     prompts, bad = [], []
     for number, line in lines:
         try:
             prompt = check_prompt(line)
-            if guidance == "primitives":
-                from guidance.primitive_shapes import parse_prompt
-
-                parse_prompt(prompt)
+            spec.check_prompt(prompt)
             prompts.append(prompt)
         except ValueError as exc:
             bad.append(f"line {number}: {' '.join(str(exc).split())}")

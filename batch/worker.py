@@ -2,7 +2,7 @@
 
 A plain class here (no Ray import at module level); `batch.ray_runner` wraps it with
 `ray.remote`. One actor lives for the whole batch, so the guidance model it loads for its first
-run (`stages.pipeline.get_guidance` keeps one per process) serves all its later runs. It is a
+run (`stages.workers.guidance_for` keeps one per process) serves all its later runs. It is a
 threaded actor (two calls at a time) only so that `stop()` can reach a run in progress.
 """
 from __future__ import annotations
@@ -40,24 +40,22 @@ class RunWorker:
         """Run one prompt into run_dir; returns what batch.json records. A run that raises is
         reported in the result (run.json has its traceback) and the worker stays up for the next.
         `resume`: continue after the folder's last finished stage when it has a run.json (a retry)."""
-        from stages import pipeline
+        from stages import pipeline, workers
         from stages.common import Cancelled
-        from stages.config import adapt_to_guidance
+        from stages.runs import RUN_FILE
 
         self._stop.clear()
         result = {"status": "failed", "error": None, **self.info(), "model_loaded": False, "load_seconds": 0.0}
         start = time.perf_counter()
         try:
-            # Get the guidance model first, to tell a load from a kept model (generate() gets the same one).
-            probe = _copy(config)
-            prompt_checked, device, name = pipeline.check_inputs(prompt, probe)
-            adapt_to_guidance(probe, name, prompt_checked)
-            kept = list(pipeline._GUIDANCE_CACHE.values())
-            pipeline.get_guidance(probe, name, device)
-            result["model_loaded"] = not any(m is k for m in pipeline._GUIDANCE_CACHE.values() for k in kept)
+            # Get the guidance model first, to tell a load from a kept model (the run gets the same one).
+            plan = pipeline.resolve(prompt, config)
+            result["model_loaded"] = not workers.guidance_loaded(plan)
+            workers.guidance_for(plan)
             result["load_seconds"] = time.perf_counter() - start
-            resume = resume and (Path(run_dir) / pipeline.RUN_FILE).is_file()
-            pipeline.run_to_completion(prompt, config, run_dir=run_dir, resume=resume, should_stop=self._stop.is_set)
+            resume = resume and (Path(run_dir) / RUN_FILE).is_file()
+            for _ in pipeline.run_plan(plan, run_dir=run_dir, resume=resume, should_stop=self._stop.is_set):
+                pass
             result["status"] = "finished"
         except Cancelled:
             result["status"], result["error"] = "cancelled", "cancelled"
@@ -66,8 +64,3 @@ class RunWorker:
         result["seconds"] = time.perf_counter() - start
         return result
 
-
-def _copy(config):
-    import copy
-
-    return copy.deepcopy(config)

@@ -1,7 +1,7 @@
 """The coarse stage alone, with the primitives prior: silhouette IoU and colour of the trained field.
 
 Runs `stages.coarse.run` at a preset (adapted to the prior exactly as a run is) for each prompt
-and seed, and measures the field with `stages.evaluate.evaluate_field`: silhouette IoU against
+and seed, and measures the field with `bench.evaluate.evaluate_field`: silhouette IoU against
 the true primitive over the 8 held-out views (alpha > 0.5), its worst view, and the mean albedo
 on the object against the named colour. Prints one line per run and writes JSON.
 
@@ -19,16 +19,17 @@ import torch
 from bench.speed import check_threads, use_threads, write_json
 from guidance.primitive_shapes import parse_prompt
 from stages import coarse
-from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
-from stages.evaluate import evaluate_field
-from stages.pipeline import get_guidance
+from guidance import registry
+from stages.config import PRESETS, apply_overrides, preset
+from bench.evaluate import evaluate_field
+from stages.workers import kept_guidance
 
 
 def run_one(prompt: str, seed: int, preset_name: str, overrides: list[str]) -> dict:
     config = apply_overrides(preset(preset_name), overrides)
-    adapt_to_guidance(config, "primitives", prompt)
+    registry.get("primitives").adapt(config, prompt)
     config.coarse.seed = seed
-    prior = get_guidance(config, "primitives", torch.device("cpu"))  # one library for every prompt, cached
+    prior = kept_guidance(registry.get("primitives"), config, torch.device("cpu"))  # one library for every prompt, cached
     color, shape, _ = parse_prompt(prompt)
     start = time.perf_counter()
     result = coarse.run(prior, prompt, config.coarse, config.camera)

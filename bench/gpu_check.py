@@ -31,7 +31,8 @@ import torch
 from bench.random_models import IF_I_XL_UNET, SD21_BASE_UNET, SD21_TEXT, SD_VAE, T5_XXL
 from bench.random_models import random_deepfloyd_if, random_stable_diffusion
 from bench.speed import in_worker_thread, machine_info, time_stages, write_json
-from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
+from guidance import registry
+from stages.config import PRESETS, apply_overrides, preset
 
 PROMPT = "a ceramic teapot"
 MODELS = {"sd": "stable-diffusion", "if": "deepfloyd-if"}
@@ -128,7 +129,7 @@ def check_model(key: str, args, device: torch.device, dtype: torch.dtype, deadli
     report["fp16"] = overflow_check(model, device)
     config = preset(args.preset)
     config.guidance, config.device = MODELS[key], str(device)
-    adapt_to_guidance(config, MODELS[key])
+    registry.get(MODELS[key]).adapt(config, None)
     apply_overrides(config, [*(TINY_SETTINGS if args.tiny else []), *args.overrides])
     # A stage's steps are cheap next to its set-up on a GPU; give up before the budget would break.
     if time.perf_counter() > deadline:

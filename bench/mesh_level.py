@@ -21,7 +21,7 @@ from bench.speed import write_json
 from geometry.dmtet import auto_threshold, extract_mesh, opacity_level, opacity_maps, probe_density
 from geometry.metrics import volumetric_iou
 from guidance.primitive_shapes import parse_prompt, primitive_mesh
-from stages.pipeline import CHECKPOINTS, _load_field, load_run_config
+from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_run_config
 
 
 def measure_run(run_dir: Path, opacities: list[float]) -> dict:
@@ -29,7 +29,7 @@ def measure_run(run_dir: Path, opacities: list[float]) -> dict:
     _, shape, _ = parse_prompt(prompt)
     truth = primitive_mesh(shape)
     device = torch.device("cpu")
-    field = _load_field(run_dir / CHECKPOINTS["coarse"], device)
+    field = load_coarse_checkpoint(run_dir / CHECKPOINTS["coarse"], device)
     density, _, cell = probe_density(field, device=device)
     row = {"run": run_dir.name, "prompt": prompt, "shape": shape, "seed": config.seed,
            "auto_opacity": opacity_level(opacity_maps(density, cell))}

@@ -4,7 +4,7 @@ For each prompt and seed, `stages.pipeline.run_to_completion` trains and exports
 the offline primitives prior. The exported model.obj is read back with trimesh, rotated back
 into the +z-up training frame (`stages.export.from_y_up`) and compared with the canonical primitive:
 
-- silhouette IoU over the 8 held-out views of `stages.evaluate` (the project rasterizer);
+- silhouette IoU over the 8 held-out views of `bench.evaluate` (the project rasterizer);
 - volumetric IoU and symmetric Chamfer distance (`geometry.metrics`, world units);
 - colour error: the area-weighted mean texture colour over the surface (the texture sampled at
   the face centroids' UVs) against the prompt's colour, as a Euclidean RGB distance (0 .. 1.73);
@@ -47,7 +47,7 @@ from bench.shape_checks import align_azimuth, expected_genus, face_colors, forma
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
 from geometry.uv import face_areas
 from stages.config import PRESETS, apply_overrides, preset
-from stages.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
+from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from stages.export import from_y_up
 from stages.runs import slugify
 
@@ -214,7 +214,9 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
 def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
     """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row."""
     from bench.refine_gain import measure_run
-    from stages.pipeline import CHECKPOINTS, get_guidance, resolve_device, run_to_completion
+    from stages.pipeline import resolve, run_to_completion
+    from stages.runs import CHECKPOINTS
+    from stages.workers import guidance_for
 
     row = {"prompt": prompt, "seed": seed, "status": "ok"}
     run_dir = out_dir / f"{slugify(prompt)}-seed{seed}"
@@ -230,7 +232,7 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
         row["stage_seconds"] = {k: round(v, 2) for k, v in record["stage_seconds"].items()}
         row["total_seconds"] = round(time.perf_counter() - start, 2)
         t0 = time.perf_counter()
-        prior = get_guidance(config, "primitives", resolve_device(config.device))  # the run's own, cached
+        prior = guidance_for(resolve(prompt, config))  # the run's own, cached
         row.update(in_worker_thread(measure, done.paths["obj"], prompt, prior))  # see in_worker_thread
         if (run_dir / CHECKPOINTS["refine"]).exists():  # the refine stage's gain (not with stop_after=coarse)
             gain = measure_run(run_dir)

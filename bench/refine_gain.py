@@ -23,7 +23,7 @@ from bench.speed import write_json
 from geometry.dmtet import extract_mesh
 from geometry.tets import is_watertight
 from guidance.primitive_shapes import parse_prompt
-from stages.pipeline import CHECKPOINTS, _load_field, _load_refine, load_run_config
+from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_refine_checkpoint, load_run_config
 
 VOLUME_RESOLUTION = 64  # voxels per axis of the IoU grid (bench.quality uses the same)
 
@@ -52,10 +52,10 @@ def measure_run(run_dir: Path) -> dict:
     prompt, config = load_run_config(run_dir)
     _, shape, _ = parse_prompt(prompt)
     device = torch.device("cpu")
-    field = _load_field(run_dir / CHECKPOINTS["coarse"], device)
+    field = load_coarse_checkpoint(run_dir / CHECKPOINTS["coarse"], device)
     before = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
                           opacity=config.refine.surface_opacity)
-    after, _ = _load_refine(run_dir / CHECKPOINTS["refine"], device)
+    after, _ = load_refine_checkpoint(run_dir / CHECKPOINTS["refine"], device)
     row = {"run": run_dir.name, "prompt": prompt, "seed": config.seed, "grid": config.refine.grid_resolution}
     for name, (verts, faces) in (("before", before), ("after", after)):
         row[f"iou_{name}"] = aligned_volume_iou(verts, faces, shape, VOLUME_RESOLUTION) if faces.shape[0] else 0.0

@@ -39,7 +39,8 @@ import torch
 
 from bench.random_models import random_stable_diffusion
 from stages.common import release_free_memory
-from stages.config import PRESETS, adapt_to_guidance, apply_overrides, preset
+from guidance import registry
+from stages.config import PRESETS, apply_overrides, preset
 
 PROMPT = "a red cube"
 NO_CUDA = "no CUDA GPU: CUDA figures not taken"
@@ -224,19 +225,19 @@ def time_stages(guidance, config, device: torch.device, steps: int) -> dict:
 
 # --------------------------------------------------------------------------- the two set-ups
 def cpu_setup(preset_name: str, overrides: list[str]):
-    from stages.pipeline import get_guidance
+    from stages.workers import kept_guidance
 
     config = preset(preset_name)
     config.guidance, config.device = "primitives", "cpu"
-    adapt_to_guidance(config, "primitives")  # white background and the prior's ambient, as in a run
+    registry.get("primitives").adapt(config, None)  # white background and the prior's ambient, as in a run
     apply_overrides(config, overrides)
-    return config, get_guidance(config, "primitives", torch.device("cpu"))
+    return config, kept_guidance(registry.get("primitives"), config, torch.device("cpu"))
 
 
 def cuda_setup(preset_name: str, overrides: list[str]):
     config = preset(preset_name)
     config.guidance, config.device = "stable-diffusion", "cuda"
-    adapt_to_guidance(config, "stable-diffusion")
+    registry.get("stable-diffusion").adapt(config, None)
     apply_overrides(config, overrides)
     return config, random_stable_diffusion(torch.device("cuda"), torch.float16)
 

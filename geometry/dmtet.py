@@ -10,9 +10,9 @@ gradients, chunked) and `albedo(x [N, 3]) -> [N, 3]`, such as `geometry.nerf.NeR
    only through its whole thickness) whose outline sits at density ~2, a long GPU run a sharp
    one with a peak in the hundreds. Nor does one opacity suit every field (`opacity_level`):
    coarse fields carry pale fog around the object that grazing rays see as half opaque, so a
-   50 % silhouette made the primitives prior's cubes 1.3-2x too large, while an 80 % one
-   shrank spheres and lost white objects (trained on a dark background, opaque only to 75-85 %)
-   almost entirely. The opacity that separates object from fog is read off each field's own
+   50 % silhouette made the primitives prior's cubes too large, while an 80 % one shrank
+   spheres and lost white objects (trained on a dark background, never fully opaque) almost
+   entirely (figures: bench/RESULTS.md). The opacity that separates object from fog is read off each field's own
    opacity histogram (Otsu's threshold).
 2. The grid is fitted to the box of the probes above the level, padded by `margin` (the whole
    [-bound, bound]^3 when there is no surface).

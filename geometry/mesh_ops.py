@@ -1,4 +1,4 @@
-"""Differentiable triangle-mesh helpers for refinement: vertex normals and two regularisers.
+"""Differentiable triangle-mesh helpers for refinement: regularisers (the vertex normals live in `renderers.mesh`).
 
 All three take the mesh of the current step (`verts` [V, 3] float, `faces` [F, 3] long,
 counter-clockwise seen from outside, as `geometry.tets.marching_tets` emits it) and are
@@ -11,25 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def face_normals(
-    verts: Tensor,  # [V, 3]
-    faces: Tensor,  # [F, 3] long
-    normalize: bool = True,
-) -> Tensor:  # [F, 3] unit normals, or area-weighted (length = twice the area) when normalize=False
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    n = torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
-    return F.normalize(n, dim=-1, eps=1e-20) if normalize else n
-
-
-def vertex_normals(
-    verts: Tensor,  # [V, 3]
-    faces: Tensor,  # [F, 3] long
-) -> Tensor:  # [V, 3] unit normals (zero for a vertex no face uses)
-    """Area-weighted average of the normals of the faces around each vertex."""
-    n = face_normals(verts, faces, normalize=False)  # [F, 3], length = 2 * area
-    acc = torch.zeros_like(verts).index_add(0, faces.reshape(-1), n.repeat_interleave(3, dim=0))
-    return F.normalize(acc, dim=-1, eps=1e-20)
+from renderers.mesh import face_normals, vertex_normals  # noqa: F401 (they live with the mesh renderer; kept importable here)
 
 
 def face_adjacency(faces: Tensor) -> Tensor:  # faces [F, 3] long -> [E, 2] long

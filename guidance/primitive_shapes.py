@@ -44,6 +44,7 @@ COLORS: dict[str, tuple[float, float, float]] = {
 COLOR_ALIASES = {"grey": "gray", "violet": "purple"}
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus", "capsule")
 SHAPE_ALIASES = {"ball": "sphere", "box": "cube", "donut": "torus", "ring": "torus", "pill": "capsule"}
+PRIOR_AMBIENT = 0.3  # ambient share of the libraries' Lambertian shading (the stages render with the same)
 _LIBRARY_FORMAT = 1  # bump when the render code changes, to invalidate caches
 
 
@@ -126,7 +127,7 @@ def primitive_mesh(shape: str) -> trimesh.Trimesh:
 class LibraryConfig:
     resolution: int = 64  # side of the library images, px (the prior's resolution)
     renders_per_view: int = 96  # K: renders per shape and view word
-    ambient: float = 0.3  # ambient share of the Lambertian shading, as in the renderers
+    ambient: float = PRIOR_AMBIENT  # ambient share of the Lambertian shading, as in the renderers
     supersample: int = 2  # renders at this many times the resolution, then averages (antialiasing)
     seed: int = 0  # seed of the camera draws
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)  # the stages' camera distribution

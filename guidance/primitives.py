@@ -7,7 +7,7 @@ so E[x0 | x_t] = sum_i softmax_i x_i exactly, and eps_hat = (x_t - sqrt(a) E[x0 
 The unconditional branch (empty prompt plus a view word) is the union of every prompt's
 library for that view word. The model sees only x_t, t and the text: never a camera.
 So the object's size is only defined if the stages' cameras all see it at one scale: the runs
-using this prior fix the camera distance and field of view (`stages.config.adapt_to_guidance`).
+using this prior fix the camera distance and field of view (`guidance.registry.adapt_to_primitives`).
 
 Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with
 A_k = 2 g (1 - alpha) - 1 for a grey background level g and B_k = 2 alpha_shade of render k, so
@@ -24,18 +24,19 @@ from torch import Tensor
 
 from guidance.primitive_shapes import (
     COLORS,
+    PRIOR_AMBIENT,
     SHAPES,
     LibraryConfig,
     load_library,
     parse_prompt,
     prompt_text,
 )
-from renderers.cameras import VIEW_WORDS, CameraConfig
+from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, VIEW_WORDS, CameraConfig
 
 
 # The one camera distance and vertical field of view the runs with this prior use (see above).
-CAMERA_DISTANCE = 2.8  # world units
-CAMERA_FOVY = 45.0  # degrees
+CAMERA_DISTANCE = VIEW_DISTANCE  # world units
+CAMERA_FOVY = VIEW_FOVY  # degrees
 DARK_BACKGROUND = 0.15  # grey level behind white objects: below their darkest shade (0.3 ambient x 0.95)
 
 
@@ -69,9 +70,8 @@ class PrimitivesPrior:
 
     space = "pixel"
     # 5, not Stable Diffusion's 100: both branches are exact posteriors, so s multiplies their
-    # whole difference; at 100 the albedo saturates and a haze fills the bounding sphere. "A green
-    # cube", quick preset: silhouette IoU 0.80 and colour error 0.19 at s=100, 0.87 / 0.10 at 10,
-    # 0.88 / 0.09 at 5; at s=1 the shape stays the initial blob (IoU 0.63).
+    # whole difference; at 100 the albedo saturates and a haze fills the bounding sphere, at 1 the
+    # shape stays the initial blob (the figures: bench/RESULTS.md, "CFG 100 is far too strong").
     default_guidance_scale = 5.0
     view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
 
@@ -82,7 +82,7 @@ class PrimitivesPrior:
         resolution: int = 64,  # library image side, px
         renders_per_view: int = 96,  # K renders per shape and view word
         camera: CameraConfig | None = None,  # the stages' camera distribution (never individual poses)
-        ambient: float = 0.3,  # ambient share of the library's Lambertian shading
+        ambient: float = PRIOR_AMBIENT,  # ambient share of the library's Lambertian shading
         background: float = 1.0,  # grey level behind the objects in [0, 1]: the stages must render on the same
         cache: str | None = None,  # cache folder; None = the user cache folder
         log=print,

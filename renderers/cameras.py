@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 VIEW_WORDS = ("front", "side", "back", "overhead")
+VIEW_DISTANCE = 2.8  # world units: the fixed views' camera distance (previews, turntables, held-out views, the primitives prior)
+VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
 
 @dataclass
@@ -56,8 +58,7 @@ class CameraConfig:
 @dataclass
 class Cameras:
     c2w: Tensor  # [B, 4, 4] camera-to-world
-    proj: Tensor  # [B, 4, 4] OpenGL projection with y flipped (images upright)
-    mvp: Tensor  # [B, 4, 4] proj @ world-to-camera: pos_clip = [x, 1] @ mvp^T
+    mvp: Tensor  # [B, 4, 4] projection (OpenGL, y flipped: images upright) @ world-to-camera: pos_clip = [x, 1] @ mvp^T
     intrinsics: Tensor  # [B, 3, 3] pixel intrinsics (u right, v down) for (height, width)
     position: Tensor  # [B, 3] camera centre, world
     light_position: Tensor  # [B, 3] point light, world
@@ -167,7 +168,6 @@ def _assemble(
     words = [view_word(float(e), float(a)) for e, a in zip(elevation.tolist(), azimuth.tolist())]
     return Cameras(
         c2w=c2w,
-        proj=proj,
         mvp=mvp,
         intrinsics=intrinsics,
         position=position,
@@ -263,8 +263,8 @@ def orbit_cameras(
     num_views: int,
     resolution: tuple[int, int],
     elevation: float = 15.0,  # degrees
-    distance: float = 2.8,  # world units
-    fovy: float = 45.0,  # degrees
+    distance: float = VIEW_DISTANCE,  # world units
+    fovy: float = VIEW_FOVY,  # degrees
     azimuth_start: float = 0.0,  # degrees of the first view
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -303,7 +303,7 @@ def get_rays(cameras: Cameras) -> tuple[Tensor, Tensor]:
 def _to(cams: Cameras, device: torch.device | str | None) -> Cameras:
     if device is None:
         return cams
-    for name in ("c2w", "proj", "mvp", "intrinsics", "position", "light_position", "elevation", "azimuth", "distance", "fovy"):
+    for name in ("c2w", "mvp", "intrinsics", "position", "light_position", "elevation", "azimuth", "distance", "fovy"):
         setattr(cams, name, getattr(cams, name).to(device))
     return cams
 

@@ -10,7 +10,7 @@ Two backends behind the same four functions (`rasterize`, `interpolate`, `textur
 `backend="auto"` picks nvdiffrast when possible, else torch. The torch antialiasing
 lives in `renderers/silhouette_aa.py`.
 
-Conventions (nvdiffrast's, see notes/COMMON.md):
+Conventions (nvdiffrast's):
 - Pixel (row i, column j) covers NDC x in [-1 + 2j/W, -1 + 2(j+1)/W] and NDC y in
   [-1 + 2i/H, -1 + 2(i+1)/H]; its sample is the pixel centre.
 - `rast` [B, H, W, 4] = (u, v, z/w, triangle_id + 1), all zero on background; an
@@ -28,6 +28,9 @@ Torch backend limits (documented, deliberate):
 
 import torch
 from torch import Tensor
+
+from renderers.screen import edge_values, pixel_coords, signed_area
+from renderers.silhouette_aa import antialias_torch
 
 _BACKENDS = ("auto", "torch", "nvdiffrast")
 _nvdr_module = None  # nvdiffrast.torch once imported; False when the import failed
@@ -97,28 +100,6 @@ def _check_rast(rast: Tensor) -> None:
         raise ValueError(f"rast must have shape [B, H, W, 4], got {tuple(rast.shape)}")
 
 
-def _pixel_coords(pos_clip: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
-    """Vertex positions in pixel units where pixel (i, j)'s centre is at (x=j, y=i)."""
-    w = pos_clip[..., 3]
-    X = (pos_clip[..., 0] / w + 1.0) * (0.5 * W) - 0.5  # [B, V]
-    Y = (pos_clip[..., 1] / w + 1.0) * (0.5 * H) - 0.5  # [B, V]
-    return X, Y
-
-
-def _signed_area(tx: Tensor, ty: Tensor) -> Tensor:
-    """Twice the signed screen area of triangles given corner coords [..., 3]."""
-    return (tx[..., 1] - tx[..., 0]) * (ty[..., 2] - ty[..., 0]) - (ty[..., 1] - ty[..., 0]) * (
-        tx[..., 2] - tx[..., 0]
-    )
-
-
-def _edge_values(tx: Tensor, ty: Tensor, px: Tensor, py: Tensor) -> Tensor:
-    """Edge functions [P, 3] of point (px, py) [P] against edges k = (v_k, v_k+1);
-    positive inside a counter-clockwise triangle (in pixel axes)."""
-    nx, ny = tx.roll(-1, dims=-1), ty.roll(-1, dims=-1)
-    return (nx - tx) * (py[:, None] - ty) - (ny - ty) * (px[:, None] - tx)
-
-
 def _float_order_key(z: Tensor) -> Tensor:
     """int64 keys [P] that sort like the float32 values z [P] (exact, no quantisation)."""
     bits = z.float().contiguous().view(torch.int32).long()
@@ -165,10 +146,10 @@ def _visible_triangles(pos: Tensor, tri: Tensor, H: int, W: int, chunk_size: int
     """Index of the nearest triangle per pixel, flat [B*H*W] long, -1 on background."""
     B, F = pos.shape[0], tri.shape[0]
     dev = pos.device
-    X, Y = _pixel_coords(pos, H, W)
+    X, Y = pixel_coords(pos, H, W)
     Z = pos[..., 2] / pos[..., 3]
     tx, ty, tz = X[:, tri], Y[:, tri], Z[:, tri]  # [B, F, 3]
-    area = _signed_area(tx, ty)  # [B, F]
+    area = signed_area(tx, ty)  # [B, F]
     valid = (pos[..., 3][:, tri] > 0).all(-1) & (area.abs() > 1e-8) & torch.isfinite(area)
     # Pixel-centre bounding boxes, clamped to the image (before the cast, against overflow).
     x_lo = tx.amin(-1).ceil().clamp(0, W).long()
@@ -196,7 +177,7 @@ def _visible_triangles(pos: Tensor, tri: Tensor, H: int, W: int, chunk_size: int
         row = y_lo[b, f] + local // nx
         del item, local, nx
         cx, cy = tx[b, f], ty[b, f]  # [P, 3]
-        e = _edge_values(cx, cy, col.to(cx.dtype), row.to(cx.dtype)) * area[b, f].sign()[:, None]
+        e = edge_values(cx, cy, col.to(cx.dtype), row.to(cx.dtype)) * area[b, f].sign()[:, None]
         # Screen-space barycentric of vertex k+2 is e_k / area; z/w is affine in screen space.
         z = (e * tz[b, f].roll(1, dims=-1)).sum(-1) / area[b, f].abs()
         keep = (e >= 0).all(-1) & (z >= -1) & (z <= 1)
@@ -334,6 +315,4 @@ def antialias(
         return _nvdr().antialias(
             color.float().contiguous(), rast.contiguous(), pos_clip.float().contiguous(), tri.int().contiguous()
         )
-    from renderers.silhouette_aa import antialias_torch  # imported here: it uses this module's helpers
-
     return antialias_torch(color, rast, pos_clip, tri)

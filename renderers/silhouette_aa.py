@@ -6,7 +6,7 @@ over same-facing neighbours to the silhouette edge, and the mesh-adjacency helpe
 import torch
 from torch import Tensor
 
-from renderers.raster import _edge_values, _pixel_coords, _signed_area
+from renderers.screen import edge_values, pixel_coords, signed_area
 
 _MAX_HOPS = 32  # front-facing triangles a pixel-pair segment may cross before its silhouette edge
 
@@ -20,7 +20,7 @@ def antialias_torch(
     """`raster.antialias` in PyTorch (inputs already checked there)."""
     B, H, W, C = color.shape
     tri = tri.long()
-    X, Y = _pixel_coords(pos_clip, H, W)  # differentiable [B, V]
+    X, Y = pixel_coords(pos_clip, H, W)  # differentiable [B, V]
     neighbour = _edge_neighbours(tri, pos_clip.shape[1])  # [F, 3]
     facing = _screen_facing(X.detach(), Y.detach(), pos_clip[..., 3].detach(), tri)  # [B, F]
     tid = (rast[..., 3].detach() + 0.5).long().reshape(-1) - 1  # [BHW]
@@ -87,8 +87,8 @@ def _walk_to_silhouette(
         vid = tri[cf]
         tx, ty = X[cb[:, None], vid], Y[cb[:, None], vid]
         sign = facing[cb, cf][:, None]
-        e_a = _edge_values(tx, ty, ax[active], ay[active]) * sign
-        e_b = _edge_values(tx, ty, bx[active], by[active]) * sign
+        e_a = edge_values(tx, ty, ax[active], ay[active]) * sign
+        e_b = edge_values(tx, ty, bx[active], by[active]) * sign
         exiting = e_b < e_a  # the edge's inside value falls along A->B
         t_k = torch.where(exiting, e_a / torch.where(exiting, e_a - e_b, 1.0), float("inf"))
         t, k = t_k.min(-1)
@@ -130,6 +130,6 @@ def _edge_neighbours(tri: Tensor, V: int) -> Tensor:
 def _screen_facing(X: Tensor, Y: Tensor, w: Tensor, tri: Tensor) -> Tensor:
     """[B, F] float: sign of each triangle's screen area, 0 when it is not rasterized."""
     tx, ty = X[:, tri], Y[:, tri]
-    area = _signed_area(tx, ty)
+    area = signed_area(tx, ty)
     drawn = (w[:, tri] > 0).all(-1) & (area.abs() > 1e-8) & torch.isfinite(area)
     return torch.where(drawn, area.sign(), 0.0)

@@ -29,7 +29,6 @@ SHADINGS = ("albedo", "lambertian", "textureless")
 # shaded with probability 0.75, of which half textureless; ambient 0.1, diffuse 0.9).
 DREAMFUSION_SHADING = {"albedo": 0.25, "lambertian": 0.375, "textureless": 0.375}
 DREAMFUSION_AMBIENT = 0.1
-DREAMFUSION_ALBEDO_WARMUP_STEPS = 1000  # albedo-only steps at the start of a full-length run
 
 
 @dataclass

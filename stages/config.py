@@ -5,7 +5,7 @@ Presets are named instances of `Config`:
 - `standard`: one GPU, Magic3D-like: a 64 px coarse NeRF, then a 512 px DMTet refine.
 - `high`: longer and finer than `standard`.
 The guidance model is chosen separately ("auto" = Stable Diffusion on a CUDA GPU, else the
-offline primitives prior); `make_config` adapts what depends on it (the background).
+offline primitives prior); `stages.plan.resolve` adapts what depends on it (`guidance.registry`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from geometry.nerf import FieldConfig
-from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, background_for
+from guidance import registry
 from guidance.sds import SDSConfig
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
@@ -23,25 +23,21 @@ from stages.export import ExportConfig
 from stages.refine import RefineConfig
 
 PRESETS = ("quick", "standard", "high")
-GUIDANCE_CHOICES = ("auto", "primitives", "stable-diffusion", "deepfloyd-if")
 STAGES = ("coarse", "refine", "export")
 MAX_SEED = 2**32 - 1
-PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
-PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
-PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
 
 
 @dataclass
 class Config:
     preset: str = "quick"  # the preset this config started from (recorded in run.json)
-    guidance: str = "auto"  # "auto" (Stable Diffusion on CUDA, else primitives), "primitives", "stable-diffusion", "deepfloyd-if"
+    guidance: str = "auto"  # "auto" (Stable Diffusion on CUDA, else primitives) or a name of `guidance.registry`
     model_id: str | None = None  # hub id or local folder of the guidance model; None = the model's default
     seed: int = 0  # the run's seed; the pipeline copies it into coarse.seed and refine.seed
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     stop_after: str = "export"  # last stage to train: "coarse" exports the coarse field's mesh, "refine" or "export" do all
     prior_resolution: int = 64  # primitives prior: image side of its libraries, px
     prior_renders_per_view: int = 96  # primitives prior: renders per shape and view word
-    prior_background: float = 1.0  # primitives prior: grey level behind its objects (set from the prompt by adapt_to_guidance)
+    prior_background: float = 1.0  # primitives prior: grey level behind its objects (set from the prompt by the spec's adapt)
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)  # training camera distribution
     coarse: CoarseConfig = dataclasses.field(default_factory=CoarseConfig)  # stage 1: NeRF + SDS
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)  # stage 2: DMTet + SDS
@@ -50,8 +46,8 @@ class Config:
     def check(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
-        if self.guidance not in GUIDANCE_CHOICES:
-            raise ValueError(f"guidance must be one of {list(GUIDANCE_CHOICES)}, got {self.guidance!r}")
+        if self.guidance not in registry.choices():
+            raise ValueError(f"guidance must be one of {list(registry.choices())}, got {self.guidance!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.stop_after not in STAGES:
@@ -119,46 +115,6 @@ def preset(name: str) -> Config:
     if name == "high":
         return _high()
     raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
-
-
-def adapt_to_guidance(config: Config, guidance_name: str, prompt: str | None = None) -> None:
-    """Settings that follow from the guidance model (and, for the primitives prior, the prompt).
-    The primitives prior's libraries are Lambertian renders on a grey level (white, or dark for
-    white objects: `guidance.primitives.background_for`): the stages render on the same with the
-    same ambient light. The prior never sees a camera, so a range of distances would leave the
-    object's size free: its runs use one distance and field of view (unless the config already
-    changed those ranges)."""
-    if guidance_name == "primitives":
-        config.prior_background = background_for(prompt)
-        grey = "white" if config.prior_background == 1.0 else (config.prior_background,) * 3
-        default = CameraConfig()
-        if config.camera.distance_range == default.distance_range:
-            config.camera.distance_range = (CAMERA_DISTANCE, CAMERA_DISTANCE)
-        if config.camera.fovy_range == default.fovy_range:
-            config.camera.fovy_range = (CAMERA_FOVY, CAMERA_FOVY)
-        config.coarse.background = grey
-        config.refine.background = grey
-        config.coarse.volume.ambient = 0.3
-        config.refine.ambient = 0.3
-        if config.refine.sds.guidance_scale is None:
-            # The mesh regularizers' weights suit CFG-100 gradients; at the prior's 5 they hold the
-            # mesh still (a rounded cylinder's IoU: +0.03 in 150 steps at 5, +0.08 at 10).
-            config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
-        if config.refine.lambda_albedo_tilt is None:
-            # Every prompt of the prior is one colour, so brightness must not follow the normal's z
-            # ("a brown cone", seed 0: up/down brightness 1.55 -> 1.01, colour error 0.089 -> 0.049).
-            config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
-        defaults = RefineConfig()
-        for name in ("lambda_normal_consistency", "lambda_laplacian"):
-            # The weights suit CFG-100 gradients; at the prior's refine CFG of 10 they hold the surface
-            # still, and a tenth lets the SDS gradient reshape it (bench/RESULTS.md). Unless set by hand.
-            if getattr(config.refine, name) == getattr(defaults, name):
-                setattr(config.refine, name, getattr(defaults, name) * PRIMITIVES_REGULARIZER_SCALE)
-    else:
-        if not isinstance(config.coarse.background, str) or config.coarse.background == "white":
-            config.coarse.background = "learned"
-        if not isinstance(config.refine.background, str) or config.refine.background == "white":
-            config.refine.background = "random"
 
 
 # ---- overrides: "coarse.iters=300", "refine.sds.t_max=0.4" ------------------------------------

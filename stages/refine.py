@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geometry.dmtet import dmtet_from_field
-from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss, vertex_normals
+from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
-from renderers import raster
-from renderers.cameras import CameraConfig, Cameras, orbit_cameras, sample_cameras, to_clip
-from renderers.volume import SHADINGS, sample_shading
+from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
+from renderers.mesh import rasterize_mesh, render_mesh, shade_mesh
+from renderers.volume import sample_shading
 from stages.common import (
     Callback, NonFiniteSteps, StageError, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock,
     image_grid,
@@ -111,77 +111,6 @@ class RefineResult:
     color_field: object  # the refined colour field: albedo(points [N, 3]) -> [N, 3] in [0, 1]
     previews: list[np.ndarray] = dataclasses.field(default_factory=list)  # [H, W, 3] uint8 orbit mosaics
     stats: dict = dataclasses.field(default_factory=dict)  # seconds per step part (mean), faces, threshold, ...
-
-
-# --------------------------------------------------------------------------- rendering
-def rasterize_mesh(
-    verts: Tensor,  # [V, 3] world positions
-    faces: Tensor,  # [F, 3] long
-    cameras: Cameras,
-    backend: str = "auto",
-    chunk_size: int = 0,
-) -> dict:
-    """pos_clip [B, V, 4], rast [B, H, W, 4], points [B, H, W, 3] and unit normals [B, H, W, 3] per pixel."""
-    pos_clip = to_clip(verts, cameras.mvp)  # [B, V, 4]
-    rast = raster.rasterize(pos_clip, faces, (cameras.height, cameras.width), backend=backend, chunk_size=chunk_size)
-    attrs = torch.cat([verts, vertex_normals(verts, faces)], dim=-1)  # [V, 6]
-    interp = raster.interpolate(attrs, rast, faces, backend=backend)  # [B, H, W, 6]
-    normals = F.normalize(interp[..., 3:], dim=-1, eps=1e-12)
-    return {"pos_clip": pos_clip, "rast": rast, "faces": faces, "points": interp[..., :3], "normals": normals}
-
-
-def shade_mesh(
-    raster_out: dict,  # output of rasterize_mesh
-    color_field,  # albedo(points [N, 3]) -> [N, 3]
-    cameras: Cameras,
-    shading: str,  # "albedo", "lambertian" or "textureless"
-    ambient: float,
-    background: Tensor,  # [B, 3]
-    backend: str = "auto",
-) -> dict:
-    """rgb [B, H, W, 3] composited over the background with antialiased silhouettes, alpha [B, H, W, 1].
-
-    The colour field is queried only at covered pixels, and at detached points: the texture
-    learns its colours, the geometry learns from silhouettes and shading.
-    """
-    if shading not in SHADINGS:
-        raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
-    rast, points, normals = raster_out["rast"], raster_out["points"], raster_out["normals"]
-    covered = rast[..., 3] > 0  # [B, H, W]
-    pts = points[covered]  # [P, 3]
-    if shading == "textureless":
-        albedo = torch.ones_like(pts)
-    else:
-        albedo = color_field.albedo(pts.detach()).to(pts.dtype)  # [P, 3]
-    if shading == "albedo":
-        color = albedo
-    else:
-        batch = covered.nonzero()[:, 0]
-        to_light = F.normalize(cameras.light_position.to(pts.dtype)[batch] - pts, dim=-1)
-        lambert = (normals[covered] * to_light).sum(-1).clamp_min(0.0)
-        color = albedo * (ambient + (1.0 - ambient) * lambert)[:, None]
-    bg = background.to(pts.dtype)[:, None, None, :].expand_as(points)
-    rgb = bg.index_put((covered,), color)  # [B, H, W, 3]
-    rgb = raster.antialias(rgb, rast, raster_out["pos_clip"], raster_out["faces"], backend=backend)
-    return {"rgb": rgb, "alpha": covered[..., None].to(rgb.dtype)}
-
-
-def render_mesh(
-    verts: Tensor,  # [V, 3]
-    faces: Tensor,  # [F, 3] long
-    color_field,  # albedo(points [N, 3]) -> [N, 3]
-    cameras: Cameras,
-    shading: str = "lambertian",
-    ambient: float = 0.3,
-    background: Tensor | None = None,  # [B, 3]; None = white
-    backend: str = "auto",
-) -> dict:
-    """rgb [B, H, W, 3], alpha [B, H, W, 1] and normal [B, H, W, 3] of a mesh (previews, turntables)."""
-    if background is None:
-        background = torch.ones(len(cameras), 3, device=verts.device, dtype=verts.dtype)
-    out = rasterize_mesh(verts, faces, cameras, backend)
-    shaded = shade_mesh(out, color_field, cameras, shading, ambient, background, backend)
-    return {**shaded, "normal": out["normals"] * shaded["alpha"]}
 
 
 def _background(config: RefineConfig, batch: int, generator: torch.Generator, device, dtype) -> Tensor:  # [B, 3]

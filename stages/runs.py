@@ -1,6 +1,10 @@
-"""Run folders: where each run writes, how names are made safe, atomic writes, pruning old runs."""
+"""Run folders: where each run writes, how names are made safe, atomic writes, pruning old runs,
+and what a run leaves there: its record (`run.json`) and a checkpoint after each stage, which
+`load_coarse_checkpoint` / `load_refine_checkpoint` read back (resume, bench)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -12,6 +16,8 @@ from pathlib import Path
 import torch
 
 RUN_FILE = "run.json"
+CHECKPOINTS = {"coarse": "coarse.pt", "refine": "refine.pt"}  # stage -> its checkpoint in the run folder
+_PACKAGES = ("torch", "diffusers", "transformers", "gradio", "trimesh", "xatlas", "numpy")  # versions kept in run.json
 
 
 def slugify(prompt: str, limit: int = 40) -> str:
@@ -78,3 +84,92 @@ def _status(run: Path) -> str | None:
         return json.loads((run / RUN_FILE).read_text()).get("status")
     except (OSError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------- run.json
+def package_versions() -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def load_record(run_path: Path) -> dict:
+    """A run folder's run.json; FileNotFoundError when it is not a run folder."""
+    path = Path(run_path) / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_path} has no {RUN_FILE}: it is not a DreamLift run folder")
+    return json.loads(path.read_text())
+
+
+def load_run_config(run_dir: str | os.PathLike):
+    """The prompt and config of an earlier run (for --resume): (prompt, stages.config.Config)."""
+    from stages.config import from_dict
+
+    record = load_record(Path(run_dir))
+    return record["prompt"], from_dict(record["config"])
+
+
+def finish_stage(record: dict, stage: str, seconds: float, run_path: Path, stats: dict) -> None:
+    """Record a finished stage (its seconds and stats) and write run.json."""
+    record["stage_seconds"][stage] = seconds
+    if stage not in record["finished_stages"]:
+        record["finished_stages"].append(stage)
+    record.setdefault("stage_stats", {})[stage] = stats
+    if "nonfinite_skipped" in stats:  # fp16 overflows survived, per stage
+        record.setdefault("nonfinite_skipped", {})[stage] = stats["nonfinite_skipped"]
+    write_json_atomic(run_path / RUN_FILE, record)
+
+
+def fail_record(record: dict, run_path: Path, status: str, message: str, trace: str = "") -> None:
+    """Record how a run ended ("failed", "cancelled"); a folder that cannot be written is left as it is."""
+    record.update(status=status, error=message, ended_at=time.time())
+    if trace:
+        record["traceback"] = trace
+    try:
+        write_json_atomic(run_path / RUN_FILE, record)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- checkpoints
+def has_checkpoint(record: dict, run_path: Path, stage: str) -> bool:
+    """Whether `stage` finished in this run and its checkpoint is there."""
+    return stage in record["finished_stages"] and (run_path / CHECKPOINTS[stage]).exists()
+
+
+def save_coarse_checkpoint(field, run_path: Path) -> None:
+    save_atomic({"field": field.state_dict(), "field_config": dataclasses.asdict(field.config)},
+                run_path / CHECKPOINTS["coarse"])
+
+
+def save_refine_checkpoint(vertices, faces, color_field, run_path: Path) -> None:
+    save_atomic({"vertices": vertices.cpu(), "faces": faces.cpu(), "color_field": color_field.state_dict(),
+                 "field_config": dataclasses.asdict(color_field.config)}, run_path / CHECKPOINTS["refine"])
+
+
+def load_coarse_checkpoint(path: Path, device: torch.device):
+    """The coarse stage's NeRF field from its checkpoint, frozen, in eval mode."""
+    from geometry.nerf import FieldConfig, NeRFField
+
+    data = torch.load(path, map_location=device, weights_only=True)
+    field = NeRFField(FieldConfig(**data["field_config"])).to(device)
+    field.load_state_dict(data["field"])
+    field.eval()
+    for p in field.parameters():
+        p.requires_grad_(False)
+    return field
+
+
+def load_refine_checkpoint(path: Path, device: torch.device):
+    """((vertices [V, 3], faces [F, 3]), colour field) of the refine stage from its checkpoint."""
+    from geometry.nerf import FieldConfig, NeRFField
+
+    data = torch.load(path, map_location=device, weights_only=True)
+    color_field = NeRFField(FieldConfig(**data["field_config"])).to(device)
+    color_field.load_state_dict(data["color_field"])
+    color_field.eval()
+    return (data["vertices"].to(device), data["faces"].to(device)), color_field

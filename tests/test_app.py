@@ -1,64 +1,11 @@
 """The app, served on 127.0.0.1 with tiny settings and driven through gradio_client."""
-import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import trimesh
 
-from conftest import stop_server
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=4", "coarse.resolution=16",
-    "coarse.preview_every=2", "coarse.preview_views=2", "coarse.preview_resolution=16", "coarse.volume.num_samples=16",
-    "refine.iters=3", "refine.batch_size=1", "refine.resolution=16", "refine.grid_resolution=16",
-    "refine.preview_every=2", "refine.preview_views=2", "refine.preview_resolution=16",
-    "export.texture_size=64", "export.turntable_frames=4", "export.turntable_resolution=64",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def launch_app(out: Path, extra_args=(), extra_env=None):
-    """The app served on a free 127.0.0.1 port with the TINY settings: (gradio_client Client, process)."""
-    port = _free_port()
-    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False", **(extra_env or {}))
-    args = [sys.executable, "app.py", "--port", str(port), "--queue-size", "4", *extra_args]
-    for item in TINY:
-        args += ["--set", item]
-    log = open(out / "server.log", "w")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((out / "server.log").read_text())
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("the app did not start in 120 s: " + (out / "server.log").read_text())
-    from gradio_client import Client
-
-    try:
-        yield Client(url, verbose=False), proc
-    finally:
-        stop_server(proc)
-        log.close()
+from helpers import TINY_SETTINGS, launch_app
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +164,12 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
     from guidance.hub import load_error
     from stages import pipeline
 
-    def offline(config, name, device):
+    def offline(plan):
         raise load_error("my/sd-model", "Stable Diffusion", OSError("offline"), "my/sd-model") from None
 
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
-    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY))
-    monkeypatch.setattr(pipeline, "get_guidance", offline)
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY_SETTINGS))
+    monkeypatch.setattr(pipeline, "guidance_for", offline)
     shown = []
     with pytest.raises(gr.Error) as err:
         for outputs in app.generate("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "export", "my/sd-model"):

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray", reason="Ray batch tests: pip install -r require
 import generate as cli  # noqa: E402
 from batch import ray_runner  # noqa: E402
 from batch.plan import BATCH_FILE, load_plan, new_plan  # noqa: E402
-from conftest import TINY_CLI_SETTINGS, tiny_config  # noqa: E402
+from helpers import TINY_CLI_SETTINGS, tiny_run_config  # noqa: E402
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow torus"]
 TINY = ["--guidance", "primitives", *TINY_CLI_SETTINGS]
@@ -27,8 +27,8 @@ def cluster():
 
 
 def _short_config():
-    """tiny_config, and shorter still: the coarse stage's mesh exported, no turntable."""
-    config = tiny_config(stop_after="coarse")
+    """tiny_run_config, and shorter still: the coarse stage's mesh exported, no turntable."""
+    config = tiny_run_config(stop_after="coarse")
     config.export.turntable = False
     return config
 
@@ -164,14 +164,14 @@ def test_a_worker_that_cannot_see_the_output_folder_says_so(cluster, tmp_path):
 
 
 def test_resume_counts_a_run_finished_only_when_its_own_run_json_says_so(tmp_path):
-    plan = new_plan(tmp_path, PROMPTS[:3], tiny_config())
+    plan = new_plan(tmp_path, PROMPTS[:3], tiny_run_config())
     for entry, status in zip(plan.runs, ["finished", "finished", "running"]):
         entry.status = status
     (tmp_path / plan.runs[0].run_dir).mkdir()
     (tmp_path / plan.runs[0].run_dir / "run.json").write_text(json.dumps({"status": "finished"}))
     plan.save("cancelled")  # run 1 claims to be finished but has no folder; run 2 was cut off
     with pytest.raises(ValueError, match="already holds a batch"):
-        new_plan(tmp_path, PROMPTS[:3], tiny_config())
+        new_plan(tmp_path, PROMPTS[:3], tiny_run_config())
     resumed = load_plan(tmp_path)
     assert [r.status for r in resumed.runs] == ["finished", "pending", "pending"]
     assert [r.index for r in resumed.todo()] == [1, 2]

@@ -19,8 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import stop_server
-from test_app import TINY, _free_port
+from helpers import TINY_SETTINGS, free_port, stop_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements.txt)")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -44,10 +43,10 @@ WAIT = 120  # seconds any one awaited page state may take (a bound, not a timing
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     out = tmp_path_factory.mktemp("browser-outputs")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
     args = [sys.executable, "app.py", "--port", str(port)]
-    for item in TINY:
+    for item in TINY_SETTINGS:
         args += ["--set", item]
     log_path = out.parent / "browser-server.log"
     with open(log_path, "w") as log:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import generate as cli
-from conftest import TINY_CLI_SETTINGS
+from helpers import TINY_CLI_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_CLI_SETTINGS

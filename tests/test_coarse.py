@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import quick_primitives_config
+from helpers import FakeGuidance, quick_primitives_config
 
 from geometry.nerf import FieldConfig
 from guidance.primitive_shapes import COLORS, parse_prompt
@@ -15,7 +15,7 @@ from stages import coarse
 from stages.coarse import CoarseConfig
 from stages.common import Cancelled, StageError, StepEvent
 from stages.config import preset
-from stages.evaluate import evaluate_field
+from bench.evaluate import evaluate_field
 
 PROMPT = "a green cube"
 
@@ -23,29 +23,7 @@ PROMPT = "a green cube"
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-class FakeGuidance:
-    """A pixel-space model whose noise prediction pulls images towards mid-grey; NaN from call `nan_at` on."""
-
-    space = "pixel"
-    resolution = 16
-    default_guidance_scale = 5.0
-    view_dependent_uncond = False
-
-    def __init__(self, nan_at: int | None = None):
-        self.alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000), dim=0)  # [T]
-        self.nan_at, self.calls = nan_at, 0
-
-    def encode_prompt(self, texts):
-        return torch.arange(len(texts), dtype=torch.float32)[:, None]  # [N, 1]
-
-    def predict_noise(self, x_t, t, cond):
-        self.calls += 1
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        eps = x_t / (1.0 - a).sqrt() + 0.01 * cond.view(-1, 1, 1, 1)  # x0_hat = 0: mid-grey
-        return eps * float("nan") if self.nan_at is not None and self.calls >= self.nan_at else eps
-
-
-def tiny_config(**changes) -> CoarseConfig:
+def tiny_coarse_config(**changes) -> CoarseConfig:
     config = CoarseConfig(
         iters=4, resolution=16, preview_every=2, preview_views=2, preview_resolution=16, albedo_warmup=2,
         field=FieldConfig(num_levels=4, log2_table_size=12, base_resolution=8, max_resolution=32, hidden_dim=16, num_layers=1),
@@ -69,45 +47,45 @@ def tiny_config(**changes) -> CoarseConfig:
 )
 def test_config_check_names_the_bad_field(changes, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**changes).check()
+        tiny_coarse_config(**changes).check()
 
 
 def test_config_check_reaches_the_nested_configs():
     with pytest.raises(ValueError, match="num_levels must be >= 1"):
-        tiny_config(field=FieldConfig(num_levels=0)).check()
+        tiny_coarse_config(field=FieldConfig(num_levels=0)).check()
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
-        tiny_config(volume=VolumeConfig(num_samples=0)).check()
+        tiny_coarse_config(volume=VolumeConfig(num_samples=0)).check()
     with pytest.raises(ValueError, match="guidance_scale must be > 0"):
-        tiny_config(sds=coarse.SDSConfig(guidance_scale=-1.0)).check()
+        tiny_coarse_config(sds=coarse.SDSConfig(guidance_scale=-1.0)).check()
     preset("quick").coarse.check()  # the preset itself is valid
 
 
 def test_run_checks_the_prompt_and_config():
     with pytest.raises(ValueError, match="prompt must be a non-empty string"):
-        coarse.run(FakeGuidance(), "  ", tiny_config(), CameraConfig())
+        coarse.run(FakeGuidance(resolution=16), "  ", tiny_coarse_config(), CameraConfig())
     with pytest.raises(ValueError, match="coarse.iters"):
-        coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=0), CameraConfig())
+        coarse.run(FakeGuidance(resolution=16), PROMPT, tiny_coarse_config(iters=0), CameraConfig())
 
 
 def test_nan_that_persists_raises_a_stage_error_naming_the_stage_and_step():
     # NaN from step 3 on: steps 3 and 4 are skipped, and the second in a row ends the stage.
     with pytest.raises(StageError, match="coarse stage failed at step 4") as caught:
-        coarse.run(FakeGuidance(nan_at=3), PROMPT, tiny_config(iters=6, max_nonfinite_steps=2), CameraConfig())
+        coarse.run(FakeGuidance(resolution=16, nan_at=3), PROMPT, tiny_coarse_config(iters=6, max_nonfinite_steps=2), CameraConfig())
     assert caught.value.stage == "coarse" and caught.value.step == 4
     assert "non-finite" in caught.value.cause and "2 steps in a row" in caught.value.cause
 
 
 def test_a_stage_whose_every_step_is_non_finite_fails_even_below_the_limit():
     with pytest.raises(StageError, match="coarse stage failed at step 3: all 3 steps were not finite"):
-        coarse.run(FakeGuidance(nan_at=1), PROMPT, tiny_config(iters=3, max_nonfinite_steps=10), CameraConfig())
+        coarse.run(FakeGuidance(resolution=16, nan_at=1), PROMPT, tiny_coarse_config(iters=3, max_nonfinite_steps=10), CameraConfig())
 
 
 def test_a_skipped_step_leaves_the_field_unchanged():
     """A non-finite step makes no update: 3 steps whose third is NaN end where 2 clean steps end."""
     messages = []
-    skipped = coarse.run(FakeGuidance(nan_at=3), PROMPT, tiny_config(iters=3, preview_every=0), CameraConfig(),
+    skipped = coarse.run(FakeGuidance(resolution=16, nan_at=3), PROMPT, tiny_coarse_config(iters=3, preview_every=0), CameraConfig(),
                          callback=lambda e: messages.append(e.message))
-    clean = coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=2, preview_every=0), CameraConfig())
+    clean = coarse.run(FakeGuidance(resolution=16), PROMPT, tiny_coarse_config(iters=2, preview_every=0), CameraConfig())
     assert skipped.stats["nonfinite_skipped"] == 1 and "skipped" in messages[-1]
     for a, b in zip(skipped.field.parameters(), clean.field.parameters()):
         torch.testing.assert_close(a, b)
@@ -116,14 +94,14 @@ def test_a_skipped_step_leaves_the_field_unchanged():
 def test_should_stop_cancels_the_run():
     events: list[StepEvent] = []
     with pytest.raises(Cancelled, match="coarse stage cancelled at step 2"):
-        coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=10), CameraConfig(),
+        coarse.run(FakeGuidance(resolution=16), PROMPT, tiny_coarse_config(iters=10), CameraConfig(),
                    callback=events.append, should_stop=lambda: len(events) >= 2)
     assert [e.step for e in events] == [1, 2]
 
 
 def test_callback_receives_progress_and_previews():
     events: list[StepEvent] = []
-    result = coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=5), CameraConfig(), callback=events.append)
+    result = coarse.run(FakeGuidance(resolution=16), PROMPT, tiny_coarse_config(iters=5), CameraConfig(), callback=events.append)
     assert [e.step for e in events] == [1, 2, 3, 4, 5]
     assert all(e.stage == "coarse" and e.total == 5 and np.isfinite(e.loss) for e in events)
     assert set(events[0].timings) == {"render", "guidance", "backward", "optimizer"}
@@ -137,7 +115,7 @@ def test_callback_receives_progress_and_previews():
 
 def test_runs_are_reproducible_with_the_same_seed():
     def params(seed):
-        result = coarse.run(FakeGuidance(), PROMPT, tiny_config(iters=3, seed=seed, background="random"), CameraConfig())
+        result = coarse.run(FakeGuidance(resolution=16), PROMPT, tiny_coarse_config(iters=3, seed=seed, background="random"), CameraConfig())
         return [p.detach().clone() for p in result.field.parameters()]
 
     first, second, other = params(7), params(7), params(8)
@@ -146,10 +124,10 @@ def test_runs_are_reproducible_with_the_same_seed():
 
 
 def test_training_changes_the_field():
-    config = tiny_config(iters=3)
+    config = tiny_coarse_config(iters=3)
     torch.manual_seed(config.seed)
     initial = [p.detach().clone() for p in coarse.NeRFField(config.field).parameters()]
-    result = coarse.run(FakeGuidance(), PROMPT, config, CameraConfig())
+    result = coarse.run(FakeGuidance(resolution=16), PROMPT, config, CameraConfig())
     trained = list(result.field.parameters())
     assert all(a.shape == b.shape for a, b in zip(initial, trained))
     assert not all(torch.equal(a, b) for a, b in zip(initial, trained))

@@ -4,7 +4,8 @@ import pytest
 
 from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, DARK_BACKGROUND
 from renderers.cameras import CameraConfig
-from stages.config import PRESETS, Config, adapt_to_guidance, apply_overrides, from_dict, preset, to_dict
+from guidance import registry
+from stages.config import PRESETS, Config, apply_overrides, from_dict, preset, to_dict
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -89,7 +90,7 @@ def test_seed_range_is_checked():
 
 def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
     config = preset("quick")
-    adapt_to_guidance(config, "primitives")
+    registry.get("primitives").adapt(config, None)
     assert config.camera.distance_range == (CAMERA_DISTANCE, CAMERA_DISTANCE)
     assert config.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
     assert config.coarse.background == config.refine.background == "white" and config.prior_background == 1.0
@@ -99,13 +100,28 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
 
     # Ranges the user set are kept; other models keep the default ranges and get a non-white background.
     custom = apply_overrides(preset("quick"), ["camera.distance_range=(2.5,3.0)"])
-    adapt_to_guidance(custom, "primitives")
+    registry.get("primitives").adapt(custom, None)
     assert custom.camera.distance_range == (2.5, 3.0) and custom.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
     white = preset("quick")
-    adapt_to_guidance(white, "primitives", "a white cube")  # white objects train on a dark grey
+    registry.get("primitives").adapt(white, "a white cube")  # white objects train on a dark grey
     assert white.prior_background == DARK_BACKGROUND
     assert white.coarse.background == white.refine.background == (DARK_BACKGROUND,) * 3
     white.check()
     other = preset("standard")
-    adapt_to_guidance(other, "stable-diffusion", "a white cube")
+    registry.get("stable-diffusion").adapt(other, "a white cube")
     assert other.camera.distance_range == CameraConfig().distance_range and other.coarse.background != "white"
+
+
+def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
+    """The regularizer weights suit CFG-100 gradients; with the prior's refine CFG of 10 they are a tenth."""
+    default = preset("quick").refine
+    config = preset("quick")
+    registry.get("primitives").adapt(config, "a red cube")
+    assert config.refine.lambda_normal_consistency == pytest.approx(default.lambda_normal_consistency * 0.1)
+    assert config.refine.lambda_laplacian == pytest.approx(default.lambda_laplacian * 0.1)
+    custom = apply_overrides(preset("quick"), ["refine.lambda_laplacian=5"])
+    registry.get("primitives").adapt(custom, "a red cube")
+    assert custom.refine.lambda_laplacian == 5.0  # set by hand: kept
+    other = preset("quick")
+    registry.get("stable-diffusion").adapt(other, "a red cube")
+    assert other.refine.lambda_laplacian == default.lambda_laplacian

@@ -5,7 +5,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import tiny_config
+from helpers import NaNGuidance, tiny_run_config
 from guidance.primitive_shapes import UnknownPromptError
 from stages import pipeline
 from stages.common import Cancelled, StageError
@@ -17,7 +17,7 @@ def _drain(prompt, config, **kwargs):
 
 
 def test_full_run_streams_both_stages_and_writes_every_file(tmp_path):
-    events = _drain("a red cube", tiny_config(), out_root=tmp_path)
+    events = _drain("a red cube", tiny_run_config(), out_root=tmp_path)
     stages = [e.stage for e in events]
     assert stages[0] == "setup" and stages[-1] == "done"
     previews = [e.stage for e in events if e.preview is not None]
@@ -41,7 +41,7 @@ def test_full_run_streams_both_stages_and_writes_every_file(tmp_path):
 
 
 def test_stop_after_coarse_still_exports_a_model(tmp_path):
-    config = tiny_config(stop_after="coarse", seed=5)
+    config = tiny_run_config(stop_after="coarse", seed=5)
     done = run_to_completion("a blue sphere", config, run_dir=tmp_path / "run")
     assert done.stage == "done"
     record = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -57,7 +57,7 @@ def test_stop_after_coarse_still_exports_a_model(tmp_path):
 )
 def test_bad_prompts_fail_before_writing_anything(tmp_path, prompt, error, message):
     with pytest.raises(error, match=message):
-        _drain(prompt, tiny_config(), out_root=tmp_path)
+        _drain(prompt, tiny_run_config(), out_root=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -68,7 +68,7 @@ def test_cancel_stops_and_marks_the_run(tmp_path):
         return len(seen) >= 3
 
     with pytest.raises(Cancelled):
-        for event in generate("a red cube", tiny_config(), run_dir=tmp_path / "run", should_stop=should_stop):
+        for event in generate("a red cube", tiny_run_config(), run_dir=tmp_path / "run", should_stop=should_stop):
             seen.append(event)
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "cancelled"
@@ -76,23 +76,10 @@ def test_cancel_stops_and_marks_the_run(tmp_path):
     assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
-class _NaNGuidance:
-    """Wraps a real guidance model and returns NaN noise predictions."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def predict_noise(self, x_t, t, cond):
-        return torch.full_like(x_t, float("nan"))
-
-
 def test_non_finite_guidance_stops_with_stage_and_step(tmp_path, monkeypatch):
-    real = pipeline.get_guidance
-    monkeypatch.setattr(pipeline, "get_guidance", lambda *a: _NaNGuidance(real(*a)))
-    config = tiny_config()
+    real = pipeline.guidance_for
+    monkeypatch.setattr(pipeline, "guidance_for", lambda *a: NaNGuidance(real(*a)))
+    config = tiny_run_config()
     config.coarse.max_nonfinite_steps = 2
     with pytest.raises(StageError, match=r"coarse stage failed at step 2: .*2 steps in a row were not finite"):
         _drain("a red cube", config, run_dir=tmp_path / "run")
@@ -106,7 +93,7 @@ def test_crash_in_refine_keeps_the_coarse_checkpoint_and_resume_continues(tmp_pa
 
     monkeypatch.setattr(pipeline.refine_stage, "run", crash)
     with pytest.raises(StageError, match="refine stage failed: simulated crash"):
-        _drain("a green cube", tiny_config(), run_dir=tmp_path / "run")
+        _drain("a green cube", tiny_run_config(), run_dir=tmp_path / "run")
     assert (tmp_path / "run" / "coarse.pt").is_file()
     monkeypatch.undo()
 
@@ -128,18 +115,13 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.refine_stage, "run", oom)
     with pytest.raises(StageError, match="refine.resolution"):
-        _drain("a green cube", tiny_config(), run_dir=tmp_path / "run")
+        _drain("a green cube", tiny_run_config(), run_dir=tmp_path / "run")
 
 
 def test_one_prior_library_serves_white_and_coloured_prompts():
     # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
-    from stages.config import adapt_to_guidance
-
-    white, red = tiny_config(), tiny_config()
-    adapt_to_guidance(white, "primitives", "a white cube")
-    adapt_to_guidance(red, "primitives", "a red cube")
-    assert white.prior_background < red.prior_background == 1.0
-    cpu = torch.device("cpu")
-    red_prior, white_prior = pipeline.get_guidance(red, "primitives", cpu), pipeline.get_guidance(white, "primitives", cpu)
-    assert (red_prior.background, white_prior.background) == (red.prior_background, white.prior_background)
-    assert white_prior.lib_u is red_prior.lib_u and pipeline.get_guidance(red, "primitives", cpu) is red_prior
+    white, red = pipeline.resolve("a white cube", tiny_run_config()), pipeline.resolve("a red cube", tiny_run_config())
+    assert white.config.prior_background < red.config.prior_background == 1.0
+    red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
+    assert (red_prior.background, white_prior.background) == (red.config.prior_background, white.config.prior_background)
+    assert white_prior.lib_u is red_prior.lib_u and pipeline.guidance_for(red) is red_prior

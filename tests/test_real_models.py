@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import generate as cli
-from stages import pipeline
+from stages import pipeline, workers
 from stages.pipeline import generate
-from test_app import TINY
+from helpers import TINY_SETTINGS, launch_app
 from tiny_pipelines import save_tiny_if, save_tiny_sd
 
 OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
            "coarse.pt", "refine.pt")
 # A few steps per stage, renders at the tiny models' 16 px (refine renders 32 px, box-filtered to 16).
-STEPS = [*TINY, "coarse.iters=3", "refine.iters=2", "refine.resolution=32"]
+STEPS = [*TINY_SETTINGS, "coarse.iters=3", "refine.iters=2", "refine.resolution=32"]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,13 @@ def offline(monkeypatch):
 @pytest.mark.parametrize("name", ["stable-diffusion", "deepfloyd-if"])
 def test_cli_runs_every_stage_then_a_second_prompt_on_the_cached_model(name, folders, tmp_path, capsys, one_thread):
     assert cli.main(_argv("a red cube", name, folders[name], tmp_path / "first")) == 0, capsys.readouterr().err
-    model = pipeline._GUIDANCE_CACHE[(name, "cpu", str(folders[name]))]
+    plan = pipeline.resolve("a red cube", cli.build_config(cli.parse_args(_argv("a red cube", name, folders[name], tmp_path))))
+    assert workers.guidance_loaded(plan)
+    model = workers.guidance_for(plan)
     encoded = model.embeddings.encoded_texts
     assert encoded == 5  # the coarse stage's 4 view prompts and "": the refine stage reused them
     assert cli.main(_argv("a blue sphere", name, folders[name], tmp_path / "second")) == 0, capsys.readouterr().err
-    assert pipeline._GUIDANCE_CACHE[(name, "cpu", str(folders[name]))] is model  # loaded once
+    assert workers.guidance_for(plan) is model  # loaded once
     assert model.embeddings.encoded_texts == encoded + 4  # the new prompt's views; "" was cached
     for run in ("first", "second"):
         for file in OUTPUTS:
@@ -92,7 +94,6 @@ def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, t
 def test_app_runs_stable_diffusion_twice_then_deepfloyd_if_in_one_server(folders, tmp_path):
     """The path every GPU user takes, through the app's API: runs back to back in one server,
     on the model it keeps loaded (the server's --model-id; the page's Model id box for IF)."""
-    from test_app import launch_app
 
     steps = [a for item in ["coarse.iters=3", "refine.iters=2", "refine.resolution=32"] for a in ("--set", item)]
     args = ["--model-id", str(folders["stable-diffusion"]), *steps]

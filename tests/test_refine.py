@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import quick_primitives_config
+from helpers import quick_primitives_config
 
 from geometry.dmtet import extract_mesh
 from geometry.metrics import volumetric_iou
@@ -49,7 +49,7 @@ def prior(small_prior):
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def tiny_config(**changes):
+def tiny_refine_config(**changes):
     config = refine.RefineConfig(
         iters=4, batch_size=2, resolution=32, grid_resolution=16, preview_every=2, preview_views=2,
         preview_resolution=24, prob_albedo=0.0, prob_lambertian=1.0, prob_textureless=0.0,
@@ -78,7 +78,7 @@ def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
     field = Blob(radius=0.4)
     before = copy.deepcopy(field.state_dict())
     events = []
-    result = refine.run(field, prior, "a green cube", tiny_config(), CAMERA, callback=events.append)
+    result = refine.run(field, prior, "a green cube", tiny_refine_config(), CAMERA, callback=events.append)
 
     assert [e.step for e in events] == [1, 2, 3, 4] and all(e.stage == "refine" and e.total == 4 for e in events)
     previews = [e.preview for e in events if e.preview is not None]
@@ -100,7 +100,7 @@ def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
 
 
 def test_run_is_reproducible_and_can_be_cancelled(prior):
-    config = tiny_config(iters=3, preview_every=0)
+    config = tiny_refine_config(iters=3, preview_every=0)
     first = refine.run(Blob(), prior, "a green cube", config, CAMERA)
     second = refine.run(Blob(), prior, "a green cube", config, CAMERA)
     assert torch.equal(first.faces, second.faces)
@@ -133,10 +133,10 @@ class BrokenPrior:
 
 def test_non_finite_guidance_is_a_stage_error(prior):
     with pytest.raises(StageError, match="refine stage failed at step 1") as err:
-        refine.run(Blob(), BrokenPrior(prior), "a green cube", tiny_config(max_nonfinite_steps=1), CAMERA)
+        refine.run(Blob(), BrokenPrior(prior), "a green cube", tiny_refine_config(max_nonfinite_steps=1), CAMERA)
     assert err.value.stage == "refine"
     with pytest.raises(StageError, match="no surface"):
-        refine.run(Blob(peak=0.0), prior, "a green cube", tiny_config(), CAMERA)
+        refine.run(Blob(peak=0.0), prior, "a green cube", tiny_refine_config(), CAMERA)
 
 
 def _iou(mesh, shape):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -15,55 +14,10 @@ from guidance.sds import (
     t_max_at,
     timestep_weight,
 )
+from helpers import FakeGuidance
 
 PROMPT = "a red cube"
 VIEWS = ["front", "side", "back", "overhead"]
-
-
-class FakeGuidance:
-    """eps(x_t, t, c) = 0.3 x_t + c (1 + t / T), c a per-text vector broadcast over pixels.
-
-    Pixel space, or latent space with a fixed linear encoder (3 -> 4 channels, 2x2 average).
-    Records every text it embeds and the batch size of every model call.
-    """
-
-    default_guidance_scale = 10.0
-
-    def __init__(self, space="pixel", resolution=8, view_dependent_uncond=False, vectors=None, nan=False):
-        self.space = space
-        self.resolution = resolution
-        self.view_dependent_uncond = view_dependent_uncond
-        self.channels = 4 if space == "latent" else 3
-        self.alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000), dim=0)  # [T]
-        self.vectors = dict(vectors or {})
-        self.nan = nan
-        self.encoded, self.calls, self.released = [], [], False
-        self.encoder = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
-        self.latents = None
-
-    def vector(self, text: str) -> torch.Tensor:  # [channels]
-        if text in self.vectors:
-            return self.vectors[text]
-        return torch.randn(self.channels, generator=torch.Generator().manual_seed(zlib.crc32(text.encode())))
-
-    def encode_prompt(self, texts):
-        self.encoded.extend(texts)
-        return torch.stack([self.vector(text) for text in texts])
-
-    def eps(self, x_t, t, cond):  # the closed form, for the tests' expectations too
-        return 0.3 * x_t + cond.view(-1, self.channels, 1, 1) * (1.0 + t.view(-1, 1, 1, 1) / 1000.0)
-
-    def predict_noise(self, x_t, t, cond):
-        self.calls.append(x_t.shape[0])
-        out = self.eps(x_t, t, cond)
-        return out * float("nan") if self.nan else out
-
-    def encode_images(self, images):  # [B, 3, H, W] -> [B, 4, H/2, W/2]
-        latents = torch.nn.functional.avg_pool2d(torch.einsum("oc,bchw->bohw", self.encoder, images), 2)
-        latents.retain_grad()
-        self.latents = latents
-        return latents
-
 
 
 def _images(batch, size=8, seed=0):

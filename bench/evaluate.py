@@ -1,4 +1,5 @@
-"""Measuring a result against a known primitive: silhouette IoU over held-out views and colour error."""
+"""Measuring a result against a known primitive (the quality benchmarks, the tests' outcome checks):
+silhouette IoU over held-out views and colour error."""
 from __future__ import annotations
 
 import numpy as np

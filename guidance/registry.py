@@ -1,0 +1,244 @@
+"""The guidance models a run can choose: one `GuidanceSpec` each, listed in registration order.
+
+A spec says everything the rest of the project needs to know about a model: how to build it
+(`build`, and `settings`: what a run's Config passes to it, which also identifies a loaded one),
+which prompts it understands (`check_prompt`), which settings of the run follow from it
+(`adapt`), what the app shows for it (examples, a note), and whether it takes a model id. The
+app, the command line, the batch and the pipeline list and choose models here and never branch
+on a model's name; adding a model is one `register(GuidanceSpec(...))`, in the model's own file
+or, for the built-in ones, at the bottom of this one.
+
+The modules of the models themselves are imported only when a model is built or adapted to, so
+importing this file is cheap. Specs take the run's `stages.config.Config` as a plain object
+(the guidance package sits below the stages and does not import them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+AUTO = "auto"  # the choice that picks a model for the device (see `resolve_name`)
+AUTO_BY_DEVICE = {"cuda": "stable-diffusion"}  # device type -> the model "auto" picks there
+AUTO_FALLBACK = "primitives"  # what "auto" picks on any other device (no GPU: the offline prior)
+EXAMPLES_FILE = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"  # free-form example prompts
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """A frozen 2D diffusion model as SDS uses it (`guidance.sds.SDSLoss`; DESIGN.md, Contracts).
+    Latent models (space == "latent") also have `encode_images(pixels [B, 3, H, W] in [0, 1]) -> [B, C, h, w]`."""
+
+    space: str  # "pixel" (SDS on the image in [-1, 1]) or "latent" (on encode_images' latents)
+    resolution: int  # image side the model diffuses at, px
+    alphas_cumprod: Tensor  # [T] the noise schedule's cumulative alphas
+    default_guidance_scale: float  # CFG scale when SDSConfig.guidance_scale is None
+    view_dependent_uncond: bool  # whether the unconditional text also gets the ", <view> view" suffix
+
+    def encode_prompt(self, texts: list[str]) -> Tensor:  # [N, ...] text embeddings
+        ...
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:  # [B, C, h, w]
+        ...
+
+
+def _any_prompt(prompt: str) -> None:
+    """Free-form text models take every prompt that `stages.plan.check_prompt` lets through."""
+
+
+def _adapt_nothing(config, prompt: str) -> None:
+    """No setting of the run depends on the model."""
+
+
+def _as_built(model, config):
+    return model
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    name: str  # what --guidance, the app's menu and Config.guidance call it
+    title: str  # how messages name it, e.g. "the primitives prior"
+    build: Callable[..., Guidance]  # build(device, dtype=None, model_id=None, **kwargs) -> the model
+    settings: Callable[[object], dict]  # Config -> the keyword arguments `load` passes to build
+    default_model_id: str | None = None  # hub id used when Config.model_id is None; None = it has no weights
+    check_prompt: Callable[[str], None] = _any_prompt  # raises ValueError for a prompt it cannot use
+    adapt: Callable[[object, str], None] = _adapt_nothing  # (config, prompt): sets what follows from the model
+    for_run: Callable[[Guidance, object], Guidance] = _as_built  # (cached model, config) -> the run's view of it
+    examples: Callable[[], list[str]] = list  # the app's example prompts
+    app_note: str = ""  # said after the app's "Active guidance: ..." line
+
+    @property
+    def takes_model_id(self) -> bool:
+        return self.default_model_id is not None
+
+    def load(self, config, device: torch.device) -> Guidance:
+        """The model for a run's (adapted) config on `device`."""
+        return self.build(device, **self.settings(config))
+
+    def cache_key(self, config, device: torch.device) -> tuple:
+        """What identifies the model `load(config, device)` builds: equal keys, interchangeable models."""
+        return (self.name, str(device), *((k, repr(v)) for k, v in sorted(self.settings(config).items())))
+
+
+_SPECS: dict[str, GuidanceSpec] = {}
+
+
+def register(spec: GuidanceSpec) -> GuidanceSpec:
+    """Add a model (or replace the one of that name); returns the spec."""
+    if spec.name == AUTO:
+        raise ValueError(f"a guidance model cannot be called {AUTO!r}: that name picks one per device")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a model (tests that registered one of their own)."""
+    _SPECS.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The registered models' names, in registration order."""
+    return tuple(_SPECS)
+
+
+def choices() -> tuple[str, ...]:
+    """What a user can ask for: "auto" and every registered model."""
+    return (AUTO, *_SPECS)
+
+
+def get(name: str) -> GuidanceSpec:
+    if name not in _SPECS:
+        raise ValueError(f"guidance name must be one of {list(_SPECS)}, got {name!r}")
+    return _SPECS[name]
+
+
+def resolve_name(name: str, device: torch.device) -> str:
+    """The model a run uses: `name`, or for "auto" the device's choice (Stable Diffusion on CUDA, else primitives)."""
+    if name == AUTO:
+        return AUTO_BY_DEVICE.get(torch.device(device).type, AUTO_FALLBACK)
+    return name
+
+
+# --------------------------------------------------------------------------- the built-in models
+PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
+PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
+PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
+
+
+def _build_primitives(device, dtype=None, model_id=None, **kwargs):
+    from guidance.primitives import PrimitivesPrior
+
+    if model_id is not None:
+        raise ValueError(f"model_id must be None for the primitives prior (it has no weights), got {model_id!r}")
+    return PrimitivesPrior(device=device, dtype=dtype if dtype is not None else torch.float32, **kwargs)
+
+
+def _primitives_settings(config) -> dict:
+    return dict(resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
+                camera=config.camera, ambient=config.coarse.volume.ambient)
+
+
+def _check_primitives_prompt(prompt: str) -> None:
+    from guidance.primitive_shapes import parse_prompt
+
+    parse_prompt(prompt)  # raises UnknownPromptError listing the vocabulary
+
+
+def adapt_to_primitives(config, prompt: str | None = None) -> None:
+    """The primitives prior's libraries are Lambertian renders on a grey level (white, or dark for
+    white objects: `guidance.primitives.background_for`): the stages render on the same with the
+    same ambient light. The prior never sees a camera, so a range of distances would leave the
+    object's size free: its runs use one distance and field of view (unless the config already
+    changed those ranges)."""
+    from guidance.primitive_shapes import PRIOR_AMBIENT
+    from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, background_for
+    from renderers.cameras import CameraConfig
+
+    config.prior_background = background_for(prompt)
+    grey = "white" if config.prior_background == 1.0 else (config.prior_background,) * 3
+    default = CameraConfig()
+    if config.camera.distance_range == default.distance_range:
+        config.camera.distance_range = (CAMERA_DISTANCE, CAMERA_DISTANCE)
+    if config.camera.fovy_range == default.fovy_range:
+        config.camera.fovy_range = (CAMERA_FOVY, CAMERA_FOVY)
+    config.coarse.background = grey
+    config.refine.background = grey
+    config.coarse.volume.ambient = PRIOR_AMBIENT
+    config.refine.ambient = PRIOR_AMBIENT
+    if config.refine.sds.guidance_scale is None:
+        # The mesh regularizers' weights suit CFG-100 gradients; at the prior's 5 they hold the
+        # mesh still (see bench/RESULTS.md): the refine stage uses 10.
+        config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
+    if config.refine.lambda_albedo_tilt is None:
+        # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
+        config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
+    defaults = type(config.refine)()
+    for name in ("lambda_normal_consistency", "lambda_laplacian"):
+        # The weights suit CFG-100 gradients; at the prior's refine CFG of 10 they hold the surface
+        # still, and a tenth lets the SDS gradient reshape it (bench/RESULTS.md). Unless set by hand.
+        if getattr(config.refine, name) == getattr(defaults, name):
+            setattr(config.refine, name, getattr(defaults, name) * PRIMITIVES_REGULARIZER_SCALE)
+
+
+def _primitives_for_run(model, config):
+    return model.with_background(config.prior_background)  # one library serves every background level
+
+
+def _primitives_examples() -> list[str]:
+    return ["a red cube", "a blue torus", "a green sphere", "a yellow cylinder", "an orange cone", "a purple capsule"]
+
+
+def adapt_to_hub_model(config, prompt: str | None = None) -> None:
+    """Text-to-image models see real backgrounds: the coarse stage learns one, the refine stage draws random ones
+    (unless the config chose a colour or mode of its own)."""
+    if not isinstance(config.coarse.background, str) or config.coarse.background == "white":
+        config.coarse.background = "learned"
+    if not isinstance(config.refine.background, str) or config.refine.background == "white":
+        config.refine.background = "random"
+
+
+def _hub_settings(config) -> dict:
+    return {"model_id": config.model_id} if config.model_id else {}
+
+
+def _file_examples() -> list[str]:
+    lines = [ln.strip() for ln in EXAMPLES_FILE.read_text().splitlines() if ln.strip()] if EXAMPLES_FILE.exists() else []
+    return lines or ["a ceramic teapot", "a wooden chair"]
+
+
+def _build_stable_diffusion(device, dtype=None, model_id=None, **kwargs):
+    from guidance.hub import DEFAULT_SD_MODEL_ID
+    from guidance.stable_diffusion import StableDiffusionGuidance
+
+    return StableDiffusionGuidance(model_id or DEFAULT_SD_MODEL_ID, device=device, dtype=dtype, **kwargs)
+
+
+def _build_deepfloyd_if(device, dtype=None, model_id=None, **kwargs):
+    from guidance.deepfloyd_if import DeepFloydIFGuidance
+    from guidance.hub import DEFAULT_IF_MODEL_ID
+
+    return DeepFloydIFGuidance(model_id or DEFAULT_IF_MODEL_ID, device=device, dtype=dtype, **kwargs)
+
+
+def _register_builtins() -> None:
+    from guidance.hub import DEFAULT_IF_MODEL_ID, DEFAULT_SD_MODEL_ID
+
+    register(GuidanceSpec(
+        name="primitives", title="the primitives prior", build=_build_primitives, settings=_primitives_settings,
+        check_prompt=_check_primitives_prompt, adapt=adapt_to_primitives, for_run=_primitives_for_run,
+        examples=_primitives_examples, app_note=" (offline primitives prior: prompts like 'a red cube', 'a blue torus')",
+    ))
+    register(GuidanceSpec(
+        name="stable-diffusion", title="Stable Diffusion", build=_build_stable_diffusion, settings=_hub_settings,
+        default_model_id=DEFAULT_SD_MODEL_ID, adapt=adapt_to_hub_model, examples=_file_examples,
+    ))
+    register(GuidanceSpec(
+        name="deepfloyd-if", title="DeepFloyd IF", build=_build_deepfloyd_if, settings=_hub_settings,
+        default_model_id=DEFAULT_IF_MODEL_ID, adapt=adapt_to_hub_model, examples=_file_examples,
+    ))
+
+
+_register_builtins()

@@ -1,0 +1,68 @@
+"""What a process keeps between runs: one worker thread per device, and the guidance model last loaded.
+
+Each device has one long-lived worker thread: runs there never overlap (a run waits until the
+previous one has stopped), and the memory one run frees is reused by the next (a fresh thread per
+run would leave it fragmented over the allocator's per-thread arenas). One guidance model is kept
+in memory (`guidance_for`): the next run with the same model and settings reuses it.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from guidance.registry import GuidanceSpec
+from stages.plan import RunPlan
+
+_GUIDANCE_CACHE: dict[tuple, object] = {}  # cache key -> model; at most one entry
+_GUIDANCE_LOCK = threading.Lock()
+_DEVICE_WORKERS: dict[str, ThreadPoolExecutor] = {}  # one worker thread per device: its runs, one at a time
+_PENDING_RUNS: dict[str, int] = {}  # runs handed to a device's worker and not yet ended
+_RUNS_LOCK = threading.Lock()
+
+
+def guidance_loaded(plan: RunPlan) -> bool:
+    """Whether the model `guidance_for(plan)` returns is in memory already (no load)."""
+    with _GUIDANCE_LOCK:
+        return plan.guidance.cache_key(plan.config, plan.device) in _GUIDANCE_CACHE
+
+
+def guidance_for(plan: RunPlan):
+    """The plan's guidance model, loaded once per process (one model kept), as the run sees it."""
+    return kept_guidance(plan.guidance, plan.config, plan.device)
+
+
+def kept_guidance(spec: GuidanceSpec, config, device: torch.device):
+    """The model of `spec` for an adapted config on `device`, loaded once per process (one model kept)
+    (benchmarks that drive a stage themselves; a run asks with its plan: `guidance_for`)."""
+    key = spec.cache_key(config, device)
+    with _GUIDANCE_LOCK:
+        if key not in _GUIDANCE_CACHE:
+            _GUIDANCE_CACHE.clear()  # keep one model in memory
+            _GUIDANCE_CACHE[key] = spec.load(config, device)
+        model = _GUIDANCE_CACHE[key]
+    return spec.for_run(model, config)
+
+
+def forget_guidance() -> None:
+    """Drop the kept model (its memory goes with the last run that holds it)."""
+    with _GUIDANCE_LOCK:
+        _GUIDANCE_CACHE.clear()
+
+
+def device_worker(device: torch.device) -> ThreadPoolExecutor:
+    """The device's one worker thread."""
+    with _RUNS_LOCK:
+        key = str(device)
+        if key not in _DEVICE_WORKERS:
+            _DEVICE_WORKERS[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dreamlift-{key}")
+        return _DEVICE_WORKERS[key]
+
+
+def count_pending(device: torch.device, change: int) -> int:
+    """Add `change` to the device's pending runs; returns the count before."""
+    with _RUNS_LOCK:
+        before = _PENDING_RUNS.get(str(device), 0)
+        _PENDING_RUNS[str(device)] = before + change
+        return before

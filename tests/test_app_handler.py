@@ -1,0 +1,93 @@
+"""The app's Generate handler in-process (issue 8): disk bounds, one folder per run, no shell,
+readable errors, bad server settings."""
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import app
+from helpers import TINY_SETTINGS, run_dir_from_status
+from stages import pipeline
+
+# ---- the app's handler in-process: disk bounds, one folder per run, no shell ------------------------
+def _fake_run(root: Path, name: str, size: int, age: float, status: str = "finished") -> Path:
+    path = root / name
+    path.mkdir()
+    (path / "model.glb").write_bytes(b"x" * size)
+    (path / "run.json").write_text(json.dumps({"status": status}))
+    stamp = time.time() - age
+    os.utime(path / "run.json", (stamp, stamp))
+    return path
+
+
+def test_app_run_prunes_old_runs_by_count_and_bytes_writes_one_folder_and_runs_no_shell(tmp_path, monkeypatch):
+    root = tmp_path / "outputs"
+    root.mkdir()
+    _fake_run(root, "running-old", 10, age=500, status="running")  # never pruned
+    for i in range(4):
+        _fake_run(root, f"old{i}", 1_000_000, age=400 - i)
+    monkeypatch.setattr(app, "OUTPUT_ROOT", root)
+    monkeypatch.setattr(app, "KEEP_RUNS", 4)  # keeps 3 earlier runs, then bytes: 2.5 MB keeps 2
+    monkeypatch.setattr(app, "MAX_OUTPUT_BYTES", 2_500_000)
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY_SETTINGS))  # with the turntable video (ffmpeg)
+    calls = []
+    real_popen = subprocess.Popen
+
+    class RecordingPopen(real_popen):
+        def __init__(self, args, *rest, **kwargs):
+            calls.append((args, kwargs.get("shell", False)))
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(os, "system", lambda *a: pytest.fail("os.system was called"))
+    prompt = "A  Red Cube."
+    outputs = list(app.generate(prompt, "quick", "9", "primitives", 1, 0, 0, "coarse"))
+    gallery, status, model, files = outputs[-1][:4]
+    run = run_dir_from_status(status, root)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["running-old", "old2", "old3", run.name])
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]  # nothing written beside the output root
+    assert run.parent == root and "-a-red-cube-s9-" in run.name
+    assert model == str(run / "model.glb") and all(Path(f).parent == run for f in files)
+    assert (run / "turntable.mp4").is_file() and calls, "the turntable video should have run ffmpeg"
+    for args, shell in calls:
+        assert shell is False and not isinstance(args, str)
+        assert not any("red cube" in str(a).lower() for a in args)  # file names carry the slug, never the prompt
+
+
+def test_app_answers_out_of_memory_with_a_readable_error(monkeypatch, tmp_path):
+    import gradio as gr
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY_SETTINGS))
+    monkeypatch.setattr(pipeline.coarse_stage, "run", oom)
+    with pytest.raises(gr.Error, match="out of memory.*coarse.resolution") as err:
+        list(app.generate("a red cube", "quick", "0", "primitives", 0, 0, 0, "export"))
+    assert "Traceback" not in str(err.value)
+
+
+def test_app_refuses_bad_server_settings():
+    for argv in (["--keep-runs", "0"], ["--max-output-gb", "-1"], ["--queue-size", "0"]):
+        with pytest.raises(SystemExit) as err:
+            app.main(argv)
+        assert err.value.code == 2
+
+
+@pytest.mark.parametrize("preset, guidance, stop_after, message", [
+    ("huge", "auto", "export", "preset must be one of ['quick', 'standard', 'high'], got 'huge'"),
+    ("quick", "magic", "export", "guidance must be one of ['auto', 'primitives', 'stable-diffusion', 'deepfloyd-if'], "
+                                 "got 'magic'"),
+    ("quick", "auto", "never", "stop_after must be one of ['coarse', 'refine', 'export'], got 'never'"),
+])
+def test_app_names_a_bad_menu_value_once_checked_by_resolve(preset, guidance, stop_after, message):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as err:
+        app.build_config("a red cube", preset, "0", guidance, 0, 0, 0, stop_after)
+    assert err.value.message == message
