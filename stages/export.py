@@ -297,6 +297,8 @@ def export(
                 config.min_component_ratio, config.merge_distance,
             )
             v, f = decimate(v, f, config.target_faces)
+            if config.target_faces:  # collapses can pinch off a sliver of a few faces: drop it again
+                v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
             if len(f) == 0:
                 raise ValueError("the mesh has no faces left after cleaning")
             normals = vertex_normals(v, f)
