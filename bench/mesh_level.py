@@ -1,5 +1,6 @@
 """Which mesh level: the coarse fields of finished runs re-extracted at fixed opacity targets and
-at the automatic one, each mesh's volumetric IoU against the canonical primitive.
+at the automatic one, each mesh's volumetric IoU against the canonical primitive (a cube at its best
+heading about z, as in bench.quality).
 
 `geometry.dmtet.auto_threshold` picks the density level whose axis silhouettes match the rays
 above an opacity target; the target is the field's own (`geometry.dmtet.opacity_level`) unless
@@ -19,15 +20,14 @@ import torch
 from bench.refine_gain import VOLUME_RESOLUTION, finished_runs
 from bench.speed import write_json
 from geometry.dmtet import auto_threshold, extract_mesh, opacity_level, opacity_maps, probe_density
-from geometry.metrics import volumetric_iou
-from guidance.primitive_shapes import parse_prompt, primitive_mesh
+from bench.shape_checks import aligned_volume_iou
+from guidance.primitive_shapes import parse_prompt
 from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_run_config
 
 
 def measure_run(run_dir: Path, opacities: list[float]) -> dict:
     prompt, config = load_run_config(run_dir)
     _, shape, _ = parse_prompt(prompt)
-    truth = primitive_mesh(shape)
     device = torch.device("cpu")
     field = load_coarse_checkpoint(run_dir / CHECKPOINTS["coarse"], device)
     density, _, cell = probe_density(field, device=device)
@@ -39,7 +39,7 @@ def measure_run(run_dir: Path, opacities: list[float]) -> dict:
             row[f"iou_{name}"] = 0.0
             continue
         verts, faces = extract_mesh(field, config.refine.grid_resolution, level, device=device)
-        row[f"iou_{name}"] = volumetric_iou((verts, faces), truth, VOLUME_RESOLUTION) if faces.shape[0] else 0.0
+        row[f"iou_{name}"] = aligned_volume_iou(verts, faces, shape, VOLUME_RESOLUTION) if faces.shape[0] else 0.0
     return row
 
 
