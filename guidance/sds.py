@@ -35,6 +35,7 @@ class NonFiniteError(FloatingPointError):
 @dataclass
 class SDSConfig:
     guidance_scale: float | None = None  # classifier-free guidance scale s; None = the model's default_guidance_scale
+    guidance_scale_end: float | None = None  # s at the end of training, linear in progress from guidance_scale; None = constant
     t_min: float = 0.02  # lowest timestep, fraction of the schedule length T
     t_max: float = 0.98  # highest timestep at the start of training, fraction of T
     t_anneal: str = "none"  # how the highest timestep moves with progress: "none", "linear", "sqrt" (HiFA)
@@ -53,6 +54,8 @@ class SDSConfig:
         """Raise ValueError naming the first field out of its range."""
         if self.guidance_scale is not None and not self.guidance_scale > 0:
             raise ValueError(f"guidance_scale must be > 0 or None, got {self.guidance_scale}")
+        if self.guidance_scale_end is not None and not self.guidance_scale_end > 0:
+            raise ValueError(f"guidance_scale_end must be > 0 or None, got {self.guidance_scale_end}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"t_min and t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.t_anneal not in T_ANNEAL_MODES:
@@ -163,6 +166,13 @@ class SDSLoss:
         self.cond_embeddings = embeddings[:n_cond].detach()  # [4 or 1, ...]
         self.uncond_embeddings = embeddings[n_cond:].detach()  # [4 or 1, ...]
 
+    def scale_at(self, progress: float) -> float:
+        """The classifier-free guidance scale after `progress` (0..1) of training."""
+        end = self.config.guidance_scale_end
+        if end is None:
+            return self.guidance_scale
+        return self.guidance_scale + (end - self.guidance_scale) * progress
+
     def t_range(self, progress: float) -> tuple[int, int]:
         """The inclusive integer range [lo, hi] of timesteps sampled at `progress`."""
         count = self.num_timesteps
@@ -216,7 +226,7 @@ class SDSLoss:
         alpha_bar = self.alphas_cumprod.to(x.device)[t].view(batch, 1, 1, 1)
         with torch.no_grad():
             x_t = alpha_bar.sqrt() * x.detach() + (1.0 - alpha_bar).sqrt() * noise
-            eps_hat = self._guided_noise(x_t, t, view_words)  # [B, C, h, w]
+            eps_hat = self._guided_noise(x_t, t, view_words, self.scale_at(progress))  # [B, C, h, w]
 
         # 4. The SDS gradient, and a loss whose gradient on x is exactly that.
         w = timestep_weight(self.config.weighting, alpha_bar)  # [B, 1, 1, 1]
@@ -234,6 +244,7 @@ class SDSLoss:
         x_t: Tensor,  # [B, C, h, w] noisy input
         t: Tensor,  # [B] timesteps
         view_words: list[str],  # [B]
+        scale: float,  # classifier-free guidance scale
     ) -> Tensor:  # [B, C, h, w] classifier-free guided noise prediction
         batch = x_t.shape[0]
         if self.config.view_dependent:
@@ -266,4 +277,4 @@ class SDSLoss:
             weights = torch.tensor(neg_weights, device=x_t.device, dtype=x_t.dtype).view(-1, 1, 1, 1)
             perp = perpendicular_component(eps_neg - eps_uncond[row_index], direction[row_index])
             direction = direction.index_add(0, row_index, -weights * perp)
-        return eps_uncond + self.guidance_scale * direction
+        return eps_uncond + scale * direction

@@ -72,6 +72,19 @@ def test_guidance_scale_defaults_to_the_model():
     assert SDSLoss(FakeGuidance(), PROMPT, SDSConfig(guidance_scale=3.0)).guidance_scale == 3.0
 
 
+def test_guidance_scale_anneals_linearly_to_its_end_value():
+    fake = FakeGuidance()
+    loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=10.0, guidance_scale_end=1.0))
+    assert [loss_fn.scale_at(p) for p in (0.0, 0.5, 1.0)] == pytest.approx([10.0, 5.5, 1.0])
+    assert SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=7.0)).scale_at(0.9) == 7.0  # no end value: constant
+    # The gradient at a given progress is plain CFG at that step's scale.
+    views = ["front", "side"]
+    _, images, _, info = _run(fake, SDSConfig(guidance_scale=10.0, guidance_scale_end=2.0), views, progress=0.75)
+    x = images.detach().permute(0, 3, 1, 2) * 2 - 1
+    expected = _expected_grad(fake, x, info, [f"{PROMPT}, {v} view" for v in views], [""] * 2, 4.0)
+    torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
+
+
 def test_weighting_schemes():
     a = torch.tensor([0.9, 0.5, 0.04])
     torch.testing.assert_close(timestep_weight("sds", a), 1 - a)
@@ -210,6 +223,7 @@ def test_renders_are_resized_to_the_model_resolution():
     "fields, message",
     [
         (dict(guidance_scale=-3.0), "guidance_scale must be > 0"),
+        (dict(guidance_scale_end=0.0), "guidance_scale_end must be > 0"),
         (dict(t_min=0.5, t_max=0.4), "t_min and t_max"),
         (dict(t_anneal="cosine"), "t_anneal must be one of"),
         (dict(t_max_end=0.01), "t_max_end must be in"),
