@@ -7,8 +7,8 @@ directions; a face never takes a direction more than ~73 degrees from its normal
 optionally cut on a square grid in its plane (CHART_CELLS); xatlas only packs them
 (`use_input_mesh_uvs`). Each cut size is packed and the fullest atlas whose triangles overlap
 on at most MAX_OVERLAP of the texels (overhanging lumps can fold a projection) is kept; if
-all overlap more, xatlas charts the mesh itself as before. The atlas is repacked at a lower density until it fits the texture, so
-its padding stays at least one texel.
+all overlap more, xatlas charts the mesh itself as before. The atlas is repacked at a lower
+density until it fits the texture, so its padding stays at least one texel.
 
 Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core) on
 marching-tetrahedra meshes decimated to 20k faces as the `quick` export does: a sphere, a
@@ -45,7 +45,7 @@ import torch
 
 ATLAS_FILL_GUESS = 0.6  # expected fill of the atlas, sizes it just under the texture size
 RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
-MIN_FACING = 0.3  # a face joins an axis' charts only if its normal is within ~73 degrees of the axis (no flipped triangle)
+MIN_FACING = 0.3  # a face joins an axis' charts only if its normal is within ~73 degrees of it: no flipped triangle
 MIN_CHART_FACES = 20  # smaller axis-chart pieces join a neighbouring axis' chart
 CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
 MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas
@@ -89,7 +89,7 @@ def axis_labels(
     a, b = edge_pairs(faces)
     rows = np.arange(len(faces))
 
-    def neighbour_votes(among: np.ndarray) -> np.ndarray:  # [F, 6] votes of the `among` neighbours, -1 where not allowed
+    def neighbour_votes(among: np.ndarray) -> np.ndarray:  # [F, 6] votes of `among` neighbours, -1: not allowed
         votes = np.zeros((len(faces), 6))
         np.add.at(votes, (a[among[b]], label[b[among[b]]]), 1.0)
         np.add.at(votes, (b[among[a]], label[a[among[a]]]), 1.0)
@@ -126,7 +126,7 @@ def _projected_atlas(
 
     axis, sign = label // 2, np.where(label % 2 == 0, 1.0, -1.0)
 
-    def project(points: np.ndarray, ax: np.ndarray, sg: np.ndarray) -> np.ndarray:  # [N, 3] -> [N, 2], keeps the winding
+    def project(points: np.ndarray, ax: np.ndarray, sg: np.ndarray) -> np.ndarray:  # [N, 3] -> [N, 2], same winding
         idx = np.arange(len(points))
         return np.stack([points[idx, (ax + 1) % 3], sg * points[idx, (ax + 2) % 3]], 1)
 
@@ -193,7 +193,8 @@ def _pack(
 
     for _ in range(4):
         atlas = xatlas.Atlas()
-        atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32), None, None if uv is None else uv.astype(np.float32))
+        uv_in = None if uv is None else uv.astype(np.float32)
+        atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32), None, uv_in)
         atlas.generate(charts, _pack_options(texels_per_unit, padding))
         if atlas.atlas_count != 1:
             raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases, expected 1")
@@ -223,14 +224,14 @@ def unwrap(
     vertices: np.ndarray,  # [V, 3]
     faces: np.ndarray,  # [F, 3]
     texture_size: int,  # texels per side of the texture the atlas is meant for
-    faces_per_chart: int = 250,  # fallback only: caps an xatlas chart's area at about this many faces' worth; 0 = no cap
+    faces_per_chart: int = 250,  # fallback only: caps an xatlas chart's area at this many faces' worth; 0 = no cap
     padding: int = 1,  # empty texels between charts
     max_iterations: int = 0,  # fallback only: xatlas chart-optimisation iterations
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # vmapping [V'], faces [F, 3] into V', uv [V', 2] in [0, 1]
     """Axis-projected charts (see the module docstring) cut at each size of CHART_CELLS and
     packed by xatlas; the atlas with the best fill whose triangles overlap on at most
-    MAX_OVERLAP of the texels is kept. If every one overlaps more, xatlas charts the mesh itself. Vertices are split along chart seams:
-    `vmapping` gives the input vertex of each output vertex."""
+    MAX_OVERLAP of the texels is kept. If every one overlaps more, xatlas charts the mesh itself.
+    Vertices are split along chart seams: `vmapping` gives the input vertex of each output vertex."""
     area = float(face_areas(vertices, faces).sum())
     texels_per_unit = texture_size * math.sqrt(ATLAS_FILL_GUESS / max(area, 1e-20))
     label = axis_labels(vertices, faces)
@@ -277,7 +278,8 @@ def overlapping_texels(uv: np.ndarray, faces: np.ndarray, size: int) -> int:
     winners = []
     for z in (depth, -depth):
         pos_clip = torch.cat([corners, z, torch.ones_like(z)], 1)[None]
-        winners.append(rasterize(pos_clip, triangles, (size, size), backend="torch", chunk_size=RASTER_CHUNK)[0, ..., 3].long() - 1)
+        rast = rasterize(pos_clip, triangles, (size, size), backend="torch", chunk_size=RASTER_CHUNK)
+        winners.append(rast[0, ..., 3].long() - 1)
     both = (winners[0] != winners[1]) & (winners[0] >= 0)
     first, second = faces_t[winners[0][both]], faces_t[winners[1][both]]  # [N, 3] each
     shares_vertex = (first[:, :, None] == second[:, None, :]).flatten(1).any(1)
