@@ -235,15 +235,12 @@ def unwrap(
     area = float(face_areas(vertices, faces).sum())
     texels_per_unit = texture_size * math.sqrt(ATLAS_FILL_GUESS / max(area, 1e-20))
     label = axis_labels(vertices, faces)
-    best, best_fill = None, -1.0
-    for cell in CHART_CELLS:
-        atlas = _projected_atlas(vertices, faces, label, texels_per_unit, texture_size, cell, padding)
-        fill = texture_fill(atlas[2], atlas[1], texture_size)
-        if fill > best_fill and overlapping_texels(atlas[2], atlas[1], texture_size) <= MAX_OVERLAP * texture_size**2:
-            best, best_fill = atlas, fill
-    if best is None:
-        best = _xatlas_atlas(vertices, faces, texels_per_unit, texture_size, faces_per_chart, padding, max_iterations)
-    return best
+    atlases = [_projected_atlas(vertices, faces, label, texels_per_unit, texture_size, c, padding) for c in CHART_CELLS]
+    atlases.sort(key=lambda atlas: texture_fill(atlas[2], atlas[1], texture_size), reverse=True)
+    for vmapping, uv_faces, uv in atlases:  # fullest first; the overlap check costs two rasterizations
+        if overlapping_texels(uv, uv_faces, texture_size) <= MAX_OVERLAP * texture_size**2:
+            return vmapping, uv_faces, uv
+    return _xatlas_atlas(vertices, faces, texels_per_unit, texture_size, faces_per_chart, padding, max_iterations)
 
 
 def uv_coverage(
