@@ -25,20 +25,21 @@ fill goes from 0.50 / 0.50 to 0.73 / 0.69 and the unwrap from ~5 s to 9-11 s, mo
 brute-force packing of the four cut sizes.
 
 The price is texel density: an orthographic projection shrinks a face by the cosine of its
-tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.79-1.16 from the 5th
-to the 95th percentile (0.71-1.2 on the lumpy meshes), against 0.95-1.04 (0.88-1.15) with
-xatlas's charts; at the higher fill the 5th percentile still gets 0.84-1.2x the mean density
-of before. The target, 0.7, is not reached on curved shapes (0.62-0.69): xatlas's packer
-leaves 25-35 % of the atlas between irregular chart outlines, and each chart's border ring of
-partly covered texels and padding costs more the more charts there are. Tried with xatlas's own charts: its
-ChartOptions weights (roundness 1: +0.03 / +0.08 / +0.03 on sphere / torus / cone, the others
-less), larger or no chart-area caps (more charts, not fewer, 2-10x slower), charting a
-Taubin-smoothed copy (fewer charts, fill within 0.05, and the smoothing slid vertices along
-the surface: up to 50x density spread), packing at twice the density with twice the padding
-(+0.01-0.02). With projected charts: 14 directions instead of 6 (-0.05), more cut sizes
-(+0.01), packing into a fixed texture-size atlas (fits only at a lower density: 0.57). One
-texel of padding suffices because the bake dilates every chart into the empty texels around
-it, and each chart's bitmap is conservative (it owns every texel it touches).
+tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.79-1.16 from the
+5th to the 95th percentile (0.71-1.2 on the lumpy meshes), against 0.95-1.04 (0.88-1.15)
+with xatlas's charts; at the higher fill the 5th percentile still gets 0.84-1.2x the mean
+density of before. The target, 0.7, is not reached on curved shapes at 20k faces and 512 px
+(0.62-0.69): xatlas's packer leaves 25-35 % of the atlas between irregular chart outlines,
+and each chart's border ring of partly covered texels and padding costs more the more charts
+there are. Tried with xatlas's own charts: its ChartOptions weights (roundness 1: +0.03 /
++0.08 / +0.03 on sphere / torus / cone, the others less), larger or no chart-area caps (more
+charts, not fewer, 2-10x slower), charting a Taubin-smoothed copy (fewer charts, fill within
+0.05, and the smoothing slid vertices along the surface: up to 50x density spread), packing
+at twice the density with twice the padding (+0.01-0.02). With projected charts: 14
+directions instead of 6 (-0.05), more cut sizes (+0.01), packing into a fixed texture-size
+atlas (fits only at a lower density: 0.57). One texel of padding suffices because the bake
+dilates every chart into the empty texels around it, and each chart's bitmap is conservative
+(it owns every texel it touches).
 """
 from __future__ import annotations
 
