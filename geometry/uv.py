@@ -2,7 +2,7 @@
 
 Charts: each face is projected along one of the six axis directions (+x, -x, ... like a cube
 map), the one nearest its normal, after neighbour votes have smoothed the borders between
-directions; a face never takes a direction more than ~73 degrees from its normal
+directions; a face never takes a direction more than 60 degrees from its normal
 (MIN_FACING), so no projected triangle flips. Connected faces of one direction form a chart,
 optionally cut on a square grid in its plane (CHART_CELLS); xatlas only packs them
 (`use_input_mesh_uvs`). Each cut size is packed and the fullest atlas whose triangles overlap
@@ -18,28 +18,29 @@ cone", quick preset):
 
     fill, unwrap time       sphere  cube  torus  lumpy sphere / cube / torus  cone   unwrap
     xatlas's charts         0.57    0.94  0.44   0.50 / 0.51 / 0.53           0.50   0.05-1.2 s
-    projected charts        0.69    0.95  0.67   0.64 / 0.92 / 0.62           0.67   1.2-2.2 s
+    projected charts        0.69    0.95  0.66   0.67 / 0.90 / 0.65           0.66   1.2-2.6 s
 
-At the `standard` export's 60k faces and 1024 px (a lumpy sphere and torus on a 96-cell grid)
-fill goes from 0.50 / 0.50 to 0.73 / 0.69 and the unwrap from ~5 s to 9-11 s, mostly xatlas's
-brute-force packing of the four cut sizes.
+At the `standard` export's 60k faces and 1024 px (a lumpy sphere and torus on a 96-cell
+grid) fill goes from 0.50 / 0.50 to 0.72 / 0.68 and the unwrap from ~5 s to ~9 s, mostly
+xatlas's brute-force packing of the four cut sizes.
 
 The price is texel density: an orthographic projection shrinks a face by the cosine of its
 tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.79-1.16 from the
-5th to the 95th percentile (0.71-1.2 on the lumpy meshes), against 0.95-1.04 (0.88-1.15)
-with xatlas's charts; at the higher fill the 5th percentile still gets 0.84-1.2x the mean
+5th to the 95th percentile (0.74-1.19 on the lumpy meshes), against 0.95-1.04 (0.88-1.15)
+with xatlas's charts; at the higher fill the 5th percentile still gets 0.9-1.2x the mean
 density of before. The target, 0.7, is not reached on curved shapes at 20k faces and 512 px
-(0.62-0.69): xatlas's packer leaves 25-35 % of the atlas between irregular chart outlines,
+(0.65-0.69): xatlas's packer leaves 25-35 % of the atlas between irregular chart outlines,
 and each chart's border ring of partly covered texels and padding costs more the more charts
 there are. Tried with xatlas's own charts: its ChartOptions weights (roundness 1: +0.03 /
 +0.08 / +0.03 on sphere / torus / cone, the others less), larger or no chart-area caps (more
 charts, not fewer, 2-10x slower), charting a Taubin-smoothed copy (fewer charts, fill within
 0.05, and the smoothing slid vertices along the surface: up to 50x density spread), packing
 at twice the density with twice the padding (+0.01-0.02). With projected charts: 14
-directions instead of 6 (-0.05), more cut sizes (+0.01), packing into a fixed texture-size
-atlas (fits only at a lower density: 0.57). One texel of padding suffices because the bake
-dilates every chart into the empty texels around it, and each chart's bitmap is conservative
-(it owns every texel it touches).
+directions instead of 6 (-0.05), MIN_FACING 0.3 (the same mean fill, lumpy meshes -0.02),
+more cut sizes (+0.01), packing into a fixed texture-size atlas (fits only at a lower
+density: 0.57). One texel of padding suffices because the bake dilates every chart into the
+empty texels around it, and each chart's bitmap is conservative (it owns every texel it
+touches).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import torch
 
 ATLAS_FILL_GUESS = 0.6  # expected fill of the atlas, sizes it just under the texture size
 RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
-MIN_FACING = 0.3  # a face joins an axis' charts only if its normal is within ~73 degrees of it: no flipped triangle
+MIN_FACING = 0.5  # a face joins an axis' charts only if its normal is within 60 degrees of it: no flipped triangle
 MIN_CHART_FACES = 20  # smaller axis-chart pieces join a neighbouring axis' chart
 CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
 MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas

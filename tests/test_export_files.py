@@ -162,7 +162,7 @@ def test_projected_charts_do_not_flip_or_overlap():
     vmap, uv_faces, uv = unwrap(v, f, 256)
     assert np.array_equal(vmap[uv_faces], f)
     assert overlapping_texels(uv, uv_faces, 256) <= MAX_OVERLAP * 256**2
-    assert texture_fill(uv, uv_faces, 256) >= 0.55  # 0.58; xatlas's own charts: 0.51
+    assert texture_fill(uv, uv_faces, 256) >= 0.6  # 0.63; xatlas's own charts: 0.51
 
 
 def test_unwrap_falls_back_to_xatlas_charts(monkeypatch):
