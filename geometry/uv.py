@@ -1,17 +1,46 @@
-"""UV atlases: xatlas unwrapping packed into one square texture, and how much of it is used.
+"""UV atlases: axis-projected charts packed by xatlas into one square texture, and how much of it is used.
 
-Packing settings, measured on marching-tetrahedra meshes of a sphere, a cube and a torus
-(48-cell grid, decimated to 20k faces as the `quick` export does) at 512 px
-(bench/export_checks.py; fill = fraction of texel centres covered by a triangle): the
-packing before (block-aligned greedy placement, bilinear borders, 2 texels of padding)
-filled 0.49 / 0.87 / 0.33; brute-force placement without block alignment or bilinear
-borders and 1 texel of padding fills 0.57 / 0.94 / 0.44, for ~2 s more per export.
-The issue's target, 0.7, is not reached for curved shapes: the gaps between xatlas's
-irregular chart outlines, not the padding, are most of the loss. Larger charts did not help: a higher chart-area cap made xatlas
-split the noisy surfaces into more charts, not fewer, and took 2-10x longer; nor did
-packing at twice the texel density with twice the padding. One texel of padding suffices
-because the bake dilates every chart into the empty texels around it, and each chart's
-bitmap is conservative (it owns every texel it touches).
+Charts: each face is projected along one of the six axis directions (+x, -x, ... like a cube
+map), the one nearest its normal, after neighbour votes have smoothed the borders between
+directions; a face never takes a direction more than 60 degrees from its normal
+(MIN_FACING), so no projected triangle flips. Connected faces of one direction form a chart,
+optionally cut on a square grid in its plane (CHART_CELLS); xatlas only packs them
+(`use_input_mesh_uvs`). Each cut size is packed and the fullest atlas whose triangles overlap
+on at most MAX_OVERLAP of the texels (overhanging lumps can fold a projection) is kept; if
+all overlap more, xatlas charts the mesh itself as before. The atlas is repacked at a lower
+density until it fits the texture, so its padding stays at least one texel.
+
+Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core) on
+marching-tetrahedra meshes decimated to 20k faces as the `quick` export does: a sphere, a
+cube and a torus on the 48-cell grid (bench/export_checks.py), the same shapes with 0.015 +
+0.008 sin-noise on their SDF on a 64-cell grid ("lumpy"), and a real refined mesh ("a red
+cone", quick preset):
+
+    fill, unwrap time       sphere  cube  torus  lumpy sphere / cube / torus  cone   unwrap
+    xatlas's charts         0.57    0.94  0.44   0.50 / 0.51 / 0.53           0.50   0.05-1.2 s
+    projected charts        0.69    0.95  0.66   0.67 / 0.90 / 0.65           0.66   1.2-2.6 s
+
+At the `standard` export's 60k faces and 1024 px (a lumpy sphere and torus on a 96-cell
+grid) fill goes from 0.50 / 0.50 to 0.72 / 0.68 and the unwrap from ~5 s to ~9 s, mostly
+xatlas's brute-force packing of the four cut sizes.
+
+The price is texel density: an orthographic projection shrinks a face by the cosine of its
+tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.79-1.16 from the
+5th to the 95th percentile (0.74-1.19 on the lumpy meshes), against 0.95-1.04 (0.88-1.15)
+with xatlas's charts; at the higher fill the 5th percentile still gets 0.9-1.2x the mean
+density of before. The target, 0.7, is not reached on curved shapes at 20k faces and 512 px
+(0.65-0.69): xatlas's packer leaves 25-35 % of the atlas between irregular chart outlines,
+and each chart's border ring of partly covered texels and padding costs more the more charts
+there are. Tried with xatlas's own charts: its ChartOptions weights (roundness 1: +0.03 /
++0.08 / +0.03 on sphere / torus / cone, the others less), larger or no chart-area caps (more
+charts, not fewer, 2-10x slower), charting a Taubin-smoothed copy (fewer charts, fill within
+0.05, and the smoothing slid vertices along the surface: up to 50x density spread), packing
+at twice the density with twice the padding (+0.01-0.02). With projected charts: 14
+directions instead of 6 (-0.05), MIN_FACING 0.3 (the same mean fill, lumpy meshes -0.02),
+more cut sizes (+0.01), packing into a fixed texture-size atlas (fits only at a lower
+density: 0.57). One texel of padding suffices because the bake dilates every chart into the
+empty texels around it, and each chart's bitmap is conservative (it owns every texel it
+touches).
 """
 from __future__ import annotations
 
@@ -20,48 +49,204 @@ import math
 import numpy as np
 import torch
 
-ATLAS_FILL_GUESS = 0.7  # expected xatlas utilisation, sizes the atlas near the texture size
+ATLAS_FILL_GUESS = 0.6  # expected fill of the atlas, sizes it just under the texture size
 RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
+MIN_FACING = 0.5  # a face joins an axis' charts only if its normal is within 60 degrees of it: no flipped triangle
+MIN_CHART_FACES = 20  # smaller axis-chart pieces join a neighbouring axis' chart
+CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
+MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas
 
 
 def face_areas(v: np.ndarray, f: np.ndarray) -> np.ndarray:  # [V, 3], [F, 3] -> [F]
     return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
 
 
-def unwrap(
+def edge_pairs(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3] -> ([E], [E]) faces sharing an edge
+    edges = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2)
+    edges.sort(axis=1)
+    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    order = np.argsort(key, kind="stable")
+    same = key[order[1:]] == key[order[:-1]]
+    return order[:-1][same] // 3, order[1:][same] // 3
+
+
+def _components(num_faces: int, a: np.ndarray, b: np.ndarray, joined: np.ndarray) -> np.ndarray:  # [F] component id
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(int(joined.sum())), (a[joined], b[joined])), shape=(num_faces, num_faces))
+    return connected_components(graph, directed=False)[1]
+
+
+def axis_labels(
     vertices: np.ndarray,  # [V, 3]
     faces: np.ndarray,  # [F, 3]
-    texture_size: int,  # texels per side of the texture the atlas is meant for
-    faces_per_chart: int = 250,  # caps a chart's area at about this many faces' worth; 0 = no cap
-    padding: int = 1,  # empty texels between charts
-    max_iterations: int = 0,  # xatlas chart-optimisation iterations
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # vmapping [V'], faces [F, 3] into V', uv [V', 2] in [0, 1]
-    """xatlas parametrization packed into one atlas. Chart area is capped because xatlas' time
-    grows faster than linearly with the faces of a chart. Vertices are split along chart seams:
-    `vmapping` gives the input vertex of each output vertex."""
+    smoothing_passes: int = 3,  # neighbour votes that straighten the borders between axes
+) -> np.ndarray:  # [F] in 0..5: +x, -x, +y, -y, +z, -z
+    """Which of the six axis directions each face is projected along. A face starts at the axis
+    nearest its normal; neighbour votes then smooth the borders and merge small pieces into a
+    neighbour, but a face never takes an axis its normal is not within MIN_FACING of, so no
+    projected triangle flips."""
+    n = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
+    n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-30
+    facing = np.concatenate([n, -n], 1)[:, [0, 3, 1, 4, 2, 5]]  # [F, 6] cosine to each axis
+    allowed = facing >= MIN_FACING
+    label = np.argmax(facing, 1)
+    a, b = edge_pairs(faces)
+    rows = np.arange(len(faces))
+
+    def neighbour_votes(among: np.ndarray) -> np.ndarray:  # [F, 6] votes of `among` neighbours, -1: not allowed
+        votes = np.zeros((len(faces), 6))
+        np.add.at(votes, (a[among[b]], label[b[among[b]]]), 1.0)
+        np.add.at(votes, (b[among[a]], label[a[among[a]]]), 1.0)
+        return np.where(allowed, votes, -1.0)
+
+    everyone = np.ones(len(faces), bool)
+    for _ in range(smoothing_passes):
+        votes = neighbour_votes(everyone)
+        votes[rows, label] += 1.5  # a face keeps its axis unless two of its three neighbours agree on another
+        label = np.argmax(votes, 1)
+    for _ in range(3):
+        piece = _components(len(faces), a, b, label[a] == label[b])
+        small = np.bincount(piece)[piece] < MIN_CHART_FACES
+        votes = neighbour_votes(~small)
+        move = small & (votes.max(1) > 0)
+        if not move.any():
+            break
+        label = np.where(move, np.argmax(votes, 1), label)
+    return label
+
+
+def _projected_atlas(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    label: np.ndarray,  # [F] axis of each face (axis_labels)
+    texels_per_unit: float,
+    texture_size: int,
+    cell: int,  # cut charts on a square grid of this many texels in their plane; 0 = no cut
+    padding: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Charts = connected faces with one axis (and one grid cell); each chart is its faces'
+    orthographic projection along its axis, packed by xatlas."""
+    import xatlas  # for its ChartOptions
+
+    axis, sign = label // 2, np.where(label % 2 == 0, 1.0, -1.0)
+
+    def project(points: np.ndarray, ax: np.ndarray, sg: np.ndarray) -> np.ndarray:  # [N, 3] -> [N, 2], same winding
+        idx = np.arange(len(points))
+        return np.stack([points[idx, (ax + 1) % 3], sg * points[idx, (ax + 2) % 3]], 1)
+
+    key = label.astype(np.int64)
+    if cell > 0:
+        grid = np.floor(project(vertices[faces].mean(1), axis, sign) * texels_per_unit / cell).astype(np.int64)
+        grid -= grid.min(0)
+        key = (key * (grid[:, 0].max() + 1) + grid[:, 0]) * (grid[:, 1].max() + 1) + grid[:, 1]
+    a, b = edge_pairs(faces)
+    chart = _components(len(faces), a, b, key[a] == key[b])
+    # Split the vertices along chart borders: one output vertex per (input vertex, chart).
+    num_charts = int(chart.max()) + 1
+    corner_key = faces.astype(np.int64) * num_charts + chart[:, None]
+    unique, split_faces = np.unique(corner_key.reshape(-1), return_inverse=True)
+    split_faces = split_faces.reshape(-1, 3)
+    vert, vert_chart = unique // num_charts, unique % num_charts
+    chart_label = np.zeros(num_charts, np.int64)
+    chart_label[chart] = label
+    vert_label = chart_label[vert_chart]
+    uv = project(vertices[vert], vert_label // 2, np.where(vert_label % 2 == 0, 1.0, -1.0))
+    # Charts share no UV: xatlas would otherwise join two cells along their common border.
+    step = 1.1 * float((uv.max(0) - uv.min(0)).max()) + 1e-9
+    cols = math.ceil(math.sqrt(num_charts))
+    uv = uv - uv.min(0) + np.stack([vert_chart % cols, vert_chart // cols], 1) * step
+    charts = xatlas.ChartOptions()
+    charts.use_input_mesh_uvs = True
+    charts.max_iterations = 0
+    vmapping, indices, uv = _pack(vertices[vert], split_faces, uv, charts, texels_per_unit, texture_size, padding)
+    return vert[vmapping], indices, uv
+
+
+def _xatlas_atlas(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    texels_per_unit: float,
+    texture_size: int,
+    faces_per_chart: int,
+    padding: int,
+    max_iterations: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas's own charts and parametrization. Chart area is capped because xatlas' time grows
+    faster than linearly with the faces of a chart."""
     import xatlas
 
-    area = float(face_areas(vertices, faces).sum())
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32))
     charts = xatlas.ChartOptions()
     charts.max_iterations = max_iterations
     if faces_per_chart > 0:
-        charts.max_chart_area = area * faces_per_chart / len(faces)
+        charts.max_chart_area = float(face_areas(vertices, faces).sum()) * faces_per_chart / len(faces)
+    return _pack(vertices, faces, None, charts, texels_per_unit, texture_size, padding)
+
+
+def _pack(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    uv: np.ndarray | None,  # [V, 2] charts' parametrization (charts.use_input_mesh_uvs), or None
+    charts,  # xatlas.ChartOptions
+    texels_per_unit: float,
+    texture_size: int,
+    padding: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # vmapping [V'], faces [F, 3] into V', uv [V', 2] in [0, 1]
+    """One xatlas atlas, packed again at a lower texel density while it comes out wider or
+    taller than the texture: scaled down into the texture, its padding would be less than a texel."""
+    import xatlas
+
+    for _ in range(4):
+        atlas = xatlas.Atlas()
+        uv_in = None if uv is None else uv.astype(np.float32)
+        atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32), None, uv_in)
+        atlas.generate(charts, _pack_options(texels_per_unit, padding))
+        if atlas.atlas_count != 1:
+            raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases, expected 1")
+        largest = max(atlas.width, atlas.height)
+        if largest <= texture_size:
+            break
+        texels_per_unit *= 0.995 * texture_size / largest
+    vmapping, indices, out_uv = atlas.get_mesh(0)
+    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), out_uv.astype(np.float32)
+
+
+def _pack_options(texels_per_unit: float, padding: int):
+    import xatlas
+
     pack = xatlas.PackOptions()
     pack.padding = padding
     pack.bruteForce = True  # tries every position for each chart: +10-25 % fill over the greedy search
     pack.blockAlign = False  # 4x4-aligned placement leaves gaps between small charts
     pack.bilinear = False  # its extra border ring duplicates what `padding` and the bake's dilation do
     pack.rotate_charts = True
-    # resolution 0 keeps a single atlas; texels_per_unit sizes it near texture_size.
-    pack.resolution = 0
-    pack.texels_per_unit = texture_size * math.sqrt(ATLAS_FILL_GUESS / max(area, 1e-20))
-    atlas.generate(charts, pack)
-    if atlas.atlas_count != 1:
-        raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases, expected 1")
-    vmapping, indices, uv = atlas.get_mesh(0)
-    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), uv.astype(np.float32)
+    pack.resolution = 0  # one atlas, about texels_per_unit * sqrt(area / fill) texels wide
+    pack.texels_per_unit = texels_per_unit
+    return pack
+
+
+def unwrap(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    texture_size: int,  # texels per side of the texture the atlas is meant for
+    faces_per_chart: int = 250,  # fallback only: caps an xatlas chart's area at this many faces' worth; 0 = no cap
+    padding: int = 1,  # empty texels between charts
+    max_iterations: int = 0,  # fallback only: xatlas chart-optimisation iterations
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # vmapping [V'], faces [F, 3] into V', uv [V', 2] in [0, 1]
+    """Axis-projected charts (see the module docstring) cut at each size of CHART_CELLS and
+    packed by xatlas; the atlas with the best fill whose triangles overlap on at most
+    MAX_OVERLAP of the texels is kept. If every one overlaps more, xatlas charts the mesh itself.
+    Vertices are split along chart seams: `vmapping` gives the input vertex of each output vertex."""
+    area = float(face_areas(vertices, faces).sum())
+    texels_per_unit = texture_size * math.sqrt(ATLAS_FILL_GUESS / max(area, 1e-20))
+    label = axis_labels(vertices, faces)
+    atlases = [_projected_atlas(vertices, faces, label, texels_per_unit, texture_size, c, padding) for c in CHART_CELLS]
+    atlases.sort(key=lambda atlas: texture_fill(atlas[2], atlas[1], texture_size), reverse=True)
+    for vmapping, uv_faces, uv in atlases:  # fullest first; the overlap check costs two rasterizations
+        if overlapping_texels(uv, uv_faces, texture_size) <= MAX_OVERLAP * texture_size**2:
+            return vmapping, uv_faces, uv
+    return _xatlas_atlas(vertices, faces, texels_per_unit, texture_size, faces_per_chart, padding, max_iterations)
 
 
 def uv_coverage(
@@ -81,3 +266,24 @@ def texture_fill(uv: np.ndarray, faces: np.ndarray, size: int) -> float:
     """Fraction of a size x size texture's texel centres that some triangle covers."""
     _, covered = uv_coverage(torch.as_tensor(uv, dtype=torch.float32), torch.as_tensor(faces, dtype=torch.long), size)
     return float(covered.float().mean())
+
+
+def overlapping_texels(uv: np.ndarray, faces: np.ndarray, size: int) -> int:
+    """Texel centres covered by two triangles that share no vertex (folded or overlapping
+    charts). Each triangle gets its own depth; a texel is covered twice when the nearest
+    triangle changes as the depth order is reversed."""
+    from renderers.raster import rasterize
+
+    faces_t = torch.as_tensor(faces, dtype=torch.long)
+    corners = torch.as_tensor(uv, dtype=torch.float32)[faces_t.reshape(-1)] * 2 - 1  # [3F, 2]
+    depth = (torch.arange(len(faces), dtype=torch.float32) / len(faces) - 0.5).repeat_interleave(3)[:, None]
+    triangles = torch.arange(3 * len(faces)).reshape(-1, 3)
+    winners = []
+    for z in (depth, -depth):
+        pos_clip = torch.cat([corners, z, torch.ones_like(z)], 1)[None]
+        rast = rasterize(pos_clip, triangles, (size, size), backend="torch", chunk_size=RASTER_CHUNK)
+        winners.append(rast[0, ..., 3].long() - 1)
+    both = (winners[0] != winners[1]) & (winners[0] >= 0)
+    first, second = faces_t[winners[0][both]], faces_t[winners[1][both]]  # [N, 3] each
+    shares_vertex = (first[:, :, None] == second[:, None, :]).flatten(1).any(1)
+    return int((~shares_vertex).sum())

@@ -1,4 +1,4 @@
-"""Export: clean a mesh, unwrap it with xatlas, bake its colour field into a texture, and
+"""Export: clean a mesh, unwrap it (projected charts packed by xatlas), bake its colour field into a texture, and
 write OBJ + MTL + PNG, GLB, a zip of the OBJ set and a turntable video.
 
 The input is generic (vertices, faces and a colour function), so the refined DMTet mesh and
@@ -50,9 +50,9 @@ class ExportConfig:
     merge_distance: float = 1e-6  # vertices closer than this merge, world units
     dilation_iterations: int = 16  # texel rings around the charts that copy the nearest chart texel (hides seams); the rest gets the mean colour
     bake_chunk_size: int = 65536  # surface points per albedo_fn call
-    uv_faces_per_chart: int = 250  # caps an xatlas chart's area at about this many faces' worth; smaller = faster unwrap, more seams; 0 = no cap
-    uv_padding: int = 1  # empty texels between xatlas charts (the bake dilates charts into them)
-    uv_max_iterations: int = 0  # xatlas chart-optimisation iterations; 1 made a noisy 60k-face unwrap ~4x slower
+    uv_faces_per_chart: int = 250  # when xatlas charts the mesh (projected charts overlap): caps a chart's area at about this many faces' worth; smaller = faster, more seams; 0 = no cap
+    uv_padding: int = 1  # empty texels between charts (the bake dilates charts into them)
+    uv_max_iterations: int = 0  # when xatlas charts the mesh: chart-optimisation iterations; 1 made a noisy 60k-face unwrap ~4x slower
     turntable: bool = True  # render turntable.mp4
     turntable_frames: int = 60  # frames of the 360-degree orbit
     turntable_fps: int = 24  # frames per second
@@ -304,7 +304,7 @@ def export(
             normals = vertex_normals(v, f)
             timings["clean"] = time.perf_counter() - t0
             report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices")
-            # 2. UV unwrap: xatlas splits vertices along seams (vmap points back to the welded v).
+            # 2. UV unwrap: vertices split along chart seams (vmap points back to the welded v).
             t0 = time.perf_counter()
             vmap, uv_faces, uv = unwrap(
                 v, f, config.texture_size, config.uv_faces_per_chart, config.uv_padding, config.uv_max_iterations
