@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ class RefineConfig:
     lambda_normal_consistency: float = 1000.0  # weight of the mean 1 - cos between adjacent face normals
     lambda_laplacian: float = 10000.0  # weight of the mean uniform-Laplacian length (world units)
     lambda_albedo_tilt: float | None = None  # weight of the squared slope of albedo brightness against normal z (baked light); None = 1e5 with the primitives prior, else 0
+    color_average_from: float = 1.0  # fraction of the steps after which the colour field's parameters are averaged (Polyak): the texture is their mean; 1 = off
     albedo_warmup: int = 0  # first steps shaded with albedo only (the coarse stage already warmed the colour)
     prob_albedo: float = 0.2  # after the warm-up: probability of albedo shading
     prob_lambertian: float = 0.8  # after the warm-up: probability of Lambertian shading
@@ -80,6 +82,8 @@ class RefineConfig:
             raise ValueError(f"refine.threshold must be > 0 or None, got {self.threshold!r}")
         if self.surface_opacity is not None and not 0.0 < self.surface_opacity < 1.0:
             raise ValueError(f"refine.surface_opacity must be in (0, 1) or None, got {self.surface_opacity!r}")
+        if not 0.0 <= self.color_average_from <= 1.0:
+            raise ValueError(f"refine.color_average_from must be in [0, 1], got {self.color_average_from!r}")
         if not 0.0 <= self.deform_scale <= 0.5:
             raise ValueError(f"refine.deform_scale must be in [0, 0.5], got {self.deform_scale!r}")
         if not 0.0 <= self.ambient <= 1.0:
@@ -179,6 +183,10 @@ def run(
         raise StageError("refine", 0, f"the coarse field has no surface at density level {threshold:.4g}; "
                                       "set refine.threshold or refine.surface_opacity lower, or train the coarse stage longer")
 
+    # Polyak averaging of the colour field: SDS's albedo wanders with each step's lights and noise.
+    average_from = math.ceil(config.color_average_from * config.iters)
+    color_mean, count = [p.detach().clone() for p in color_params], 0
+
     # 2. The SDS loop.
     for step in range(config.iters):
         check_stop(should_stop, "refine", step)
@@ -216,6 +224,11 @@ def run(
             continue
         nonfinite.good()
         optimizer.step()
+        if color_params and step >= average_from:
+            with torch.no_grad():
+                count += 1
+                for mean, p in zip(color_mean, color_params):
+                    mean.add_(p.detach() - mean, alpha=1.0 / count)
         t6 = clock(device)
         parts = dict(zip(TIMING_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)))
         for key, dt in parts.items():
@@ -239,6 +252,9 @@ def run(
     nonfinite.finish(config.iters)
     with torch.no_grad():
         verts, faces = dmtet.extract()
+        if count:
+            for mean, p in zip(color_mean, color_params):
+                p.copy_(mean)
     if hasattr(color_field, "eval"):
         color_field.eval()
     for p in color_params:

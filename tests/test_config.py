@@ -97,6 +97,7 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
     assert config.coarse.sds.guidance_scale is None  # the prior's own default (5)
     assert config.refine.sds.guidance_scale == 10.0 and config.refine.sds.guidance_scale_end == 3.0  # eased: colour
     assert config.coarse.sds.guidance_scale_end is None
+    assert config.refine.color_average_from == 0.5  # the texture averages the refine stage's last half
     config.check()
     fixed = apply_overrides(preset("quick"), ["refine.sds.guidance_scale=20"])
     registry.get("primitives").adapt(fixed, None)

@@ -68,10 +68,25 @@ def test_config_check_names_the_field():
         ({"background": (1.0, 2.0, 0.0)}, "refine.background"), ({"backend": "cuda"}, "refine.backend"),
         ({"ambient": 1.5}, "refine.ambient"), ({"sds": SDSConfig(t_min=0.6, t_max=0.5)}, "t_min"),
         ({"surface_opacity": 1.0}, "refine.surface_opacity"), ({"surface_opacity": 0.0}, "refine.surface_opacity"),
+        ({"color_average_from": 1.5}, "refine.color_average_from"),
     ]:
         config = refine.RefineConfig(**changes)
         with pytest.raises(ValueError, match=name):
             config.check()
+
+
+def test_the_texture_is_the_mean_of_the_colour_fields_last_steps(prior):
+    """color_average_from=0.5 over 4 steps: the colour field handed on is the mean of its state after
+    steps 3 and 4, which runs of 3 and 4 steps without averaging end at (same seed, same draws)."""
+    def final_color(**changes):
+        config = tiny_refine_config(preview_every=0, lr_color=0.05, lr_sdf=0.0, lr_deform=0.0, **changes)
+        return torch.sigmoid(refine.run(Blob(), prior, "a green cube", config, CAMERA).color_field.color_logit)
+
+    after3, after4 = final_color(iters=3), final_color(iters=4)
+    averaged = final_color(iters=4, color_average_from=0.5)
+    assert not torch.allclose(after3, after4)  # the colour moved in the last step
+    expected = torch.sigmoid((torch.logit(after3) + torch.logit(after4)) / 2)  # the parameters are averaged
+    torch.testing.assert_close(averaged, expected)
 
 
 def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
