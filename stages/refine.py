@@ -237,6 +237,8 @@ def run(
 
         # 3. Report progress, with a preview every `preview_every` steps and at the end.
         last = step == config.iters - 1
+        if last:
+            _use_mean(color_params, color_mean, count)  # the last preview shows the texture that is handed on
         preview = None
         if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
             preview = render_previews((verts.detach(), faces), color_field, config, device)
@@ -252,9 +254,7 @@ def run(
     nonfinite.finish(config.iters)
     with torch.no_grad():
         verts, faces = dmtet.extract()
-        if count:
-            for mean, p in zip(color_mean, color_params):
-                p.copy_(mean)
+    _use_mean(color_params, color_mean, count)
     if hasattr(color_field, "eval"):
         color_field.eval()
     for p in color_params:
@@ -265,6 +265,14 @@ def run(
                  threshold=float(threshold), final_loss=loss_value, steps=config.iters,
                  nonfinite_skipped=nonfinite.skipped)
     return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=previews, stats=stats)
+
+
+def _use_mean(params: list[Tensor], means: list[Tensor], count: int) -> None:
+    """Set the colour field's parameters to their running means (when any step was averaged)."""
+    if count:
+        with torch.no_grad():
+            for mean, p in zip(means, params):
+                p.copy_(mean)
 
 
 def render_previews(mesh: tuple[Tensor, Tensor], color_field, config: RefineConfig, device) -> np.ndarray:
