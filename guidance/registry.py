@@ -124,8 +124,6 @@ def resolve_name(name: str, device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- the built-in models
 PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
-PRIMITIVES_REFINE_GUIDANCE_SCALE_END = 3.0  # ... annealed linearly to this by the end of the refine stage
-PRIMITIVES_COLOR_AVERAGE_FROM = 0.5  # refine.color_average_from with the primitives prior: the texture averages the last half
 PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
 PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
 
@@ -174,15 +172,6 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # The mesh regularizers' weights suit CFG-100 gradients; at the prior's 5 they hold the
         # mesh still (see bench/RESULTS.md): the refine stage uses 10.
         config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
-        if config.refine.sds.guidance_scale_end is None:
-            # CFG extrapolates the colour away from the unconditional branch's mix of colours: at a
-            # constant 10 a red cone's albedo ends at (0.96, 0.05, 0.11) for (0.85, 0.12, 0.10).
-            # Easing the scale to 3 lets the colour settle back (bench/RESULTS.md).
-            config.refine.sds.guidance_scale_end = PRIMITIVES_REFINE_GUIDANCE_SCALE_END
-    if config.refine.color_average_from == type(config.refine)().color_average_from:
-        # The albedo's brightness is weakly determined (a darker albedo under a nearer light matches
-        # the same library renders) and wanders from step to step: the texture averages the last half.
-        config.refine.color_average_from = PRIMITIVES_COLOR_AVERAGE_FROM
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT

@@ -163,7 +163,7 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
     field = Blob(radius=0.45, p=3.0, cylinder=True, color=(0.95, 0.85, 0.10))
     config = refine.RefineConfig(
         iters=150, batch_size=4, resolution=64, grid_resolution=32, preview_every=0,
-        prob_albedo=0.0, prob_lambertian=1.0, sds=dataclasses.replace(QUICK.refine.sds, guidance_scale_end=None),
+        prob_albedo=0.0, prob_lambertian=1.0, sds=QUICK.refine.sds,  # the guidance scale of a run with the prior
     )
     before = _iou(extract_mesh(field, config.grid_resolution, smoothing=config.sdf_smoothing), "cylinder")
     result = refine.run(field, prior, "a yellow cylinder", config, CAMERA)
