@@ -185,7 +185,8 @@ def run(
 
     # Polyak averaging of the colour field: SDS's albedo wanders with each step's lights and noise.
     average_from = math.ceil(config.color_average_from * config.iters)
-    color_mean, count = [p.detach().clone() for p in color_params], 0
+    color_mean = [p.detach().clone() for p in color_params] if average_from < config.iters else []  # no copy when off
+    count = 0
 
     # 2. The SDS loop.
     for step in range(config.iters):
@@ -224,7 +225,7 @@ def run(
             continue
         nonfinite.good()
         optimizer.step()
-        if color_params and step >= average_from:
+        if color_mean and step >= average_from:
             with torch.no_grad():
                 count += 1
                 for mean, p in zip(color_mean, color_params):
