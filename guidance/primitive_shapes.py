@@ -127,6 +127,7 @@ def primitive_mesh(shape: str) -> trimesh.Trimesh:
 class LibraryConfig:
     resolution: int = 64  # side of the library images, px (the prior's resolution)
     renders_per_view: int = 96  # K: renders per shape and view word
+    flat_share: float = 0.0  # share of each view word's renders left unshaded (albedo only: alpha_shade = alpha)
     ambient: float = PRIOR_AMBIENT  # ambient share of the Lambertian shading, as in the renderers
     supersample: int = 2  # renders at this many times the resolution, then averages (antialiasing)
     seed: int = 0  # seed of the camera draws
@@ -139,15 +140,18 @@ class LibraryConfig:
             raise ValueError(f"renders_per_view must be >= 1, got {self.renders_per_view}")
         if not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"ambient must be in [0, 1], got {self.ambient}")
+        if not 0.0 <= self.flat_share <= 1.0:
+            raise ValueError(f"flat_share must be in [0, 1], got {self.flat_share}")
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
         self.camera.check()
 
     def key(self) -> str:
         """A digest of everything that changes the library, for the cache file name."""
-        payload = json.dumps(
-            {"format": _LIBRARY_FORMAT, "shapes": SHAPES, **dataclasses.asdict(self)}, sort_keys=True, default=str
-        )
+        fields = dataclasses.asdict(self)
+        if not fields["flat_share"]:
+            del fields["flat_share"]  # the libraries built before the setting existed stay valid
+        payload = json.dumps({"format": _LIBRARY_FORMAT, "shapes": SHAPES, **fields}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -205,10 +209,13 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
 
 
 def build_library(config: LibraryConfig, batch: int = 48) -> dict[str, Tensor]:
-    """Render the library: {'alpha', 'alpha_shade'}: [S, 4, K, R, R] float16, S shapes, 4 view words."""
+    """Render the library: {'alpha', 'alpha_shade'}: [S, 4, K, R, R] float16, S shapes, 4 view words.
+    The last round(flat_share * K) renders of each view word are unshaded (ambient 1): the stages'
+    albedo-only renders have their like in the library."""
     config.check()
     cameras = _draw_cameras_per_view(config)
     r, k = config.resolution, config.renders_per_view
+    shaded = k - round(config.flat_share * k)
     alpha = torch.zeros(len(SHAPES), len(VIEW_WORDS), k, r, r, dtype=torch.float16)
     alpha_shade = torch.zeros_like(alpha)
     for s, shape in enumerate(SHAPES):
@@ -216,12 +223,12 @@ def build_library(config: LibraryConfig, batch: int = 48) -> dict[str, Tensor]:
         for v, word in enumerate(VIEW_WORDS):
             mvp = torch.stack([c[0] for c in cameras[word]])
             light = torch.stack([c[1] for c in cameras[word]])
-            for start in range(0, k, batch):
-                a, a_s = render_shape(
-                    mesh, mvp[start : start + batch], light[start : start + batch], r, config.ambient, config.supersample
-                )
-                alpha[s, v, start : start + batch] = a.half()
-                alpha_shade[s, v, start : start + batch] = a_s.half()
+            for first, last, ambient in ((0, shaded, config.ambient), (shaded, k, 1.0)):
+                for start in range(first, last, batch):
+                    end = min(start + batch, last)
+                    a, a_s = render_shape(mesh, mvp[start:end], light[start:end], r, ambient, config.supersample)
+                    alpha[s, v, start:end] = a.half()
+                    alpha_shade[s, v, start:end] = a_s.half()
     return {"alpha": alpha, "alpha_shade": alpha_shade}
 
 

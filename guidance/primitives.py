@@ -81,6 +81,7 @@ class PrimitivesPrior:
         dtype: torch.dtype = torch.float32,
         resolution: int = 64,  # library image side, px
         renders_per_view: int = 96,  # K renders per shape and view word
+        flat_share: float = 0.0,  # share of the renders left unshaded (see LibraryConfig)
         camera: CameraConfig | None = None,  # the stages' camera distribution (never individual poses)
         ambient: float = PRIOR_AMBIENT,  # ambient share of the library's Lambertian shading
         background: float = 1.0,  # grey level behind the objects in [0, 1]: the stages must render on the same
@@ -92,7 +93,7 @@ class PrimitivesPrior:
         self.dtype = dtype
         self.resolution = resolution
         self.library_config = LibraryConfig(
-            resolution=resolution, renders_per_view=renders_per_view, ambient=ambient,
+            resolution=resolution, renders_per_view=renders_per_view, ambient=ambient, flat_share=flat_share,
             camera=camera if camera is not None else CameraConfig(),
         )
         library = load_library(self.library_config, cache=cache, log=log)

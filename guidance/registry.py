@@ -138,6 +138,7 @@ def _build_primitives(device, dtype=None, model_id=None, **kwargs):
 
 def _primitives_settings(config) -> dict:
     return dict(resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
+                flat_share=config.prior_flat_share,
                 camera=config.camera, ambient=config.coarse.volume.ambient)
 
 

@@ -37,6 +37,7 @@ class Config:
     stop_after: str = "export"  # last stage to train: "coarse" exports the coarse field's mesh, "refine" or "export" do all
     prior_resolution: int = 64  # primitives prior: image side of its libraries, px
     prior_renders_per_view: int = 96  # primitives prior: renders per shape and view word
+    prior_flat_share: float = 0.0  # primitives prior: share of those renders left unshaded (albedo only)
     prior_background: float = 1.0  # primitives prior: grey level behind its objects (set from the prompt by the spec's adapt)
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)  # training camera distribution
     coarse: CoarseConfig = dataclasses.field(default_factory=CoarseConfig)  # stage 1: NeRF + SDS
@@ -56,6 +57,9 @@ class Config:
             raise ValueError(f"prior_resolution must be an integer in [16, 256], got {self.prior_resolution!r}")
         if not isinstance(self.prior_renders_per_view, int) or not 1 <= self.prior_renders_per_view <= 1024:
             raise ValueError(f"prior_renders_per_view must be an integer in [1, 1024], got {self.prior_renders_per_view!r}")
+        if isinstance(self.prior_flat_share, bool) or not isinstance(self.prior_flat_share, (int, float)) \
+                or not 0.0 <= self.prior_flat_share <= 1.0:
+            raise ValueError(f"prior_flat_share must be a share in [0, 1], got {self.prior_flat_share!r}")
         if not isinstance(self.prior_background, (int, float)) or not 0.0 <= self.prior_background <= 1.0:
             raise ValueError(f"prior_background must be a grey level in [0, 1], got {self.prior_background!r}")
         self.camera.check()

@@ -67,6 +67,7 @@ def test_text_settings_take_plain_strings_without_python_quotes():
         ("seed", "must look like"),
         ("guidance=magic", "guidance must be one of"),
         ("refine.sds.t_max=2", "t_max"),
+        ("prior_flat_share=1.5", "prior_flat_share must be a share"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):

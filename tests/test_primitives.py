@@ -73,6 +73,21 @@ def test_cache_is_reused(tmp_path):
     assert len(list(tmp_path.glob("library-*.pt"))) == 1
 
 
+def test_flat_share_leaves_the_last_renders_unshaded():
+    from guidance.primitive_shapes import LibraryConfig, build_library
+
+    config = LibraryConfig(resolution=16, renders_per_view=8, flat_share=0.25)
+    library = build_library(config)
+    alpha, shaded = library["alpha"].float(), library["alpha_shade"].float()
+    assert torch.equal(alpha[:, :, 6:], shaded[:, :, 6:])  # the last 2 of 8: albedo only
+    assert (alpha[:, :, :6] - shaded[:, :, :6]).amax(dim=(-2, -1)).min() > 0.03  # the others: Lambertian shading
+    # The cache key changes with the share, and stays as it was without one (old caches stay valid).
+    assert config.key() != LibraryConfig(resolution=16, renders_per_view=8).key()
+    assert LibraryConfig(resolution=16, renders_per_view=8, flat_share=0.0).key() == LibraryConfig(resolution=16, renders_per_view=8).key()
+    with pytest.raises(ValueError, match="flat_share"):
+        LibraryConfig(flat_share=1.5).check()
+
+
 def test_posterior_mean_small_t_returns_the_image(prior):
     x0 = _library_image(prior, "torus", "blue", "side", 3)[None]
     cond = prior.encode_prompt(["a blue torus, side view"])
