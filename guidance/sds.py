@@ -36,6 +36,7 @@ class NonFiniteError(FloatingPointError):
 class SDSConfig:
     guidance_scale: float | None = None  # classifier-free guidance scale s; None = the model's default_guidance_scale
     guidance_scale_end: float | None = None  # s at the end of training, linear in progress from guidance_scale; None = constant
+    texture_guidance_scale: float | None = None  # CFG scale of the gradient the texture gets (stages that route it: refine); None = s
     t_min: float = 0.02  # lowest timestep, fraction of the schedule length T
     t_max: float = 0.98  # highest timestep at the start of training, fraction of T
     t_anneal: str = "none"  # how the highest timestep moves with progress: "none", "linear", "sqrt" (HiFA)
@@ -56,6 +57,8 @@ class SDSConfig:
             raise ValueError(f"guidance_scale must be > 0 or None, got {self.guidance_scale}")
         if self.guidance_scale_end is not None and not self.guidance_scale_end > 0:
             raise ValueError(f"guidance_scale_end must be > 0 or None, got {self.guidance_scale_end}")
+        if self.texture_guidance_scale is not None and not self.texture_guidance_scale > 0:
+            raise ValueError(f"texture_guidance_scale must be > 0 or None, got {self.texture_guidance_scale}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"t_min and t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.t_anneal not in T_ANNEAL_MODES:
@@ -192,7 +195,9 @@ class SDSLoss:
         progress: float = 0.0,  # fraction of training done, 0..1, for timestep annealing
         generator: torch.Generator | None = None,  # seeds timesteps and noise
     ) -> tuple[Tensor, dict]:
-        """(loss, info): d loss / d x == w(t) (eps_hat - eps); info has "t" [B], "grad_norm", "w" [B], "noise"."""
+        """(loss, info): d loss / d x == w(t) (eps_hat - eps); info has "t" [B], "grad_norm", "w" [B], "noise",
+        and "texture_loss": None, or with `texture_guidance_scale` a loss whose gradient on x is the
+        difference between the SDS gradient at that scale and at the shape's (for the texture's parameters)."""
         # 1. Check inputs.
         if images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {tuple(images.shape)}")
@@ -226,26 +231,33 @@ class SDSLoss:
         alpha_bar = self.alphas_cumprod.to(x.device)[t].view(batch, 1, 1, 1)
         with torch.no_grad():
             x_t = alpha_bar.sqrt() * x.detach() + (1.0 - alpha_bar).sqrt() * noise
-            eps_hat = self._guided_noise(x_t, t, view_words, self.scale_at(progress))  # [B, C, h, w]
+            eps_uncond, direction = self._guidance_terms(x_t, t, view_words)  # [B, C, h, w] each
 
         # 4. The SDS gradient, and a loss whose gradient on x is exactly that.
         w = timestep_weight(self.config.weighting, alpha_bar)  # [B, 1, 1, 1]
+        grad = self._gradient(w, eps_uncond + self.scale_at(progress) * direction, noise, t)
+        loss = (grad.detach() * x).sum()
+        texture_loss = None
+        if self.config.texture_guidance_scale is not None:
+            texture_grad = self._gradient(w, eps_uncond + self.config.texture_guidance_scale * direction, noise, t)
+            texture_loss = ((texture_grad - grad).detach() * x).sum()
+        info = {"t": t, "grad_norm": float(grad.norm()), "w": w.flatten(), "noise": noise, "texture_loss": texture_loss}
+        return loss, info
+
+    def _gradient(self, w: Tensor, eps_hat: Tensor, noise: Tensor, t: Tensor) -> Tensor:  # [B, C, h, w]
         grad = w * (eps_hat - noise)
         if self.config.grad_clip > 0:
             grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
         if not torch.isfinite(grad).all():
             raise NonFiniteError(f"non-finite SDS gradient at t={t.tolist()}")
-        loss = (grad.detach() * x).sum()
-        info = {"t": t, "grad_norm": float(grad.norm()), "w": w.flatten(), "noise": noise}
-        return loss, info
+        return grad
 
-    def _guided_noise(
+    def _guidance_terms(
         self,
         x_t: Tensor,  # [B, C, h, w] noisy input
         t: Tensor,  # [B] timesteps
         view_words: list[str],  # [B]
-        scale: float,  # classifier-free guidance scale
-    ) -> Tensor:  # [B, C, h, w] classifier-free guided noise prediction
+    ) -> tuple[Tensor, Tensor]:  # eps_uncond, direction [B, C, h, w]: CFG's eps_hat = eps_uncond + s * direction
         batch = x_t.shape[0]
         if self.config.view_dependent:
             cond_index = [VIEW_WORDS.index(word) for word in view_words]
@@ -277,4 +289,4 @@ class SDSLoss:
             weights = torch.tensor(neg_weights, device=x_t.device, dtype=x_t.dtype).view(-1, 1, 1, 1)
             perp = perpendicular_component(eps_neg - eps_uncond[row_index], direction[row_index])
             direction = direction.index_add(0, row_index, -weights * perp)
-        return eps_uncond + scale * direction
+        return eps_uncond, direction

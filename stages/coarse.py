@@ -72,6 +72,9 @@ class CoarseConfig:
         self.field.check()
         self.volume.check()
         self.sds.check()
+        if self.sds.texture_guidance_scale is not None:
+            raise ValueError("coarse.sds.texture_guidance_scale is not used: the coarse field's colour and density share "
+                             "parameters; set refine.sds.texture_guidance_scale")
 
 
 @dataclass

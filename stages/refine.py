@@ -219,7 +219,9 @@ def run(
                 loss = loss + config.lambda_albedo_tilt * albedo_tilt_loss(verts, faces, color_field.albedo,
                                                                            generator=generator)
             t5 = clock(device)
+            texture_grads = _texture_gradients(info["texture_loss"], color_params, config.batch_size)
             backward_finite(loss, optimizer)
+            _add_gradients(color_params, texture_grads)
         except NonFiniteError as exc:  # skip the step: no update
             nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
             continue
@@ -266,6 +268,27 @@ def run(
                  threshold=float(threshold), final_loss=loss_value, steps=config.iters,
                  nonfinite_skipped=nonfinite.skipped)
     return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=previews, stats=stats)
+
+
+def _texture_gradients(texture_loss: Tensor | None, color_params: list[Tensor], batch_size: int) -> list | None:
+    """With `sds.texture_guidance_scale`: the colour parameters' share of the texture's own SDS term
+    (taken before the main backward frees the graph); None without it or with a frozen texture."""
+    trainable = [p for p in color_params if p.requires_grad]
+    if texture_loss is None or not trainable:
+        return None
+    grads = torch.autograd.grad(texture_loss / batch_size, trainable, retain_graph=True, allow_unused=True)
+    return list(zip(trainable, grads))
+
+
+def _add_gradients(params: list[Tensor], grads: list | None) -> None:
+    if not grads:
+        return
+    extra = [g for _, g in grads if g is not None]
+    if extra and not torch.isfinite(torch.nn.utils.get_total_norm(extra)):
+        raise NonFiniteError("non-finite texture gradients")
+    for p, g in grads:
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _use_mean(params: list[Tensor], means: list[Tensor], count: int) -> None:

@@ -89,6 +89,35 @@ def test_the_texture_is_the_mean_of_the_colour_fields_last_steps(prior):
     torch.testing.assert_close(averaged, expected)
 
 
+def test_the_texture_gets_its_own_guidance_scale(prior):
+    """refine.sds.texture_guidance_scale routes the SDS gradient at that scale to the colour field
+    only: the texture follows a run at the texture's scale, the surface a run without the setting."""
+    def run(iters, lr_sdf, **sds):
+        config = tiny_refine_config(iters=iters, preview_every=0, lr_color=0.05, lr_sdf=lr_sdf, lr_deform=lr_sdf,
+                                    sds=SDSConfig(**sds))
+        result = refine.run(Blob(), prior, "a green cube", config, CAMERA)
+        return result.vertices, torch.sigmoid(result.color_field.color_logit)
+
+    # A fixed surface, 3 steps: the texture is that of plain CFG at the texture's scale.
+    _, split_color = run(3, 0.0, guidance_scale=10.0, texture_guidance_scale=2.0)
+    _, texture_color = run(3, 0.0, guidance_scale=2.0)
+    _, shape_color = run(3, 0.0, guidance_scale=10.0)
+    torch.testing.assert_close(split_color, texture_color)
+    assert not torch.allclose(split_color, shape_color, atol=1e-4)
+    # The first step's surface update is the shape scale's (later ones see the other texture).
+    split_verts, _ = run(1, 0.05, guidance_scale=10.0, texture_guidance_scale=2.0)
+    shape_verts, _ = run(1, 0.05, guidance_scale=10.0)
+    texture_verts, _ = run(1, 0.05, guidance_scale=2.0)
+    torch.testing.assert_close(split_verts, shape_verts)
+    assert not torch.allclose(split_verts, texture_verts, atol=1e-5)
+
+
+def test_the_coarse_stage_refuses_a_texture_scale():
+    config = coarse.CoarseConfig(sds=SDSConfig(texture_guidance_scale=3.0))
+    with pytest.raises(ValueError, match="refine.sds.texture_guidance_scale"):
+        config.check()
+
+
 def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
     field = Blob(radius=0.4)
     before = copy.deepcopy(field.state_dict())

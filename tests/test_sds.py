@@ -85,6 +85,26 @@ def test_guidance_scale_anneals_linearly_to_its_end_value():
     torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
 
 
+def test_texture_loss_carries_the_difference_to_the_texture_scale():
+    """With texture_guidance_scale, info["texture_loss"]'s gradient on x is the SDS gradient at that
+    scale minus the one at the shape's scale: the two summed give the texture plain CFG at its scale."""
+    fake = FakeGuidance()
+    views = ["front", "overhead"]
+    images = _images(len(views))
+    loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=10.0, texture_guidance_scale=3.0))
+    loss, info = loss_fn(images, views, generator=torch.Generator().manual_seed(5))
+    main_grad, = torch.autograd.grad(loss, images, retain_graph=True)
+    extra_grad, = torch.autograd.grad(info["texture_loss"], images)
+    x = images.detach().permute(0, 3, 1, 2) * 2 - 1
+    cond, uncond = [f"{PROMPT}, {v} view" for v in views], [""] * 2
+    shape_grad = _expected_grad(fake, x, info, cond, uncond, 10.0)
+    texture_grad = _expected_grad(fake, x, info, cond, uncond, 3.0)
+    torch.testing.assert_close(main_grad, 2 * shape_grad.permute(0, 2, 3, 1))  # the main loss is unchanged
+    torch.testing.assert_close(extra_grad, 2 * (texture_grad - shape_grad).permute(0, 2, 3, 1))
+    assert _run(fake, SDSConfig(guidance_scale=10.0), views)[3]["texture_loss"] is None
+    assert fake.calls[-1] == 4  # still one model call on [cond, uncond]
+
+
 def test_weighting_schemes():
     a = torch.tensor([0.9, 0.5, 0.04])
     torch.testing.assert_close(timestep_weight("sds", a), 1 - a)
@@ -224,6 +244,7 @@ def test_renders_are_resized_to_the_model_resolution():
     [
         (dict(guidance_scale=-3.0), "guidance_scale must be > 0"),
         (dict(guidance_scale_end=0.0), "guidance_scale_end must be > 0"),
+        (dict(texture_guidance_scale=-1.0), "texture_guidance_scale must be > 0"),
         (dict(t_min=0.5, t_max=0.4), "t_min and t_max"),
         (dict(t_anneal="cosine"), "t_anneal must be one of"),
         (dict(t_max_end=0.01), "t_max_end must be in"),
