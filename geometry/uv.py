@@ -54,6 +54,10 @@ RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
 MIN_FACING = 0.5  # a face joins an axis' charts only if its normal is within 60 degrees of it: no flipped triangle
 MIN_CHART_FACES = 20  # smaller axis-chart pieces join a neighbouring axis' chart
 CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
+MERGE_BELOW = 0.4  # a cut piece smaller than this share of a cell joins the cell it shares the longest border with
+SPLIT_BELOW = 0.6  # a cut piece smaller than this share of its cell is cut again into quarters ...
+SPLIT_LEVELS = 3  # ... down to cells of cell / 2**SPLIT_LEVELS texels
+DENSITY_ROOM = 1.02  # an atlas whose larger side is this much under the texture size is packed again, larger
 MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas
 
 
@@ -68,6 +72,42 @@ def edge_pairs(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3] ->
     order = np.argsort(key, kind="stable")
     same = key[order[1:]] == key[order[:-1]]
     return order[:-1][same] // 3, order[1:][same] // 3
+
+
+def _neighbours(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3] face or -1, [F, 3] edge length
+    """The face across each edge of each face and that edge's length (-1 and 0 on an open or non-manifold edge)."""
+    edges = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2)
+    edges.sort(axis=1)
+    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    order = np.argsort(key, kind="stable")
+    same = np.flatnonzero(key[order[1:]] == key[order[:-1]])
+    across = np.full(3 * len(faces), -1, np.int64)
+    across[order[same]], across[order[same + 1]] = order[same + 1] // 3, order[same] // 3
+    length = np.where(across >= 0, np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1), 0.0)
+    return across.reshape(-1, 3), length.reshape(-1, 3)
+
+
+def _straighten(key: np.ndarray, across: np.ndarray, length: np.ndarray, allowed=None, group=None, passes: int = 8) -> np.ndarray:
+    """Border smoothing: a face takes the key of its neighbours when their shared edges are longer than
+    the edges it shares with its own key's faces (a spike of a long thin triangle), if `allowed`."""
+    rows = np.arange(len(key))
+    for _ in range(passes):
+        nkey = np.where(across >= 0, key[across], -1)  # [F, 3]
+        if group is not None:  # only faces of the same group (axis) count
+            nkey = np.where((across >= 0) & (group[across] == group[:, None]), nkey, -1)
+        score = ((nkey[:, :, None] == nkey[:, None, :]) * length[:, None, :]).sum(2)  # [F, 3] length of each neighbour's key
+        own = ((nkey == key[:, None]) * length).sum(1)
+        score = np.where((nkey >= 0) & (nkey != key[:, None]), score, -1.0)
+        if allowed is not None:
+            score = np.where(allowed[rows[:, None], np.maximum(nkey, 0)], score, -1.0)
+        best = np.argmax(score, 1)
+        move = score[rows, best] > own
+        # Neighbours moving together could swap keys: of two, only the lower-indexed one moves this pass.
+        move &= ~(move[np.maximum(across, 0)] & (across >= 0) & (across < rows[:, None])).any(1)
+        if not move.any():
+            break
+        key = np.where(move, nkey[rows, best], key)
+    return key
 
 
 def _components(num_faces: int, a: np.ndarray, b: np.ndarray, joined: np.ndarray) -> np.ndarray:  # [F] component id
@@ -91,8 +131,10 @@ def axis_labels(
     n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-30
     facing = np.concatenate([n, -n], 1)[:, [0, 3, 1, 4, 2, 5]]  # [F, 6] cosine to each axis
     allowed = facing >= MIN_FACING
-    label = np.argmax(facing, 1)
     a, b = edge_pairs(faces)
+    label = np.argmax(facing, 1)
+    across, length = _neighbours(vertices, faces)
+    label = _straighten(label, across, length, allowed)
     rows = np.arange(len(faces))
 
     def neighbour_votes(among: np.ndarray) -> np.ndarray:  # [F, 6] votes of `among` neighbours, -1: not allowed
@@ -117,6 +159,51 @@ def axis_labels(
     return label
 
 
+def _cut_charts(
+    corners: np.ndarray,  # [F, 3, 2] each face's projection along its axis, texels
+    label: np.ndarray,  # [F] axis of each face
+    neighbours: tuple[np.ndarray, np.ndarray],  # _neighbours(): [F, 3] face across each edge, [F, 3] edge length
+    a: np.ndarray,  # [E] edge_pairs()
+    b: np.ndarray,
+    cell: int,  # texels
+) -> np.ndarray:  # [F] chart id
+    """Axis charts cut on a global square grid of `cell` texels, each cut straightened along the mesh's edges;
+    pieces under MERGE_BELOW of a cell join a bigger neighbour of the same axis, then pieces under SPLIT_BELOW
+    of their cell (a chart's rim) are cut into quarters, SPLIT_LEVELS times: square cells plus small pieces
+    that fill the packer's gaps."""
+    across, length = neighbours
+    grid = np.floor(corners.mean(1) / cell).astype(np.int64)
+    grid -= grid.min(0)
+    key = (label * (grid[:, 0].max() + 1) + grid[:, 0]) * (grid[:, 1].max() + 1) + grid[:, 1]
+    key = _straighten(key, across, length, group=label)
+    chart = _components(len(label), a, b, key[a] == key[b])
+    e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # [F] texels
+    for _ in range(2):  # merge small pieces into big ones (never two small ones: no chains)
+        size = np.bincount(chart, area)
+        other = np.where((across >= 0) & (label[across] == label[:, None]), chart[np.maximum(across, 0)], -1)
+        f_idx, e_idx = np.nonzero((other >= 0) & (other != chart[:, None]))  # edges to another piece of the same axis
+        n = int(chart.max()) + 1
+        pair, inverse = np.unique(chart[f_idx] * n + other[f_idx, e_idx], return_inverse=True)
+        shared = np.bincount(inverse, length[f_idx, e_idx])
+        src, dst = pair // n, pair % n
+        order = np.lexsort((-shared, src))
+        first = order[np.r_[True, src[order][1:] != src[order][:-1]]]  # each piece's longest shared border
+        move = (size[src[first]] < MERGE_BELOW * cell**2) & (size[dst[first]] >= MERGE_BELOW * cell**2)
+        if not move.any():
+            break
+        target = np.arange(n)
+        target[src[first][move]] = dst[first][move]
+        chart = np.unique(target[chart], return_inverse=True)[1]
+    for level in range(1, SPLIT_LEVELS + 1):
+        partial = (np.bincount(chart, area) < SPLIT_BELOW * (cell / 2 ** (level - 1)) ** 2)[chart]
+        quarter = np.floor(corners.mean(1) / (cell / 2**level)).astype(np.int64) % 2
+        key = chart.astype(np.int64) * 4 + np.where(partial, quarter[:, 0] * 2 + quarter[:, 1], 0)
+        key = _straighten(key, across, length, group=chart)
+        chart = _components(len(label), a, b, key[a] == key[b])
+    return chart
+
+
 def _projected_atlas(
     vertices: np.ndarray,  # [V, 3]
     faces: np.ndarray,  # [F, 3]
@@ -125,7 +212,7 @@ def _projected_atlas(
     texture_size: int,
     cell: int,  # cut charts on a square grid of this many texels in their plane; 0 = no cut
     padding: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Charts = connected faces with one axis (and one grid cell); each chart is its faces'
     orthographic projection along its axis, packed by xatlas."""
     import xatlas  # for its ChartOptions
@@ -136,13 +223,12 @@ def _projected_atlas(
         idx = np.arange(len(points))
         return np.stack([points[idx, (ax + 1) % 3], sg * points[idx, (ax + 2) % 3]], 1)
 
-    key = label.astype(np.int64)
-    if cell > 0:
-        grid = np.floor(project(vertices[faces].mean(1), axis, sign) * texels_per_unit / cell).astype(np.int64)
-        grid -= grid.min(0)
-        key = (key * (grid[:, 0].max() + 1) + grid[:, 0]) * (grid[:, 1].max() + 1) + grid[:, 1]
     a, b = edge_pairs(faces)
-    chart = _components(len(faces), a, b, key[a] == key[b])
+    if cell > 0:
+        chart = _cut_charts(project(vertices[faces].reshape(-1, 3), np.repeat(axis, 3), np.repeat(sign, 3)).reshape(-1, 3, 2)
+                            * texels_per_unit, label, _neighbours(vertices, faces), a, b, cell)
+    else:
+        chart = _components(len(faces), a, b, label[a] == label[b])
     # Split the vertices along chart borders: one output vertex per (input vertex, chart).
     num_charts = int(chart.max()) + 1
     corner_key = faces.astype(np.int64) * num_charts + chart[:, None]
@@ -160,8 +246,8 @@ def _projected_atlas(
     charts = xatlas.ChartOptions()
     charts.use_input_mesh_uvs = True
     charts.max_iterations = 0
-    vmapping, indices, uv = _pack(vertices[vert], split_faces, uv, charts, texels_per_unit, texture_size, padding)
-    return vert[vmapping], indices, uv
+    vmapping, indices, uv, room = _pack(vertices[vert], split_faces, uv, charts, texels_per_unit, texture_size, padding)
+    return vert[vmapping], indices, uv, room
 
 
 def _xatlas_atlas(
@@ -181,7 +267,7 @@ def _xatlas_atlas(
     charts.max_iterations = max_iterations
     if faces_per_chart > 0:
         charts.max_chart_area = float(face_areas(vertices, faces).sum()) * faces_per_chart / len(faces)
-    return _pack(vertices, faces, None, charts, texels_per_unit, texture_size, padding)
+    return _pack(vertices, faces, None, charts, texels_per_unit, texture_size, padding)[:3]
 
 
 def _pack(
@@ -209,7 +295,8 @@ def _pack(
             break
         texels_per_unit *= 0.995 * texture_size / largest
     vmapping, indices, out_uv = atlas.get_mesh(0)
-    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), out_uv.astype(np.float32)
+    room = texture_size / largest  # how much larger the atlas could be
+    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), out_uv.astype(np.float32), room
 
 
 def _pack_options(texels_per_unit: float, padding: int):
@@ -241,12 +328,23 @@ def unwrap(
     area = float(face_areas(vertices, faces).sum())
     texels_per_unit = texture_size * math.sqrt(ATLAS_FILL_GUESS / max(area, 1e-20))
     label = axis_labels(vertices, faces)
-    atlases = [_projected_atlas(vertices, faces, label, texels_per_unit, texture_size, c, padding) for c in CHART_CELLS]
-    atlases.sort(key=lambda atlas: texture_fill(atlas[2], atlas[1], texture_size), reverse=True)
+    atlases = []
+    for cell in CHART_CELLS:
+        *atlas, room = _projected_atlas(vertices, faces, label, texels_per_unit, texture_size, cell, padding)
+        atlases.append(atlas)
+        if room > DENSITY_ROOM:  # the atlas came out clearly smaller than the texture: pack it again, larger
+            scaled = texels_per_unit * room * 0.995
+            atlases.append(_projected_atlas(vertices, faces, label, scaled, texture_size, cell, padding)[:3])
+    atlases.sort(key=lambda atlas: uv_area(atlas[2], atlas[1]), reverse=True)  # ~ the fill, without overlaps
     for vmapping, uv_faces, uv in atlases:  # fullest first; the overlap check costs two rasterizations
         if overlapping_texels(uv, uv_faces, texture_size) <= MAX_OVERLAP * texture_size**2:
             return vmapping, uv_faces, uv
     return _xatlas_atlas(vertices, faces, texels_per_unit, texture_size, faces_per_chart, padding, max_iterations)
+
+
+def uv_area(uv: np.ndarray, faces: np.ndarray) -> float:  # [V', 2], [F, 3] -> summed triangle area
+    e1, e2 = uv[faces[:, 1]] - uv[faces[:, 0]], uv[faces[:, 2]] - uv[faces[:, 0]]
+    return float(0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum())
 
 
 def uv_coverage(
