@@ -1,46 +1,58 @@
 """UV atlases: axis-projected charts packed by xatlas into one square texture, and how much of it is used.
 
 Charts: each face is projected along one of the six axis directions (+x, -x, ... like a cube
-map), the one nearest its normal, after neighbour votes have smoothed the borders between
-directions; a face never takes a direction more than 60 degrees from its normal
-(MIN_FACING), so no projected triangle flips. Connected faces of one direction form a chart,
-optionally cut on a square grid in its plane (CHART_CELLS); xatlas only packs them
-(`use_input_mesh_uvs`). Each cut size is packed and the fullest atlas whose triangles overlap
-on at most MAX_OVERLAP of the texels (overhanging lumps can fold a projection) is kept; if
-all overlap more, xatlas charts the mesh itself as before. The atlas is repacked at a lower
-density until it fits the texture, so its padding stays at least one texel.
+map), the one nearest its normal, after its borders have been straightened and small pieces
+given to a neighbouring direction; a face never takes a direction more than 60 degrees from
+its normal (MIN_FACING), so no projected triangle flips. Connected faces of one direction form
+a chart, optionally cut on a square grid in its plane (CHART_CELLS); each cut is straightened
+along the mesh's edges (a long thin triangle whose longer edges lie on the other side joins
+that side), pieces under MERGE_BELOW of a cell join the cell they share most border with, and
+pieces under SPLIT_BELOW of their cell (the charts' rims) are cut into quarters, down to
+cell / 8: square cells plus small pieces that fill the packer's gaps. xatlas only packs them
+(`use_input_mesh_uvs`). Each cut size is packed, and packed again at a density scaled by
+texture size / the atlas's larger side when that leaves over 2 % of room (DENSITY_ROOM); the
+atlas with the most UV area whose triangles overlap on at most MAX_OVERLAP of the texels
+(overhanging lumps can fold a projection) is kept; if all overlap more, xatlas charts the mesh
+itself. An atlas larger than the texture is repacked at a lower density until it fits, so its
+padding stays at least one texel.
 
-Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core) on
-marching-tetrahedra meshes decimated to 20k faces as the `quick` export does: a sphere, a
-cube and a torus on the 48-cell grid (bench/export_checks.py), the same shapes with 0.015 +
-0.008 sin-noise on their SDF on a 64-cell grid ("lumpy"), and a real refined mesh ("a red
-cone", quick preset):
+Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core, unwrap
+time best of two on a shared machine) on marching-tetrahedra meshes cleaned and decimated to
+20k faces as the `quick` export does (python -m bench.uv_fill): a sphere, cube, torus, capsule
+and cone on the 48-cell grid, and the sphere, cube and torus with 0.015 + 0.008 sin-noise on
+their SDF on a 64-cell grid ("lumpy"):
 
-    fill, unwrap time       sphere  cube  torus  lumpy sphere / cube / torus  cone   unwrap
-    xatlas's charts         0.57    0.94  0.44   0.50 / 0.51 / 0.53           0.50   0.05-1.2 s
-    projected charts        0.69    0.95  0.66   0.67 / 0.90 / 0.65           0.66   1.2-2.6 s
+    fill                 sphere cube  torus capsule cone   lumpy sphere / cube / torus   unwrap
+    xatlas's charts      0.57   0.94  0.44  -       -      0.50 / 0.51 / 0.53            0.05-1.2 s
+    one cut per chart    0.69   0.95  0.66  0.79    0.67   0.63 / 0.95 / 0.63            1.2-2.2 s
+    cells and rims       0.75   0.95  0.71  0.82    0.78   0.69 / 0.95 / 0.68            1.8-3.3 s
 
-At the `standard` export's 60k faces and 1024 px (a lumpy sphere and torus on a 96-cell
-grid) fill goes from 0.50 / 0.50 to 0.72 / 0.68 and the unwrap from ~5 s to ~9 s, mostly
-xatlas's brute-force packing of the four cut sizes.
+(The first row is from before, on an earlier lumpy noise; a refined "red cone" mesh went from
+0.50 to 0.66 with one cut per chart and was not remeasured.) Over the six curved
+meshes the mean goes from 0.68 to 0.74, over 15 meshes (five curved ones, each also turned by
+two small random rotations) from 0.65 to 0.71; packing is chaotic, so one mesh moves by a few
+hundredths with any change. The steps on those 15, in order: straightened borders, merged
+fragments and the larger repack 0.65 -> 0.66; rims quartered once 0.68, down to cell / 8 0.70;
+xatlas's rotate_charts_to_axis (briefly off) back on 0.71. Without the merging it is 0.02 less,
+without the repack 0.003 less (for ~40 % less time). At 256 px a small lumpy sphere (15k
+faces) loses 0.02 (0.63 -> 0.61): its uncut charts win, cut ones reach only 0.49-0.55.
 
 The price is texel density: an orthographic projection shrinks a face by the cosine of its
-tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.79-1.16 from the
-5th to the 95th percentile (0.74-1.19 on the lumpy meshes), against 0.95-1.04 (0.88-1.15)
-with xatlas's charts; at the higher fill the 5th percentile still gets 0.9-1.2x the mean
-density of before. The target, 0.7, is not reached on curved shapes at 20k faces and 512 px
-(0.65-0.69): xatlas's packer leaves 25-35 % of the atlas between irregular chart outlines,
-and each chart's border ring of partly covered texels and padding costs more the more charts
-there are. Tried with xatlas's own charts: its ChartOptions weights (roundness 1: +0.03 /
-+0.08 / +0.03 on sphere / torus / cone, the others less), larger or no chart-area caps (more
-charts, not fewer, 2-10x slower), charting a Taubin-smoothed copy (fewer charts, fill within
-0.05, and the smoothing slid vertices along the surface: up to 50x density spread), packing
-at twice the density with twice the padding (+0.01-0.02). With projected charts: 14
-directions instead of 6 (-0.05), MIN_FACING 0.3 (the same mean fill, lumpy meshes -0.02),
-more cut sizes (+0.01), packing into a fixed texture-size atlas (fits only at a lower
-density: 0.57). One texel of padding suffices because the bake dilates every chart into the
-empty texels around it, and each chart's bitmap is conservative (it owns every texel it
-touches).
+tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.80-1.18 from the
+5th to the 95th percentile on the decimated sphere, torus and lumpy ones (the same with one cut
+per chart), against 0.95-1.04 (lumpy: 0.88-1.15) with xatlas's charts. Still 20-30 % of the
+atlas lies between chart outlines: xatlas's packer places irregular shapes by their
+conservative bitmaps, and each chart's border ring of
+partly covered texels and padding costs more the more charts there are. Tried with xatlas's
+own charts: its ChartOptions weights (roundness 1: +0.03 / +0.08 / +0.03 on sphere / torus /
+cone), larger or no chart-area caps (more charts, 2-10x slower), charting a Taubin-smoothed
+copy (up to 50x density spread), twice the density with twice the padding (+0.01-0.02). With
+projected charts: 14 directions instead of 6 (-0.05), MIN_FACING 0.3 (lumpy -0.02), more cut
+sizes (+0.00-0.01), a fixed texture-size atlas (fits only at a lower density), per-chart grids
+fitted to each chart's bounding box (-0.04), a grid shifted by half a cell (-0.03 to -0.1),
+smoothed normals for the labels (+0.00), a second start density per cut size (+0.005, 2.3x
+the time). One texel of padding suffices because the bake dilates every chart into the empty
+texels around it, and each chart's bitmap is conservative (it owns every texel it touches).
 """
 from __future__ import annotations
 
@@ -74,7 +86,7 @@ def edge_pairs(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3] ->
     return order[:-1][same] // 3, order[1:][same] // 3
 
 
-def _neighbours(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3] face or -1, [F, 3] edge length
+def _neighbours(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3], [F, 3]
     """The face across each edge of each face and that edge's length (-1 and 0 on an open or non-manifold edge)."""
     edges = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2)
     edges.sort(axis=1)
@@ -87,15 +99,16 @@ def _neighbours(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np
     return across.reshape(-1, 3), length.reshape(-1, 3)
 
 
-def _straighten(key: np.ndarray, across: np.ndarray, length: np.ndarray, allowed=None, group=None, passes: int = 8) -> np.ndarray:
-    """Border smoothing: a face takes the key of its neighbours when their shared edges are longer than
-    the edges it shares with its own key's faces (a spike of a long thin triangle), if `allowed`."""
+def _straighten(key: np.ndarray, across: np.ndarray, length: np.ndarray, allowed=None, group=None, passes: int = 8):
+    """Border smoothing of a [F] key (axis, cell or chart) given _neighbours()' across and length: a face
+    takes its neighbours' key when their shared edges are longer than those with its own key's faces
+    (a spike of a long thin triangle), if allowed ([F, K] bool, keys 0..K-1) and of its group ([F])."""
     rows = np.arange(len(key))
     for _ in range(passes):
         nkey = np.where(across >= 0, key[across], -1)  # [F, 3]
         if group is not None:  # only faces of the same group (axis) count
             nkey = np.where((across >= 0) & (group[across] == group[:, None]), nkey, -1)
-        score = ((nkey[:, :, None] == nkey[:, None, :]) * length[:, None, :]).sum(2)  # [F, 3] length of each neighbour's key
+        score = ((nkey[:, :, None] == nkey[:, None, :]) * length[:, None, :]).sum(2)  # [F, 3] border with each key
         own = ((nkey == key[:, None]) * length).sum(1)
         score = np.where((nkey >= 0) & (nkey != key[:, None]), score, -1.0)
         if allowed is not None:
@@ -124,7 +137,7 @@ def axis_labels(
     smoothing_passes: int = 3,  # neighbour votes that straighten the borders between axes
 ) -> np.ndarray:  # [F] in 0..5: +x, -x, +y, -y, +z, -z
     """Which of the six axis directions each face is projected along. A face starts at the axis
-    nearest its normal; neighbour votes then smooth the borders and merge small pieces into a
+    nearest its normal; its borders are straightened (_straighten), neighbour votes then smooth them and merge small pieces into a
     neighbour, but a face never takes an axis its normal is not within MIN_FACING of, so no
     projected triangle flips."""
     n = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
@@ -225,8 +238,8 @@ def _projected_atlas(
 
     a, b = edge_pairs(faces)
     if cell > 0:
-        chart = _cut_charts(project(vertices[faces].reshape(-1, 3), np.repeat(axis, 3), np.repeat(sign, 3)).reshape(-1, 3, 2)
-                            * texels_per_unit, label, _neighbours(vertices, faces), a, b, cell)
+        corners = project(vertices[faces].reshape(-1, 3), np.repeat(axis, 3), np.repeat(sign, 3)).reshape(-1, 3, 2)
+        chart = _cut_charts(corners * texels_per_unit, label, _neighbours(vertices, faces), a, b, cell)
     else:
         chart = _components(len(faces), a, b, label[a] == label[b])
     # Split the vertices along chart borders: one output vertex per (input vertex, chart).
