@@ -1,46 +1,58 @@
 """UV atlases: axis-projected charts packed by xatlas into one square texture, and how much of it is used.
 
 Charts: each face is projected along one of the six axis directions (+x, -x, ... like a cube
-map), the one nearest its normal, after neighbour votes have smoothed the borders between
-directions; a face never takes a direction more than 60 degrees from its normal
-(MIN_FACING), so no projected triangle flips. Connected faces of one direction form a chart,
-optionally cut on a square grid in its plane (CHART_CELLS); xatlas only packs them
-(`use_input_mesh_uvs`). Each cut size is packed and the fullest atlas whose triangles overlap
-on at most MAX_OVERLAP of the texels (overhanging lumps can fold a projection) is kept; if
-all overlap more, xatlas charts the mesh itself as before. The atlas is repacked at a lower
-density until it fits the texture, so its padding stays at least one texel.
+map), the one nearest its normal, after its borders have been straightened and small pieces
+given to a neighbouring direction; a face never takes a direction more than 60 degrees from
+its normal (MIN_FACING), so no projected triangle flips. Connected faces of one direction form
+a chart, optionally cut on a square grid in its plane (CHART_CELLS); each cut is straightened
+along the mesh's edges (a long thin triangle whose longer edges lie on the other side joins
+that side), pieces under MERGE_BELOW of a cell join the cell they share most border with, and
+pieces under SPLIT_BELOW of their cell (the charts' rims) are cut into quarters, down to
+cell / 8: square cells plus small pieces that fill the packer's gaps. xatlas only packs them
+(`use_input_mesh_uvs`). Each cut size is packed, and packed again at a density scaled by
+texture size / the atlas's larger side when that leaves over 2 % of room (DENSITY_ROOM); the
+atlas with the most UV area whose triangles overlap on at most MAX_OVERLAP of the texels
+(overhanging lumps can fold a projection) is kept; if all overlap more, xatlas charts the mesh
+itself. An atlas larger than the texture is repacked at a lower density until it fits, so its
+padding stays at least one texel.
 
-Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core) on
-marching-tetrahedra meshes decimated to 20k faces as the `quick` export does: a sphere, a
-cube and a torus on the 48-cell grid (bench/export_checks.py), the same shapes with 0.015 +
-0.008 sin-noise on their SDF on a 64-cell grid ("lumpy"), and a real refined mesh ("a red
-cone", quick preset):
+Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core, unwrap
+time best of two on a shared machine) on marching-tetrahedra meshes cleaned and decimated to
+20k faces as the `quick` export does (python -m bench.uv_fill): a sphere, cube, torus, capsule
+and cone on the 48-cell grid, and the sphere, cube and torus with 0.015 + 0.008 sin-noise on
+their SDF on a 64-cell grid ("lumpy"):
 
-    fill, unwrap time       sphere  cube  torus  lumpy sphere / cube / torus  cone   unwrap
-    xatlas's charts         0.57    0.94  0.44   0.50 / 0.51 / 0.53           0.50   0.05-1.2 s
-    projected charts        0.69    0.95  0.66   0.67 / 0.90 / 0.65           0.66   1.2-2.6 s
+    fill                 sphere cube  torus capsule cone   lumpy sphere / cube / torus   unwrap
+    xatlas's charts      0.57   0.94  0.44  -       -      0.50 / 0.51 / 0.53            0.05-1.2 s
+    one cut per chart    0.69   0.95  0.66  0.79    0.67   0.63 / 0.95 / 0.63            1.2-2.2 s
+    cells and rims       0.75   0.95  0.71  0.82    0.78   0.69 / 0.95 / 0.68            1.8-3.3 s
 
-At the `standard` export's 60k faces and 1024 px (a lumpy sphere and torus on a 96-cell
-grid) fill goes from 0.50 / 0.50 to 0.72 / 0.68 and the unwrap from ~5 s to ~9 s, mostly
-xatlas's brute-force packing of the four cut sizes.
+(The first row is from before, on an earlier lumpy noise; a refined "red cone" mesh went from
+0.50 to 0.66 with one cut per chart and was not remeasured.) Over the six curved
+meshes the mean goes from 0.68 to 0.74, over 15 meshes (five curved ones, each also turned by
+two small random rotations) from 0.65 to 0.71; packing is chaotic, so one mesh moves by a few
+hundredths with any change. The steps on those 15, in order: straightened borders, merged
+fragments and the larger repack 0.65 -> 0.66; rims quartered once 0.68, down to cell / 8 0.70;
+xatlas's rotate_charts_to_axis (briefly off) back on 0.71. Without the merging it is 0.02 less,
+without the repack 0.003 less (for ~40 % less time). At 256 px a small lumpy sphere (15k
+faces) loses 0.02 (0.63 -> 0.61): its uncut charts win, cut ones reach only 0.49-0.55.
 
 The price is texel density: an orthographic projection shrinks a face by the cosine of its
-tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.79-1.16 from the
-5th to the 95th percentile (0.74-1.19 on the lumpy meshes), against 0.95-1.04 (0.88-1.15)
-with xatlas's charts; at the higher fill the 5th percentile still gets 0.9-1.2x the mean
-density of before. The target, 0.7, is not reached on curved shapes at 20k faces and 512 px
-(0.65-0.69): xatlas's packer leaves 25-35 % of the atlas between irregular chart outlines,
-and each chart's border ring of partly covered texels and padding costs more the more charts
-there are. Tried with xatlas's own charts: its ChartOptions weights (roundness 1: +0.03 /
-+0.08 / +0.03 on sphere / torus / cone, the others less), larger or no chart-area caps (more
-charts, not fewer, 2-10x slower), charting a Taubin-smoothed copy (fewer charts, fill within
-0.05, and the smoothing slid vertices along the surface: up to 50x density spread), packing
-at twice the density with twice the padding (+0.01-0.02). With projected charts: 14
-directions instead of 6 (-0.05), MIN_FACING 0.3 (the same mean fill, lumpy meshes -0.02),
-more cut sizes (+0.01), packing into a fixed texture-size atlas (fits only at a lower
-density: 0.57). One texel of padding suffices because the bake dilates every chart into the
-empty texels around it, and each chart's bitmap is conservative (it owns every texel it
-touches).
+tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.80-1.18 from the
+5th to the 95th percentile on the decimated sphere, torus and lumpy ones (the same with one cut
+per chart), against 0.95-1.04 (lumpy: 0.88-1.15) with xatlas's charts. Still 20-30 % of the
+atlas lies between chart outlines: xatlas's packer places irregular shapes by their
+conservative bitmaps, and each chart's border ring of
+partly covered texels and padding costs more the more charts there are. Tried with xatlas's
+own charts: its ChartOptions weights (roundness 1: +0.03 / +0.08 / +0.03 on sphere / torus /
+cone), larger or no chart-area caps (more charts, 2-10x slower), charting a Taubin-smoothed
+copy (up to 50x density spread), twice the density with twice the padding (+0.01-0.02). With
+projected charts: 14 directions instead of 6 (-0.05), MIN_FACING 0.3 (lumpy -0.02), more cut
+sizes (+0.00-0.01), a fixed texture-size atlas (fits only at a lower density), per-chart grids
+fitted to each chart's bounding box (-0.04), a grid shifted by half a cell (-0.03 to -0.1),
+smoothed normals for the labels (+0.00), a second start density per cut size (+0.005, 2.3x
+the time). One texel of padding suffices because the bake dilates every chart into the empty
+texels around it, and each chart's bitmap is conservative (it owns every texel it touches).
 """
 from __future__ import annotations
 
@@ -54,6 +66,10 @@ RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
 MIN_FACING = 0.5  # a face joins an axis' charts only if its normal is within 60 degrees of it: no flipped triangle
 MIN_CHART_FACES = 20  # smaller axis-chart pieces join a neighbouring axis' chart
 CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
+MERGE_BELOW = 0.4  # a cut piece smaller than this share of a cell joins the cell it shares the longest border with
+SPLIT_BELOW = 0.6  # a cut piece smaller than this share of its cell is cut again into quarters ...
+SPLIT_LEVELS = 3  # ... down to cells of cell / 2**SPLIT_LEVELS texels
+DENSITY_ROOM = 1.02  # an atlas whose larger side is this much under the texture size is packed again, larger
 MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas
 
 
@@ -70,6 +86,43 @@ def edge_pairs(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3] ->
     return order[:-1][same] // 3, order[1:][same] // 3
 
 
+def _neighbours(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [F, 3], [F, 3]
+    """The face across each edge of each face and that edge's length (-1 and 0 on an open or non-manifold edge)."""
+    edges = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2)
+    edges.sort(axis=1)
+    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    order = np.argsort(key, kind="stable")
+    same = np.flatnonzero(key[order[1:]] == key[order[:-1]])
+    across = np.full(3 * len(faces), -1, np.int64)
+    across[order[same]], across[order[same + 1]] = order[same + 1] // 3, order[same] // 3
+    length = np.where(across >= 0, np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1), 0.0)
+    return across.reshape(-1, 3), length.reshape(-1, 3)
+
+
+def _straighten(key: np.ndarray, across: np.ndarray, length: np.ndarray, allowed=None, group=None, passes: int = 8):
+    """Border smoothing of a [F] key (axis, cell or chart) given _neighbours()' across and length: a face
+    takes its neighbours' key when their shared edges are longer than those with its own key's faces
+    (a spike of a long thin triangle), if allowed ([F, K] bool, keys 0..K-1) and of its group ([F])."""
+    rows = np.arange(len(key))
+    for _ in range(passes):
+        nkey = np.where(across >= 0, key[across], -1)  # [F, 3]
+        if group is not None:  # only faces of the same group (axis) count
+            nkey = np.where((across >= 0) & (group[across] == group[:, None]), nkey, -1)
+        score = ((nkey[:, :, None] == nkey[:, None, :]) * length[:, None, :]).sum(2)  # [F, 3] border with each key
+        own = ((nkey == key[:, None]) * length).sum(1)
+        score = np.where((nkey >= 0) & (nkey != key[:, None]), score, -1.0)
+        if allowed is not None:
+            score = np.where(allowed[rows[:, None], np.maximum(nkey, 0)], score, -1.0)
+        best = np.argmax(score, 1)
+        move = score[rows, best] > own
+        # Neighbours moving together could swap keys: of two, only the lower-indexed one moves this pass.
+        move &= ~(move[np.maximum(across, 0)] & (across >= 0) & (across < rows[:, None])).any(1)
+        if not move.any():
+            break
+        key = np.where(move, nkey[rows, best], key)
+    return key
+
+
 def _components(num_faces: int, a: np.ndarray, b: np.ndarray, joined: np.ndarray) -> np.ndarray:  # [F] component id
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -84,15 +137,17 @@ def axis_labels(
     smoothing_passes: int = 3,  # neighbour votes that straighten the borders between axes
 ) -> np.ndarray:  # [F] in 0..5: +x, -x, +y, -y, +z, -z
     """Which of the six axis directions each face is projected along. A face starts at the axis
-    nearest its normal; neighbour votes then smooth the borders and merge small pieces into a
+    nearest its normal; its borders are straightened (_straighten), neighbour votes then smooth them and merge small pieces into a
     neighbour, but a face never takes an axis its normal is not within MIN_FACING of, so no
     projected triangle flips."""
     n = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
     n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-30
     facing = np.concatenate([n, -n], 1)[:, [0, 3, 1, 4, 2, 5]]  # [F, 6] cosine to each axis
     allowed = facing >= MIN_FACING
-    label = np.argmax(facing, 1)
     a, b = edge_pairs(faces)
+    label = np.argmax(facing, 1)
+    across, length = _neighbours(vertices, faces)
+    label = _straighten(label, across, length, allowed)
     rows = np.arange(len(faces))
 
     def neighbour_votes(among: np.ndarray) -> np.ndarray:  # [F, 6] votes of `among` neighbours, -1: not allowed
@@ -117,6 +172,51 @@ def axis_labels(
     return label
 
 
+def _cut_charts(
+    corners: np.ndarray,  # [F, 3, 2] each face's projection along its axis, texels
+    label: np.ndarray,  # [F] axis of each face
+    neighbours: tuple[np.ndarray, np.ndarray],  # _neighbours(): [F, 3] face across each edge, [F, 3] edge length
+    a: np.ndarray,  # [E] edge_pairs()
+    b: np.ndarray,
+    cell: int,  # texels
+) -> np.ndarray:  # [F] chart id
+    """Axis charts cut on a global square grid of `cell` texels, each cut straightened along the mesh's edges;
+    pieces under MERGE_BELOW of a cell join a bigger neighbour of the same axis, then pieces under SPLIT_BELOW
+    of their cell (a chart's rim) are cut into quarters, SPLIT_LEVELS times: square cells plus small pieces
+    that fill the packer's gaps."""
+    across, length = neighbours
+    grid = np.floor(corners.mean(1) / cell).astype(np.int64)
+    grid -= grid.min(0)
+    key = (label * (grid[:, 0].max() + 1) + grid[:, 0]) * (grid[:, 1].max() + 1) + grid[:, 1]
+    key = _straighten(key, across, length, group=label)
+    chart = _components(len(label), a, b, key[a] == key[b])
+    e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # [F] texels
+    for _ in range(2):  # merge small pieces into big ones (never two small ones: no chains)
+        size = np.bincount(chart, area)
+        other = np.where((across >= 0) & (label[across] == label[:, None]), chart[np.maximum(across, 0)], -1)
+        f_idx, e_idx = np.nonzero((other >= 0) & (other != chart[:, None]))  # edges to another piece of the same axis
+        n = int(chart.max()) + 1
+        pair, inverse = np.unique(chart[f_idx] * n + other[f_idx, e_idx], return_inverse=True)
+        shared = np.bincount(inverse, length[f_idx, e_idx])
+        src, dst = pair // n, pair % n
+        order = np.lexsort((-shared, src))
+        first = order[np.r_[True, src[order][1:] != src[order][:-1]]]  # each piece's longest shared border
+        move = (size[src[first]] < MERGE_BELOW * cell**2) & (size[dst[first]] >= MERGE_BELOW * cell**2)
+        if not move.any():
+            break
+        target = np.arange(n)
+        target[src[first][move]] = dst[first][move]
+        chart = np.unique(target[chart], return_inverse=True)[1]
+    for level in range(1, SPLIT_LEVELS + 1):
+        partial = (np.bincount(chart, area) < SPLIT_BELOW * (cell / 2 ** (level - 1)) ** 2)[chart]
+        quarter = np.floor(corners.mean(1) / (cell / 2**level)).astype(np.int64) % 2
+        key = chart.astype(np.int64) * 4 + np.where(partial, quarter[:, 0] * 2 + quarter[:, 1], 0)
+        key = _straighten(key, across, length, group=chart)
+        chart = _components(len(label), a, b, key[a] == key[b])
+    return chart
+
+
 def _projected_atlas(
     vertices: np.ndarray,  # [V, 3]
     faces: np.ndarray,  # [F, 3]
@@ -125,7 +225,7 @@ def _projected_atlas(
     texture_size: int,
     cell: int,  # cut charts on a square grid of this many texels in their plane; 0 = no cut
     padding: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Charts = connected faces with one axis (and one grid cell); each chart is its faces'
     orthographic projection along its axis, packed by xatlas."""
     import xatlas  # for its ChartOptions
@@ -136,13 +236,12 @@ def _projected_atlas(
         idx = np.arange(len(points))
         return np.stack([points[idx, (ax + 1) % 3], sg * points[idx, (ax + 2) % 3]], 1)
 
-    key = label.astype(np.int64)
-    if cell > 0:
-        grid = np.floor(project(vertices[faces].mean(1), axis, sign) * texels_per_unit / cell).astype(np.int64)
-        grid -= grid.min(0)
-        key = (key * (grid[:, 0].max() + 1) + grid[:, 0]) * (grid[:, 1].max() + 1) + grid[:, 1]
     a, b = edge_pairs(faces)
-    chart = _components(len(faces), a, b, key[a] == key[b])
+    if cell > 0:
+        corners = project(vertices[faces].reshape(-1, 3), np.repeat(axis, 3), np.repeat(sign, 3)).reshape(-1, 3, 2)
+        chart = _cut_charts(corners * texels_per_unit, label, _neighbours(vertices, faces), a, b, cell)
+    else:
+        chart = _components(len(faces), a, b, label[a] == label[b])
     # Split the vertices along chart borders: one output vertex per (input vertex, chart).
     num_charts = int(chart.max()) + 1
     corner_key = faces.astype(np.int64) * num_charts + chart[:, None]
@@ -160,8 +259,8 @@ def _projected_atlas(
     charts = xatlas.ChartOptions()
     charts.use_input_mesh_uvs = True
     charts.max_iterations = 0
-    vmapping, indices, uv = _pack(vertices[vert], split_faces, uv, charts, texels_per_unit, texture_size, padding)
-    return vert[vmapping], indices, uv
+    vmapping, indices, uv, room = _pack(vertices[vert], split_faces, uv, charts, texels_per_unit, texture_size, padding)
+    return vert[vmapping], indices, uv, room
 
 
 def _xatlas_atlas(
@@ -181,7 +280,7 @@ def _xatlas_atlas(
     charts.max_iterations = max_iterations
     if faces_per_chart > 0:
         charts.max_chart_area = float(face_areas(vertices, faces).sum()) * faces_per_chart / len(faces)
-    return _pack(vertices, faces, None, charts, texels_per_unit, texture_size, padding)
+    return _pack(vertices, faces, None, charts, texels_per_unit, texture_size, padding)[:3]
 
 
 def _pack(
@@ -209,7 +308,8 @@ def _pack(
             break
         texels_per_unit *= 0.995 * texture_size / largest
     vmapping, indices, out_uv = atlas.get_mesh(0)
-    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), out_uv.astype(np.float32)
+    room = texture_size / largest  # how much larger the atlas could be
+    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), out_uv.astype(np.float32), room
 
 
 def _pack_options(texels_per_unit: float, padding: int):
@@ -241,12 +341,23 @@ def unwrap(
     area = float(face_areas(vertices, faces).sum())
     texels_per_unit = texture_size * math.sqrt(ATLAS_FILL_GUESS / max(area, 1e-20))
     label = axis_labels(vertices, faces)
-    atlases = [_projected_atlas(vertices, faces, label, texels_per_unit, texture_size, c, padding) for c in CHART_CELLS]
-    atlases.sort(key=lambda atlas: texture_fill(atlas[2], atlas[1], texture_size), reverse=True)
+    atlases = []
+    for cell in CHART_CELLS:
+        *atlas, room = _projected_atlas(vertices, faces, label, texels_per_unit, texture_size, cell, padding)
+        atlases.append(atlas)
+        if room > DENSITY_ROOM:  # the atlas came out clearly smaller than the texture: pack it again, larger
+            scaled = texels_per_unit * room * 0.995
+            atlases.append(_projected_atlas(vertices, faces, label, scaled, texture_size, cell, padding)[:3])
+    atlases.sort(key=lambda atlas: uv_area(atlas[2], atlas[1]), reverse=True)  # ~ the fill, without overlaps
     for vmapping, uv_faces, uv in atlases:  # fullest first; the overlap check costs two rasterizations
         if overlapping_texels(uv, uv_faces, texture_size) <= MAX_OVERLAP * texture_size**2:
             return vmapping, uv_faces, uv
     return _xatlas_atlas(vertices, faces, texels_per_unit, texture_size, faces_per_chart, padding, max_iterations)
+
+
+def uv_area(uv: np.ndarray, faces: np.ndarray) -> float:  # [V', 2], [F, 3] -> summed triangle area
+    e1, e2 = uv[faces[:, 1]] - uv[faces[:, 0]], uv[faces[:, 2]] - uv[faces[:, 0]]
+    return float(0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum())
 
 
 def uv_coverage(
