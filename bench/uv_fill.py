@@ -18,7 +18,8 @@ import torch
 
 from bench.export_checks import shape_sdf
 from geometry.tets import make_tet_grid, marching_tets
-from geometry.uv import _components, edge_pairs, overlapping_texels, texture_fill, unwrap
+from geometry.uv import overlapping_texels, texture_fill, unwrap
+from geometry.uv_charts import components, edge_pairs
 from stages.config import preset
 from stages.export import clean_mesh, decimate
 
@@ -65,7 +66,7 @@ def check(v: np.ndarray, f: np.ndarray, size: int = 512) -> dict:
     e1, e2 = uv[uv_faces[:, 1]] - uv[uv_faces[:, 0]], uv[uv_faces[:, 2]] - uv[uv_faces[:, 0]]
     sign = np.sign(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
     a, b = edge_pairs(uv_faces)  # UV charts: faces sharing UV vertices; xatlas may mirror a whole chart
-    chart = _components(len(uv_faces), a, b, np.ones(len(a), bool))
+    chart = components(len(uv_faces), a, b, np.ones(len(a), bool))
     majority = np.sign(np.bincount(chart, sign))[chart]
     flips = int(((sign != 0) & (sign != majority)).sum())  # triangles wound against their chart
     return {"faces": len(f), "fill": texture_fill(uv, uv_faces, size), "overlap": overlapping_texels(uv, uv_faces, size),

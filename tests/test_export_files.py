@@ -12,11 +12,12 @@ import pytest
 import torch
 import trimesh
 
-from bench.export_checks import mp4_atoms, shape_mesh
 import geometry.uv as uv_module
-from bench.export_checks import shape_sdf
+import geometry.uv_charts as charts_module
+from bench.export_checks import mp4_atoms, shape_mesh, shape_sdf
 from geometry.tets import is_watertight, make_tet_grid, marching_tets
-from geometry.uv import MAX_OVERLAP, MIN_FACING, axis_labels, overlapping_texels, texture_fill, unwrap
+from geometry.uv import MAX_OVERLAP, overlapping_texels, texture_fill, unwrap
+from geometry.uv_charts import MIN_FACING, axis_labels
 from stages.export import ExportConfig, clean_mesh, export
 from stages.export_files import MATERIAL_NAME
 
@@ -204,7 +205,7 @@ def test_straighten_removes_spikes_without_swapping():
     two such neighbours do not swap keys back and forth."""
     verts, faces = shape_mesh("sphere", grid=16)
     v, f = verts.double().numpy(), faces.numpy()
-    across, length = uv_module._neighbours(v, f)
+    across, length = charts_module.neighbours(v, f)
     key = np.random.default_rng(0).integers(0, 2, len(f))  # a salt-and-pepper border everywhere
 
     def border(k):
@@ -214,12 +215,12 @@ def test_straighten_removes_spikes_without_swapping():
         other = (k[np.maximum(across, 0)] != k[:, None]) & (across >= 0)
         return int(((other * length).sum(1) > (~other * length).sum(1)).sum())
 
-    straight = uv_module._straighten(key, across, length, passes=50)
+    straight = charts_module.straighten(key, across, length, passes=50)
     assert border(straight) < 0.5 * border(key)
     assert spikes(straight) == 0 < spikes(key)
     allowed = np.zeros((len(f), 2), bool)
     allowed[:, 0] = True  # nobody may take key 1
-    assert not (uv_module._straighten(key, across, length, allowed, passes=50)[key == 0]).any()
+    assert not (charts_module.straighten(key, across, length, allowed, passes=50)[key == 0]).any()
 
 
 def test_cut_charts_are_cells_and_quartered_rims():
@@ -229,23 +230,23 @@ def test_cut_charts_are_cells_and_quartered_rims():
     axis, sign = label // 2, np.where(label % 2 == 0, 1.0, -1.0)
     rows = np.arange(len(f))
     corners = np.stack([v[f][rows, :, (axis + 1) % 3], sign[:, None] * v[f][rows, :, (axis + 2) % 3]], -1) * 300.0
-    a, b = uv_module.edge_pairs(f)
-    neighbours = uv_module._neighbours(v, f)
+    a, b = charts_module.edge_pairs(f)
+    neighbours = charts_module.neighbours(v, f)
     e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
     area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
     charts = {}
     for levels in (0, 3):
-        uv_module.SPLIT_LEVELS, old = levels, uv_module.SPLIT_LEVELS
+        charts_module.SPLIT_LEVELS, old = levels, charts_module.SPLIT_LEVELS
         try:
-            chart = uv_module._cut_charts(corners, label, neighbours, a, b, 64)
+            chart = charts_module.cut_charts(corners, label, neighbours, a, b, 64)
         finally:
-            uv_module.SPLIT_LEVELS = old
+            charts_module.SPLIT_LEVELS = old
         assert all(len(np.unique(label[chart == c])) == 1 for c in range(chart.max() + 1))  # one axis per chart
-        assert len(np.unique(uv_module._components(len(f), a, b, chart[a] == chart[b]))) == chart.max() + 1  # connected
+        assert len(np.unique(charts_module.components(len(f), a, b, chart[a] == chart[b]))) == chart.max() + 1  # connected
         charts[levels] = chart
     uncut = np.bincount(charts[0], area)
-    assert uncut.min() >= uv_module.MERGE_BELOW * 64**2  # every fragment joined a cell
-    whole = uncut >= uv_module.SPLIT_BELOW * 64**2  # full cells stay whole; rims are cut
+    assert uncut.min() >= charts_module.MERGE_BELOW * 64**2  # every fragment joined a cell
+    whole = uncut >= charts_module.SPLIT_BELOW * 64**2  # full cells stay whole; rims are cut
     big = np.isin(charts[0], np.flatnonzero(whole))
     assert all(len(np.unique(charts[3][charts[0] == c])) == 1 for c in np.flatnonzero(whole))
     assert len(np.unique(charts[3][~big])) > len(np.unique(charts[0][~big]))
