@@ -76,16 +76,17 @@ def test_resume_after_a_crash_in_refine_with_stable_diffusion(folders, tmp_path,
 
 
 def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, tmp_path, one_thread):
-    """What an app server does: two generate() calls on the one cached model, the second after the first ended."""
+    """What an app server does: two generate() calls on the one cached model, the second after the first ended
+    (and with the texture's own CFG scale: its gradient goes back through the VAE a second time)."""
     from stages.config import apply_overrides, preset
 
-    def config():
-        c = apply_overrides(preset("quick"), [*STEPS, f"model_id={folders['stable-diffusion']}", "export.turntable=false"])
+    def config(extra):
+        c = apply_overrides(preset("quick"), [*STEPS, f"model_id={folders['stable-diffusion']}", "export.turntable=false", *extra])
         c.guidance, c.device = "stable-diffusion", "cpu"
         return c
 
-    for i, prompt in enumerate(("a red cube", "a green sphere")):
-        events = list(generate(prompt, config(), run_dir=tmp_path / str(i)))
+    for i, (prompt, extra) in enumerate([("a red cube", []), ("a green sphere", ["refine.sds.texture_guidance_scale=7.5"])]):
+        events = list(generate(prompt, config(extra), run_dir=tmp_path / str(i)))
         assert events[-1].stage == "done", events[-1]
         assert {e.stage for e in events} >= {"coarse", "refine", "export"}
         assert torch.isfinite(torch.tensor([e.loss for e in events if e.loss is not None])).all()
