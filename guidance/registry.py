@@ -126,6 +126,7 @@ def resolve_name(name: str, device: torch.device) -> str:
 PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
 PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
 PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
+PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of the refine stage's texture gradient with the primitives prior
 
 
 def _build_primitives(device, dtype=None, model_id=None, **kwargs):
@@ -176,7 +177,16 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
+    if config.refine.sds.texture_guidance_scale is None:
+        # At the shape's CFG of 10 the texture saturates (CFG extrapolates it away from the mean of
+        # every colour); its own gradient is taken at 3 (bench/RESULTS.md).
+        config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
     defaults = type(config.refine)()
+    shading = ("prob_albedo", "prob_lambertian", "prob_textureless")
+    if all(getattr(config.refine, name) == getattr(defaults, name) for name in shading):
+        # The prior's libraries hold shaded renders only: albedo-only renders would pull the albedo
+        # toward their mean brightness, darker than the colour. Unless set by hand.
+        config.refine.prob_albedo, config.refine.prob_lambertian = 0.0, 1.0
     for name in ("lambda_normal_consistency", "lambda_laplacian"):
         # The weights suit CFG-100 gradients; at the prior's refine CFG of 10 they hold the surface
         # still, and a tenth lets the SDS gradient reshape it (bench/RESULTS.md). Unless set by hand.

@@ -126,3 +126,18 @@ def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
     assert other.refine.lambda_laplacian == default.lambda_laplacian
+
+
+def test_the_primitives_prior_gives_the_texture_cfg_3_and_lambertian_renders_unless_set():
+    config = preset("quick")
+    registry.get("primitives").adapt(config, "a red cube")
+    assert config.refine.sds.guidance_scale == 10.0 and config.refine.sds.texture_guidance_scale == 3.0
+    assert (config.refine.prob_albedo, config.refine.prob_lambertian, config.refine.prob_textureless) == (0.0, 1.0, 0.0)
+    config.check()
+    custom = apply_overrides(preset("quick"), ["refine.sds.texture_guidance_scale=6", "refine.prob_albedo=0.5"])
+    registry.get("primitives").adapt(custom, "a red cube")
+    assert custom.refine.sds.texture_guidance_scale == 6.0  # set by hand: kept
+    assert (custom.refine.prob_albedo, custom.refine.prob_lambertian) == (0.5, 0.8)
+    other = preset("quick")
+    registry.get("stable-diffusion").adapt(other, "a red cube")
+    assert other.refine.sds.texture_guidance_scale is None and other.refine.prob_albedo == 0.2
