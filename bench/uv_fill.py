@@ -6,6 +6,7 @@ and decimated to 20k faces as the quick export does, unwrapped at 512 px. Prints
 overlapping texels, flipped UV triangles and unwrap seconds per mesh.
 
     OMP_NUM_THREADS=1 python -m bench.uv_fill [--shapes sphere torus] [--cache /tmp/uvmeshes]
+    OMP_NUM_THREADS=1 python -m bench.uv_fill --runs bench/out/quality    # finished runs' refined meshes instead
 """
 from __future__ import annotations
 
@@ -48,14 +49,32 @@ def mesh(name: str, cache: Path | None) -> tuple[np.ndarray, np.ndarray]:
     grid = 64 if name.startswith("lumpy") else 48
     points, tets = make_tet_grid(grid, (-0.7,) * 3, (0.7,) * 3)
     verts, faces = marching_tets(points, tets, sdf(name, points))
-    config = preset("quick").export
-    v, f = clean_mesh(verts.double().numpy(), faces.long().numpy(), config.min_component_ratio, config.merge_distance)
-    v, f = decimate(v, f, config.target_faces)
-    v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
+    v, f = as_exported(verts, faces, preset("quick").export)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, v=v, f=f)
     return v, f
+
+
+def as_exported(verts: torch.Tensor, faces: torch.Tensor, config) -> tuple[np.ndarray, np.ndarray]:
+    """The mesh the export stage unwraps: cleaned, decimated to config.target_faces, cleaned again."""
+    v, f = clean_mesh(verts.double().numpy(), faces.long().numpy(), config.min_component_ratio, config.merge_distance)
+    v, f = decimate(v, f, config.target_faces)
+    return clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
+
+
+def run_meshes(folders: list[Path]) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    """The refined meshes of finished runs (each folder a run, or a folder of runs), as their export
+    unwraps them: (name, vertices, faces, texture size)."""
+    from bench.refine_gain import run_folders
+    from stages.runs import load_refine_checkpoint, load_run_config
+
+    out = []
+    for run in run_folders(folders):
+        (verts, faces), _ = load_refine_checkpoint(run / "refine.pt", torch.device("cpu"))
+        config = load_run_config(run)[1].export
+        out.append((run.name, *as_exported(verts, faces, config), config.texture_size))
+    return out
 
 
 def check(v: np.ndarray, f: np.ndarray, size: int = 512) -> dict:
@@ -78,16 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--cache", default="/tmp/uv_fill_meshes", help="folder for the decimated meshes ('' = none)")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", nargs="+", type=Path, help="instead: finished runs' refined meshes (run folders or folders of runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cache = Path(args.cache) if args.cache else None
+    if args.runs:
+        meshes = run_meshes(args.runs)
+    else:
+        meshes = [(name, *mesh(name, cache), args.size) for name in args.shapes]
     fills = []
-    print(f"{'shape':14s} faces  fill   overlap flips in_unit unwrap_s")
-    for name in args.shapes:
-        v, f = mesh(name, cache)
-        row = check(v, f, args.size)
+    print(f"{'mesh':22s} faces  fill   overlap flips in_unit unwrap_s")
+    for name, v, f, size in meshes:
+        row = check(v, f, size)
         fills.append(row["fill"])
-        print(f"{name:14s} {row['faces']:5d}  {row['fill']:.3f}  {row['overlap']:5d}  {row['flips']:5d}  {row['in_unit']!s:5s}  {row['unwrap_s']:.2f}")
+        print(f"{name:22s} {row['faces']:5d}  {row['fill']:.3f}  {row['overlap']:5d}  {row['flips']:5d}  {row['in_unit']!s:5s}  {row['unwrap_s']:.2f}")
     print(f"mean fill {np.mean(fills):.3f}")
     return 0
 

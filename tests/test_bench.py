@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import coarse_quality, mesh_level, quality, random_models, refine_gain, speed
+from bench import coarse_quality, mesh_level, quality, random_models, refine_gain, speed, uv_fill
 from guidance.primitive_shapes import COLORS, UnknownPromptError, primitive_mesh
 from stages.export import ExportConfig, export
 from stages.refine import TIMING_PARTS
@@ -73,6 +73,11 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
         assert 0.25 <= row["auto_opacity"] <= 0.9 and all(0.0 <= row[k] <= 1.0 for k in ("iou_0.5", "iou_0.8"))
     with pytest.raises(SystemExit):
         mesh_level.main([str(tmp_path / "quality"), "--opacities", "1.5"])
+    # The same runs' refined meshes unwrapped again as their export did: the same texture fill.
+    fills = {name: uv_fill.check(v, f, size)["fill"] for name, v, f, size in uv_fill.run_meshes([tmp_path / "quality"])}
+    assert sorted(fills) == sorted(g["run"] for g in gain)
+    for row in rows:
+        assert fills[f"{slugify(row['prompt'])}-seed0"] == pytest.approx(row["fill"], abs=0.01)
 
 
 def test_measure_scores_the_true_primitive_perfectly_and_a_wrong_prompt_badly(tmp_path, monkeypatch):
