@@ -177,9 +177,10 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
-    if config.refine.sds.texture_guidance_scale is None:
+    if config.refine.sds.texture_guidance_scale is None and config.prior_background == 1.0:
         # At the shape's CFG of 10 the texture saturates (CFG extrapolates it away from the mean of
-        # every colour); its own gradient is taken at 3 (bench/RESULTS.md).
+        # every colour); its own gradient is taken at 3 (bench/RESULTS.md). Not for white objects on
+        # their dark background: there a white cube's texture sinks to dark grey at 3 (two seeds).
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
     defaults = type(config.refine)()
     shading = ("prob_albedo", "prob_lambertian", "prob_textureless")

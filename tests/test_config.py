@@ -128,7 +128,7 @@ def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
     assert other.refine.lambda_laplacian == default.lambda_laplacian
 
 
-def test_the_primitives_prior_gives_the_texture_cfg_3_and_lambertian_renders_unless_set():
+def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_renders_unless_set():
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
     assert config.refine.sds.guidance_scale == 10.0 and config.refine.sds.texture_guidance_scale == 3.0
@@ -138,6 +138,9 @@ def test_the_primitives_prior_gives_the_texture_cfg_3_and_lambertian_renders_unl
     registry.get("primitives").adapt(custom, "a red cube")
     assert custom.refine.sds.texture_guidance_scale == 6.0  # set by hand: kept
     assert (custom.refine.prob_albedo, custom.refine.prob_lambertian) == (0.5, 0.8)
+    white = preset("quick")
+    registry.get("primitives").adapt(white, "a white cube")  # on the dark background: the shape's scale
+    assert white.refine.sds.texture_guidance_scale is None and white.refine.prob_albedo == 0.0
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
     assert other.refine.sds.texture_guidance_scale is None and other.refine.prob_albedo == 0.2
