@@ -6,7 +6,9 @@ for colour. Each step extracts the mesh with marching tetrahedra, rasterizes it 
 cameras, shades the covered pixels (albedo, Lambertian or textureless), composites over the
 background with analytic antialiasing (the silhouette gradient), and applies the SDS loss
 plus two mesh regularisers (and, with `lambda_albedo_tilt`, a penalty on light baked into the
-albedo). The coarse field itself is never modified.
+albedo). With `sds.texture_guidance_scale` the colour field learns from SDS at that CFG scale and
+the surface at `sds.guidance_scale`, from the same render and model call. The coarse field
+itself is never modified.
 """
 from __future__ import annotations
 
@@ -221,7 +223,7 @@ def run(
             t5 = clock(device)
             texture_grads = _texture_gradients(info["texture_loss"], color_params, config.batch_size)
             backward_finite(loss, optimizer)
-            _add_gradients(color_params, texture_grads)
+            _add_gradients(texture_grads)
         except NonFiniteError as exc:  # skip the step: no update
             nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
             continue
@@ -280,7 +282,8 @@ def _texture_gradients(texture_loss: Tensor | None, color_params: list[Tensor], 
     return list(zip(trainable, grads))
 
 
-def _add_gradients(params: list[Tensor], grads: list | None) -> None:
+def _add_gradients(grads: list | None) -> None:
+    """Add `_texture_gradients`' (parameter, gradient) pairs to the parameters' .grad."""
     if not grads:
         return
     extra = [g for _, g in grads if g is not None]
