@@ -127,6 +127,7 @@ PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primi
 PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
 PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
 PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of the refine stage's texture gradient with the primitives prior
+PRIMITIVES_LR_NETWORK = 1e-2  # the coarse stage's MLP learning rate with the primitives prior (the default is 1e-3)
 
 
 def _build_primitives(device, dtype=None, model_id=None, **kwargs):
@@ -182,6 +183,12 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # every colour); its own gradient is taken at 3 (bench/RESULTS.md). Not for white objects on
         # their dark background: there a white cube's texture sinks to dark grey at 3 (two seeds).
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
+    if config.coarse.lr_network == type(config.coarse)().lr_network:
+        # Beyond the initial density blob (radius 0.5) the density comes from the MLP alone, and at
+        # 1e-3 it grew too slowly: corners and rims of cubes, cylinders, cones and tori, which reach
+        # 0.57-0.69 from the centre, stayed a haze, and the meshes outlining it were 1.2-1.5 times too
+        # large (bench/RESULTS.md). Unless set by hand.
+        config.coarse.lr_network = PRIMITIVES_LR_NETWORK
     defaults = type(config.refine)()
     shading = ("prob_albedo", "prob_lambertian", "prob_textureless")
     if all(getattr(config.refine, name) == getattr(defaults, name) for name in shading):

@@ -128,6 +128,21 @@ def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
     assert other.refine.lambda_laplacian == default.lambda_laplacian
 
 
+def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_unless_set():
+    default = preset("quick").coarse.lr_network
+    config = preset("quick")
+    registry.get("primitives").adapt(config, "a red cube")
+    assert config.coarse.lr_network == pytest.approx(default * 10)
+    assert config.coarse.lr_encoding == preset("quick").coarse.lr_encoding  # the hash grid's is unchanged
+    config.check()
+    custom = apply_overrides(preset("quick"), ["coarse.lr_network=0.003"])
+    registry.get("primitives").adapt(custom, "a red cube")
+    assert custom.coarse.lr_network == 0.003  # set by hand: kept
+    other = preset("quick")
+    registry.get("stable-diffusion").adapt(other, "a red cube")
+    assert other.coarse.lr_network == default
+
+
 def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_renders_unless_set():
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
