@@ -183,11 +183,12 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # every colour); its own gradient is taken at 3 (bench/RESULTS.md). Not for white objects on
         # their dark background: there a white cube's texture sinks to dark grey at 3 (two seeds).
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
-    if config.coarse.lr_network == type(config.coarse)().lr_network:
+    if config.coarse.lr_network == type(config.coarse)().lr_network and config.prior_background == 1.0:
         # Beyond the initial density blob (radius 0.5) the density comes from the MLP alone, and at
         # 1e-3 it grew too slowly: corners and rims of cubes, cylinders, cones and tori, which reach
         # 0.57-0.69 from the centre, stayed a haze, and the meshes outlining it were 1.2-1.5 times too
-        # large (bench/RESULTS.md). Unless set by hand.
+        # large (bench/RESULTS.md). Not for white objects on their dark background, where opacity and
+        # shading trade off: a white cube's mesh broke into a genus-5 shell at 1e-2. Unless set by hand.
         config.coarse.lr_network = PRIMITIVES_LR_NETWORK
     defaults = type(config.refine)()
     shading = ("prob_albedo", "prob_lambertian", "prob_textureless")

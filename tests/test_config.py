@@ -128,7 +128,7 @@ def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
     assert other.refine.lambda_laplacian == default.lambda_laplacian
 
 
-def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_unless_set():
+def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_on_white_unless_set():
     default = preset("quick").coarse.lr_network
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
@@ -138,6 +138,9 @@ def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_unles
     custom = apply_overrides(preset("quick"), ["coarse.lr_network=0.003"])
     registry.get("primitives").adapt(custom, "a red cube")
     assert custom.coarse.lr_network == 0.003  # set by hand: kept
+    white = preset("quick")
+    registry.get("primitives").adapt(white, "a white cube")  # on the dark background: the default
+    assert white.coarse.lr_network == default
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
     assert other.coarse.lr_network == default
