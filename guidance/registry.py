@@ -128,6 +128,7 @@ PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives pr
 PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
 PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of the refine stage's texture gradient with the primitives prior
 PRIMITIVES_LR_NETWORK = 1e-2  # the coarse stage's MLP learning rate with the primitives prior (the default is 1e-3)
+PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitives prior: no pose jitter while refining
 
 
 def _build_primitives(device, dtype=None, model_id=None, **kwargs):
@@ -190,6 +191,13 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # large (bench/RESULTS.md). Not for white objects on their dark background, where opacity and
         # shading trade off: a white cube's mesh broke into a genus-5 shell at 1e-2. Unless set by hand.
         config.coarse.lr_network = PRIMITIVES_LR_NETWORK
+    if config.refine.camera_jitter is None:
+        # The prior never sees the camera, so pose jitter in its library (a shifted look-at point, a moved
+        # or tilted camera) lets a shifted, stretched or tilted object match as well as the true one.
+        # The refine stage, with its own library drawn without jitter, is held to the object's place and
+        # size: cones lose the skirt below their base, tori their lumps. The coarse stage keeps it: without,
+        # its cubes and cylinders started worse (bench/RESULTS.md). Unless set by hand.
+        config.refine.camera_jitter = PRIMITIVES_REFINE_CAMERA_JITTER
     defaults = type(config.refine)()
     shading = ("prob_albedo", "prob_lambertian", "prob_textureless")
     if all(getattr(config.refine, name) == getattr(defaults, name) for name in shading):

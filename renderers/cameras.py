@@ -12,6 +12,7 @@ Azimuth 0 looks at the object's front from +x; azimuth grows counter-clockwise s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -53,6 +54,16 @@ class CameraConfig:
         for name in ("position_jitter", "target_jitter", "up_jitter", "light_jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+POSE_JITTERS = ("position_jitter", "target_jitter", "up_jitter")  # the camera pose's noise (not the light's)
+
+
+def scale_pose_jitter(config: CameraConfig, scale: float) -> CameraConfig:
+    """A copy of the camera distribution with its pose jitter (position, look-at point, up) times `scale`."""
+    if scale == 1.0:
+        return config
+    return dataclasses.replace(config, **{name: getattr(config, name) * scale for name in POSE_JITTERS})
 
 
 @dataclass

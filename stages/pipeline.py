@@ -28,13 +28,13 @@ from stages import export as export_stage
 from stages import refine as refine_stage
 from stages.common import Cancelled, StageError, StepEvent, check_stop, release_free_memory
 from stages.config import Config, to_dict
-from stages.plan import PromptError, RunPlan, check_prompt, resolve  # noqa: F401 (the pipeline's entry points)
+from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
 from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
     CHECKPOINTS, RUN_FILE, fail_record, finish_stage, has_checkpoint, load_coarse_checkpoint, load_record,
     load_refine_checkpoint, load_run_config, new_run_dir, package_versions, save_coarse_checkpoint,
     save_refine_checkpoint, write_json_atomic,
 )
-from stages.workers import count_pending, device_worker, guidance_for
+from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded
 
 
 @dataclass
@@ -202,7 +202,12 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         emit(ProgressEvent(stage="refine", message="refine stage restored from its checkpoint"))
     else:
         state.update(stage="refine", stage_start=time.perf_counter())
-        result = refine_stage.run(field, guidance, prompt, config.refine, config.camera, device, on_step, stopped)
+        seen = refine_plan(plan)
+        if seen is not plan and not guidance_loaded(seen):  # its own cameras, and with them maybe its own model
+            emit(ProgressEvent(stage="refine", message=f"loading the {plan.guidance_name} guidance model for the refine stage's cameras"))
+        guidance = guidance_for(seen)
+        check_stop(stopped, "refine", 0)
+        result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped)
         mesh, color_field = (result.vertices, result.faces), result.color_field
         save_refine_checkpoint(result.vertices, result.faces, color_field, run_path)
         _finish_stage(record, "refine", state, run_path, result.stats)

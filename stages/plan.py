@@ -9,12 +9,14 @@ caller's config is left as it was. The stages trust the plan.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from guidance import registry
 from guidance.registry import GuidanceSpec
+from renderers.cameras import scale_pose_jitter
 from stages.config import Config
 
 MAX_PROMPT_CHARS = 300
@@ -80,3 +82,15 @@ def resolve(prompt, config: Config) -> RunPlan:
     adapted.coarse.seed = adapted.refine.seed = adapted.seed  # the run's seed drives every stage
     adapted.check()
     return RunPlan(prompt=prompt, device=device, guidance=spec, config=adapted)
+
+
+def refine_plan(plan: RunPlan) -> RunPlan:
+    """The plan as the refine stage sees it: its cameras' pose jitter times `refine.camera_jitter`.
+    The plan itself when that changes nothing; otherwise a copy, whose guidance model may differ
+    (the primitives prior's library follows the camera distribution)."""
+    scale = plan.config.refine.camera_jitter
+    if scale is None or scale == 1.0:
+        return plan
+    config = copy.deepcopy(plan.config)
+    config.camera = scale_pose_jitter(config.camera, scale)
+    return dataclasses.replace(plan, config=config)

@@ -64,6 +64,7 @@ class RefineConfig:
     prob_textureless: float = 0.0  # after the warm-up: probability of textureless (white) shading
     ambient: float = 0.3  # ambient share of Lambertian shading; must match the guidance prior (primitives: 0.3)
     background: str | tuple = "white"  # "white", "random" (a solid colour per image) or an (r, g, b) in [0, 1]
+    camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_plan`); None = 1, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
     preview_resolution: int = 96  # preview image side, px
@@ -94,6 +95,8 @@ class RefineConfig:
                      "lambda_laplacian", "grid_margin", "albedo_warmup", "prob_albedo", "prob_lambertian", "prob_textureless", "preview_every", "chunk_size"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.camera_jitter is not None and not self.camera_jitter >= 0:
+            raise ValueError(f"refine.camera_jitter must be >= 0 or None, got {self.camera_jitter!r}")
         if self.lambda_albedo_tilt is not None and not self.lambda_albedo_tilt >= 0:
             raise ValueError(f"refine.lambda_albedo_tilt must be >= 0 or None, got {self.lambda_albedo_tilt!r}")
         if self.lr_sdf + self.lr_deform + self.lr_color <= 0:
