@@ -9,6 +9,7 @@ from renderers.cameras import (
     get_rays,
     orbit_cameras,
     sample_cameras,
+    scale_pose_jitter,
     to_clip,
     view_word,
 )
@@ -94,3 +95,21 @@ def test_bad_config_raises_with_names():
         sample_cameras(0, CameraConfig(), (8, 8))
     with pytest.raises(ValueError, match="resolution"):
         orbit_cameras(2, (0, 8))
+
+
+def test_scale_pose_jitter_scales_the_pose_noise_only():
+    base = CameraConfig()
+    assert scale_pose_jitter(base, 1.0) is base
+    half = scale_pose_jitter(base, 0.5)
+    assert half.target_jitter == base.target_jitter * 0.5 and half.position_jitter == base.position_jitter * 0.5
+    assert half.up_jitter == base.up_jitter * 0.5 and half.light_jitter == base.light_jitter
+    assert base.target_jitter == CameraConfig().target_jitter  # the original is not changed
+    still = scale_pose_jitter(base, 0.0)
+    cams = sample_cameras(8, still, (16, 16), generator=torch.Generator().manual_seed(0))
+    # Without pose noise every camera sits at its sampled distance and sees the origin at the image centre.
+    assert torch.allclose(cams.position.norm(dim=-1), cams.distance, atol=1e-5)
+    centre = cams.mvp @ torch.tensor([0.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(centre[:, :2] / centre[:, 3:], torch.zeros(8, 2), atol=1e-5)
+    jittered = sample_cameras(8, base, (16, 16), generator=torch.Generator().manual_seed(0))
+    off = jittered.mvp @ torch.tensor([0.0, 0.0, 0.0, 1.0])
+    assert (off[:, :2] / off[:, 3:]).abs().max() > 1e-3  # the check above can fail

@@ -146,6 +146,23 @@ def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_on_wh
     assert other.coarse.lr_network == default
 
 
+def test_the_primitives_prior_refines_without_camera_pose_jitter_unless_set():
+    config = preset("quick")
+    assert config.refine.camera_jitter is None  # 1: the camera config's own jitter
+    registry.get("primitives").adapt(config, "a red cube")
+    assert config.refine.camera_jitter == 0.0
+    assert config.camera.target_jitter == CameraConfig().target_jitter > 0  # the coarse stage keeps its jitter
+    config.check()
+    custom = apply_overrides(preset("quick"), ["refine.camera_jitter=0.5"])
+    registry.get("primitives").adapt(custom, "a white cube")
+    assert custom.refine.camera_jitter == 0.5  # set by hand: kept
+    other = preset("standard")
+    registry.get("stable-diffusion").adapt(other, "a red cube")
+    assert other.refine.camera_jitter is None
+    with pytest.raises(ValueError, match="refine.camera_jitter"):
+        apply_overrides(preset("quick"), ["refine.camera_jitter=-1"])
+
+
 def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_renders_unless_set():
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")

@@ -125,3 +125,30 @@ def test_one_prior_library_serves_white_and_coloured_prompts():
     red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
     assert (red_prior.background, white_prior.background) == (red.config.prior_background, white.config.prior_background)
     assert white_prior.lib_u is red_prior.lib_u and pipeline.guidance_for(red) is red_prior
+
+
+def test_the_refine_stage_gets_cameras_without_pose_jitter_and_a_prior_drawn_from_them(tmp_path, monkeypatch):
+    seen = {}
+    real_coarse, real_refine = pipeline.coarse_stage.run, pipeline.refine_stage.run
+
+    def coarse(guidance, prompt, config, camera, *args, **kwargs):
+        seen["coarse"] = (camera, guidance.library_config.camera)
+        return real_coarse(guidance, prompt, config, camera, *args, **kwargs)
+
+    def refine(field, guidance, prompt, config, camera, *args, **kwargs):
+        seen["refine"] = (camera, guidance.library_config.camera)
+        return real_refine(field, guidance, prompt, config, camera, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.coarse_stage, "run", coarse)
+    monkeypatch.setattr(pipeline.refine_stage, "run", refine)
+    events = _drain("a red cube", tiny_run_config(), run_dir=tmp_path / "run")
+    assert events[-1].stage == "done"
+    coarse_camera, coarse_library = seen["coarse"]
+    refine_camera, refine_library = seen["refine"]
+    assert coarse_camera == coarse_library and refine_camera == refine_library  # each library matches its cameras
+    assert coarse_camera.target_jitter > 0 and coarse_camera.position_jitter > 0 and coarse_camera.up_jitter > 0
+    assert refine_camera.target_jitter == refine_camera.position_jitter == refine_camera.up_jitter == 0.0
+    assert refine_camera.light_jitter == coarse_camera.light_jitter  # only the pose's jitter goes
+    assert refine_camera.distance_range == coarse_camera.distance_range
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["refine"]["camera_jitter"] == 0.0
