@@ -69,6 +69,7 @@ class GuidanceSpec:
     for_run: Callable[[Guidance, object], Guidance] = _as_built  # (cached model, config) -> the run's view of it
     examples: Callable[[], list[str]] = list  # the app's example prompts
     app_note: str = ""  # said after the app's "Active guidance: ..." line
+    kept: int = 1  # models of this spec a process keeps in memory at once (different settings: the primitives prior's two libraries)
 
     @property
     def takes_model_id(self) -> bool:
@@ -258,6 +259,7 @@ def _register_builtins() -> None:
         name="primitives", title="the primitives prior", build=_build_primitives, settings=_primitives_settings,
         check_prompt=_check_primitives_prompt, adapt=adapt_to_primitives, for_run=_primitives_for_run,
         examples=_primitives_examples, app_note=" (offline primitives prior: prompts like 'a red cube', 'a blue torus')",
+        kept=2,  # one library for the coarse stage's cameras, one for the refine stage's (no pose jitter)
     ))
     register(GuidanceSpec(
         name="stable-diffusion", title="Stable Diffusion", build=_build_stable_diffusion, settings=_hub_settings,

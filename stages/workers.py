@@ -3,7 +3,8 @@
 Each device has one long-lived worker thread: runs there never overlap (a run waits until the
 previous one has stopped), and the memory one run frees is reused by the next (a fresh thread per
 run would leave it fragmented over the allocator's per-thread arenas). One guidance model is kept
-in memory (`guidance_for`): the next run with the same model and settings reuses it.
+in memory (`guidance_for`; two for the primitives prior, whose refine stage has a library of its
+own): the next run with the same model and settings reuses it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from guidance.registry import GuidanceSpec
 from stages.plan import RunPlan
 
-_GUIDANCE_CACHE: dict[tuple, object] = {}  # cache key -> model; at most one entry
+_GUIDANCE_CACHE: dict[tuple, object] = {}  # cache key -> model, least recently used first; one spec's, at most its `kept`
 _GUIDANCE_LOCK = threading.Lock()
 _DEVICE_WORKERS: dict[str, ThreadPoolExecutor] = {}  # one worker thread per device: its runs, one at a time
 _PENDING_RUNS: dict[str, int] = {}  # runs handed to a device's worker and not yet ended
@@ -29,19 +30,25 @@ def guidance_loaded(plan: RunPlan) -> bool:
 
 
 def guidance_for(plan: RunPlan):
-    """The plan's guidance model, loaded once per process (one model kept), as the run sees it."""
+    """The plan's guidance model, loaded once per process (`kept_guidance`), as the run sees it."""
     return kept_guidance(plan.guidance, plan.config, plan.device)
 
 
 def kept_guidance(spec: GuidanceSpec, config, device: torch.device):
-    """The model of `spec` for an adapted config on `device`, loaded once per process (one model kept)
+    """The model of `spec` for an adapted config on `device`, loaded once per process (one model kept; the spec's `kept`)
     (benchmarks that drive a stage themselves; a run asks with its plan: `guidance_for`)."""
     key = spec.cache_key(config, device)
     with _GUIDANCE_LOCK:
-        if key not in _GUIDANCE_CACHE:
-            _GUIDANCE_CACHE.clear()  # keep one model in memory
-            _GUIDANCE_CACHE[key] = spec.load(config, device)
-        model = _GUIDANCE_CACHE[key]
+        if key in _GUIDANCE_CACHE:
+            model = _GUIDANCE_CACHE.pop(key)  # re-inserted below: the most recently used comes last
+        else:
+            # Keep models of one spec only, at most `spec.kept` of them (the least recently used goes).
+            for other in [k for k in _GUIDANCE_CACHE if k[0] != spec.name]:
+                del _GUIDANCE_CACHE[other]
+            while len(_GUIDANCE_CACHE) >= max(spec.kept, 1):
+                del _GUIDANCE_CACHE[next(iter(_GUIDANCE_CACHE))]
+            model = spec.load(config, device)
+        _GUIDANCE_CACHE[key] = model
     return spec.for_run(model, config)
 
 

@@ -108,3 +108,25 @@ def test_the_command_line_the_app_and_the_batch_offer_the_new_model(still_model,
     lines = [(1, "a still cube"), (2, "a teapot")]
     with pytest.raises(ValueError, match="line 2: the still model cannot draw teapots"):
         check_prompts(tmp_path / "prompts.txt", lines, tiny_run_config(guidance="still"), "cpu")
+
+
+def test_a_process_keeps_both_prior_libraries_of_a_run_and_one_model_of_another_kind(still_model):
+    workers.forget_guidance()
+    plan = resolve("a red cube", tiny_run_config())
+    refine = pipeline.refine_plan(plan)
+    assert refine is not plan and not workers.guidance_loaded(refine)
+    coarse_prior, refine_prior = workers.guidance_for(plan), workers.guidance_for(refine)
+    assert coarse_prior.library_config.camera != refine_prior.library_config.camera
+    # The next run finds both libraries in memory (the primitives prior keeps 2).
+    assert workers.guidance_loaded(plan) and workers.guidance_loaded(refine)
+    assert workers.guidance_for(plan).lib_u is coarse_prior.lib_u
+    # A third library (other settings) drops the least recently used one.
+    other = resolve("a red cube", tiny_run_config(prior_renders_per_view=3))
+    workers.guidance_for(other)
+    assert workers.guidance_loaded(other) and workers.guidance_loaded(plan) and not workers.guidance_loaded(refine)
+    # A model of another kind is kept alone, and its refine stage asks for the same model.
+    still = resolve("a still cube", tiny_run_config(guidance="still"))
+    assert pipeline.refine_plan(still) is still
+    workers.guidance_for(still)
+    assert workers.guidance_loaded(still) and not workers.guidance_loaded(plan) and not workers.guidance_loaded(other)
+    workers.forget_guidance()
