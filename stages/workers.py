@@ -35,7 +35,7 @@ def guidance_for(plan: RunPlan):
 
 
 def kept_guidance(spec: GuidanceSpec, config, device: torch.device):
-    """The model of `spec` for an adapted config on `device`, loaded once per process (one model kept; the spec's `kept`)
+    """The model of `spec` for an adapted config on `device`, loaded once per process (up to `spec.kept` stay in memory)
     (benchmarks that drive a stage themselves; a run asks with its plan: `guidance_for`)."""
     key = spec.cache_key(config, device)
     with _GUIDANCE_LOCK:
