@@ -164,7 +164,7 @@ def test_a_tiny_run_shows_one_progress_display_then_the_model_and_its_downloads(
     _until(finished, "the run to finish")
     running = [(s, n) for s, n in samples if " step " in s]
     assert running, f"no step was ever shown: {samples[:5]}"
-    assert all(n == 1 for _, n in running), running  # one progress bar, no second progress text
+    assert all(n == 1 for _, n in running), [x for x in running if x[1] != 1]  # one progress bar, no second progress text
     run_id = _run_id(browser)
     assert run_id and run_id in _status(browser) and str(out) not in _status(browser)  # the run id, not the server path
 
