@@ -4,6 +4,11 @@ A prompt of the vocabulary is "<article> <color> <shape>[, <view> view]", e.g.
 "a red cube" or "an orange torus, side view". The canonical shapes (centred at the
 origin, +z up, the training frame) are exposed as trimesh meshes for evaluation.
 
+The prior tells low views apart: a front, side or back camera under LOW_VIEW_ELEVATION degrees
+gets "low front", "low side" or "low back" (`renderers.cameras.low_view_word`). Without them a
+cone with a skirt below its base, seen from 0 degrees, is nearer the true cone seen from 12
+degrees than from 0, and the prior, which never sees the camera, has no reason to remove it.
+
 A library holds, per shape and view word, K renders of the shape from cameras drawn
 from the stages' own camera distribution, Lambertian-shaded under the camera's sampled
 light plus ambient, on a white background. The color is applied afterwards: each
@@ -27,7 +32,7 @@ import trimesh
 from torch import Tensor
 
 from renderers import raster
-from renderers.cameras import VIEW_WORDS, CameraConfig, sample_cameras, to_clip
+from renderers.cameras import CameraConfig, low_view_word, sample_cameras, to_clip, view_words_of
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.12, 0.10),
@@ -52,11 +57,15 @@ class UnknownPromptError(ValueError):
     """A prompt the primitives prior cannot read; the message lists the vocabulary."""
 
 
+LOW_VIEW_ELEVATION = 5.0  # degrees: front, side and back views from under this are "low" views
+PRIOR_VIEW_WORDS = view_words_of(LOW_VIEW_ELEVATION)  # front, side, back, overhead, low front, low side, low back
+
+
 def vocabulary_text() -> str:
     return (
         f"shapes: {', '.join(SHAPES)}; colors: {', '.join(COLORS)}; "
         f"prompts look like 'a red cube' or 'a blue torus' (an optional ', front view', ', side view', "
-        f"', back view' or ', overhead view' may follow)"
+        f"', back view', ', overhead view' or ', low front view' and the like may follow)"
     )
 
 
@@ -70,11 +79,11 @@ def prompt_text(color: str, shape: str) -> str:
     return f"{article} {color} {shape}"
 
 
-_VIEW_RE = re.compile(r",?\s*\b(front|side|back|overhead)\s+view\s*$")
+_VIEW_RE = re.compile(r",?\s*\b((?:low )?(?:front|side|back)|overhead)\s+view\s*$")
 
 
 def parse_prompt(text: str) -> tuple[str | None, str | None, str | None]:
-    """'a red cube, side view' -> ('red', 'cube', 'side'); ', front view' or '' -> (None, None, 'front' | None).
+    """'a red cube, side view' -> ('red', 'cube', 'side'); ', low front view' or '' -> (None, None, 'low front' | None).
 
     Raises UnknownPromptError, listing the vocabulary, for anything else.
     """
@@ -151,7 +160,8 @@ class LibraryConfig:
         fields = dataclasses.asdict(self)
         if not fields["flat_share"]:
             del fields["flat_share"]  # the libraries built before the setting existed stay valid
-        payload = json.dumps({"format": _LIBRARY_FORMAT, "shapes": SHAPES, **fields}, sort_keys=True, default=str)
+        payload = json.dumps({"format": _LIBRARY_FORMAT, "shapes": SHAPES, "views": PRIOR_VIEW_WORDS,
+                              "low_view_elevation": LOW_VIEW_ELEVATION, **fields}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -193,15 +203,22 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
     """Draw cameras from the stages' distribution until every view word has K of them."""
     generator = torch.Generator().manual_seed(config.seed)
     k = config.renders_per_view
-    chosen: dict[str, list[tuple[Tensor, Tensor]]] = {v: [] for v in VIEW_WORDS}
+    chosen: dict[str, list[tuple[Tensor, Tensor]]] = {v: [] for v in PRIOR_VIEW_WORDS}
     for _ in range(1000):
         cams = sample_cameras(512, config.camera, (config.resolution, config.resolution), generator=generator)
-        for i, word in enumerate(cams.view_words):
+        for i, base in enumerate(cams.view_words):
+            word = low_view_word(base, float(cams.elevation[i]), LOW_VIEW_ELEVATION)
             if len(chosen[word]) < k:
                 chosen[word].append((cams.mvp[i], cams.light_position[i]))
         if all(len(c) == k for c in chosen.values()):
             return chosen
+    for word in [v for v, c in chosen.items() if len(c) < k and v.startswith("low ")]:
+        base = word.removeprefix("low ")
+        if len(chosen[base]) == k:  # cameras that never go low: the stages never ask for a low view either
+            chosen[word] = list(chosen[base])
     missing = [v for v, c in chosen.items() if len(c) < k]
+    if not missing:
+        return chosen
     raise ValueError(
         f"the camera distribution never produces the view words {missing} "
         f"(elevation_range={config.camera.elevation_range}, azimuth_range={config.camera.azimuth_range})"
@@ -209,18 +226,18 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
 
 
 def build_library(config: LibraryConfig, batch: int = 48) -> dict[str, Tensor]:
-    """Render the library: {'alpha', 'alpha_shade'}: [S, 4, K, R, R] float16, S shapes, 4 view words.
+    """Render the library: {'alpha', 'alpha_shade'}: [S, 7, K, R, R] float16, S shapes, the 7 PRIOR_VIEW_WORDS.
     The last round(flat_share * K) renders of each view word are unshaded (ambient 1): the stages'
     albedo-only renders have their like in the library."""
     config.check()
     cameras = _draw_cameras_per_view(config)
     r, k = config.resolution, config.renders_per_view
     shaded = k - round(config.flat_share * k)
-    alpha = torch.zeros(len(SHAPES), len(VIEW_WORDS), k, r, r, dtype=torch.float16)
+    alpha = torch.zeros(len(SHAPES), len(PRIOR_VIEW_WORDS), k, r, r, dtype=torch.float16)
     alpha_shade = torch.zeros_like(alpha)
     for s, shape in enumerate(SHAPES):
         mesh = primitive_mesh(shape)
-        for v, word in enumerate(VIEW_WORDS):
+        for v, word in enumerate(PRIOR_VIEW_WORDS):
             mvp = torch.stack([c[0] for c in cameras[word]])
             light = torch.stack([c[1] for c in cameras[word]])
             for first, last, ambient in ((0, shaded, config.ambient), (shaded, k, 1.0)):
@@ -239,7 +256,7 @@ def load_library(config: LibraryConfig, cache: Path | None = None, log=print) ->
     if path.exists():
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            expected = (len(SHAPES), len(VIEW_WORDS), config.renders_per_view, config.resolution, config.resolution)
+            expected = (len(SHAPES), len(PRIOR_VIEW_WORDS), config.renders_per_view, config.resolution, config.resolution)
             if tuple(data["alpha"].shape) == expected:
                 return data
         except Exception as exc:  # a truncated or foreign file: rebuild it

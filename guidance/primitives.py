@@ -24,14 +24,16 @@ from torch import Tensor
 
 from guidance.primitive_shapes import (
     COLORS,
+    LOW_VIEW_ELEVATION,
     PRIOR_AMBIENT,
+    PRIOR_VIEW_WORDS,
     SHAPES,
     LibraryConfig,
     load_library,
     parse_prompt,
     prompt_text,
 )
-from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, VIEW_WORDS, CameraConfig
+from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, CameraConfig
 
 
 # The one camera distance and vertical field of view the runs with this prior use (see above).
@@ -74,6 +76,7 @@ class PrimitivesPrior:
     # shape stays the initial blob (the figures: bench/RESULTS.md, "CFG 100 is far too strong").
     default_guidance_scale = 5.0
     view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
+    low_view_elevation = LOW_VIEW_ELEVATION  # views from under this elevation are "low" ones: SDS asks with "low <word>"
 
     def __init__(
         self,
@@ -150,7 +153,7 @@ class PrimitivesPrior:
                 (
                     SHAPES.index(shape) if shape is not None else -1,
                     list(COLORS).index(color) if color is not None else -1,
-                    VIEW_WORDS.index(view) if view is not None else -1,
+                    PRIOR_VIEW_WORDS.index(view) if view is not None else -1,
                 )
             )
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -226,8 +229,8 @@ class PrimitivesPrior:
         x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         names = [(c, s) for s in SHAPES for c in COLORS]
         result = []
-        for b, word in enumerate(view_words):
-            v = VIEW_WORDS.index(word)
+        for b, word in enumerate(view_words):  # of PRIOR_VIEW_WORDS
+            v = PRIOR_VIEW_WORDS.index(word)
             scores = []
             for color, shape in names:
                 cond = torch.tensor([SHAPES.index(shape), list(COLORS).index(color), v], device=self.device)

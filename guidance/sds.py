@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from renderers.cameras import VIEW_WORDS
+from renderers.cameras import low_view_word, view_words_of
 
-VIEW_SUFFIXES = {word: f", {word} view" for word in VIEW_WORDS}  # appended to the prompt per view word
+VIEW_SUFFIXES = {word: f", {word} view" for word in view_words_of(0.0)}  # appended to the prompt per view word
 T_ANNEAL_MODES = ("none", "linear", "sqrt")
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 _TINY = 1e-12  # keeps the Perp-Neg projection finite when the positive direction is zero
@@ -150,15 +150,18 @@ class SDSLoss:
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.view_dependent_uncond = bool(guidance.view_dependent_uncond) and config.view_dependent
         self.negatives = perp_neg_negatives(config)
+        # A model that tells low views apart (the primitives prior) says below which elevation a view is low.
+        self.low_view_elevation = getattr(guidance, "low_view_elevation", None) if config.view_dependent else None
+        self.view_words = view_words_of(self.low_view_elevation)
 
         # 1. Texts: one per view word (or just the prompt), and the unconditional ones.
         negative = config.negative_prompt
         if config.view_dependent:
-            self.cond_texts = [prompt + VIEW_SUFFIXES[word] for word in VIEW_WORDS]
+            self.cond_texts = [prompt + VIEW_SUFFIXES[word] for word in self.view_words]
         else:
             self.cond_texts = [prompt]
         if self.view_dependent_uncond:
-            self.uncond_texts = [negative + VIEW_SUFFIXES[word] for word in VIEW_WORDS]
+            self.uncond_texts = [negative + VIEW_SUFFIXES[word] for word in self.view_words]
         else:
             self.uncond_texts = [negative]
 
@@ -191,9 +194,10 @@ class SDSLoss:
     def __call__(
         self,
         images: Tensor,  # [B, H, W, 3] in [0, 1], differentiable renders
-        view_words: list[str],  # [B] one of VIEW_WORDS per image
+        view_words: list[str],  # [B] one of VIEW_WORDS per image (or of `self.view_words`)
         progress: float = 0.0,  # fraction of training done, 0..1, for timestep annealing
         generator: torch.Generator | None = None,  # seeds timesteps and noise
+        elevations: Tensor | list[float] | None = None,  # [B] the cameras' elevations, degrees: low views for a model that has them
     ) -> tuple[Tensor, dict]:
         """(loss, info): d loss / d x == w(t) (eps_hat - eps); info has "t" [B], "grad_norm", "w" [B], "noise",
         and "texture_loss": None, or with `texture_guidance_scale` a loss whose gradient on x is the
@@ -204,11 +208,16 @@ class SDSLoss:
         batch = images.shape[0]
         if len(view_words) != batch:
             raise ValueError(f"view_words must have one word per image ({batch}), got {len(view_words)}")
-        unknown = [word for word in view_words if word not in VIEW_SUFFIXES]
+        unknown = [word for word in view_words if word not in self.view_words]
         if unknown:
-            raise ValueError(f"view_words must be in {list(VIEW_WORDS)}, got {unknown}")
+            raise ValueError(f"view_words must be in {list(self.view_words)}, got {unknown}")
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
+        if elevations is not None:
+            elevations = [float(e) for e in (elevations.tolist() if isinstance(elevations, Tensor) else elevations)]
+            if len(elevations) != batch:
+                raise ValueError(f"elevations must have one value per image ({batch}), got {len(elevations)}")
+            view_words = [low_view_word(w, e, self.low_view_elevation) for w, e in zip(view_words, elevations)]
 
         # 2. The tensor the model diffuses: pixels in [-1, 1] or latents, at the model's resolution.
         guidance = self.guidance
@@ -260,7 +269,7 @@ class SDSLoss:
     ) -> tuple[Tensor, Tensor]:  # eps_uncond, direction [B, C, h, w]: CFG's eps_hat = eps_uncond + s * direction
         batch = x_t.shape[0]
         if self.config.view_dependent:
-            cond_index = [VIEW_WORDS.index(word) for word in view_words]
+            cond_index = [self.view_words.index(word) for word in view_words]
         else:
             cond_index = [0] * batch
         uncond_index = cond_index if self.view_dependent_uncond else [0] * batch
@@ -269,9 +278,10 @@ class SDSLoss:
         rows, neg_index, neg_weights = [], [], []
         if self.config.perp_neg:
             for row, word in enumerate(view_words):
-                for neg_word, weight in self.negatives[word]:
+                low = word.startswith("low ")
+                for neg_word, weight in self.negatives[word.removeprefix("low ")]:
                     rows.append(row)
-                    neg_index.append(VIEW_WORDS.index(neg_word))
+                    neg_index.append(self.view_words.index(f"low {neg_word}" if low else neg_word))
                     neg_weights.append(weight)
 
         # One model call on [cond, uncond, negatives].

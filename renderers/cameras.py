@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 VIEW_WORDS = ("front", "side", "back", "overhead")
+LOW_VIEWS = ("front", "side", "back")  # the view words that have a "low <word>" form (`low_view_word`)
 VIEW_DISTANCE = 2.8  # world units: the fixed views' camera distance (previews, turntables, held-out views, the primitives prior)
 VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
@@ -95,6 +96,19 @@ def view_word(elevation: float, azimuth: float) -> str:
     if abs(az) > 135.0:
         return "back"
     return "side"
+
+
+def low_view_word(word: str, elevation: float, below: float | None) -> str:
+    """`word`, or "low <word>" for a camera under `below` degrees of elevation: for a guidance model
+    that tells low views apart (`view_words_of`); `below` None: the word itself."""
+    if below is not None and elevation < below and word in LOW_VIEWS:
+        return f"low {word}"
+    return word
+
+
+def view_words_of(below: float | None) -> tuple[str, ...]:
+    """Every view word a model with low views under `below` degrees (None: none) is prompted with."""
+    return VIEW_WORDS if below is None else VIEW_WORDS + tuple(f"low {word}" for word in LOW_VIEWS)
 
 
 def wrap_degrees(angle: float) -> float:

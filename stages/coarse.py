@@ -167,7 +167,8 @@ def run(
         t1 = clock(device)
         optimizer.zero_grad(set_to_none=True)
         try:
-            loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator)
+            loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator,
+                                 elevations=cams.elevation)
             t2 = clock(device)
             loss = loss_sds + _regularizers(out, config, step)
             backward_finite(loss, optimizer)

@@ -212,7 +212,7 @@ def run(
         try:
             loss_sds, info = sds(
                 _to_guidance_size(images, guidance.resolution), cams.view_words,
-                progress=step / max(config.iters - 1, 1), generator=generator,
+                progress=step / max(config.iters - 1, 1), generator=generator, elevations=cams.elevation,
             )
             t4 = clock(device)
             loss = loss_sds / config.batch_size

@@ -3,13 +3,18 @@ import torch
 
 from guidance.primitive_shapes import (
     COLORS,
+    LOW_VIEW_ELEVATION,
+    PRIOR_VIEW_WORDS,
     SHAPES,
+    LibraryConfig,
     UnknownPromptError,
+    _draw_cameras_per_view,
     parse_prompt,
     primitive_mesh,
     prompts,
 )
 from guidance.primitives import DARK_BACKGROUND, PrimitivesPrior, background_for
+from renderers.cameras import CameraConfig
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +25,7 @@ def prior(tmp_path_factory):
 
 
 def _library_image(prior, shape, color, view, k):
-    s, v = SHAPES.index(shape), ["front", "side", "back", "overhead"].index(view)
+    s, v = SHAPES.index(shape), PRIOR_VIEW_WORDS.index(view)
     c = torch.tensor(COLORS[color], dtype=torch.float64)
     a, b = prior.lib_a[v, s, k], prior.lib_b[v, s, k]  # [P]
     img = a[None] + b[None] * c[:, None]  # [3, P]
@@ -32,9 +37,12 @@ def test_parse_prompt_and_vocabulary():
     assert parse_prompt("An Orange Torus, side view") == ("orange", "torus", "side")
     assert parse_prompt("a grey ball, overhead view") == ("gray", "sphere", "overhead")
     assert parse_prompt(", front view") == (None, None, "front")
+    assert parse_prompt("a red cone, low side view") == ("red", "cone", "low side")
+    assert parse_prompt(", low back view") == (None, None, "low back")
     assert parse_prompt("") == (None, None, None)
     assert len(prompts()) == len(SHAPES) * len(COLORS) >= 48
-    for bad in ["a ceramic teapot", "a red", "red cube cube", "a magenta cube", "a red cube, diagonal view"]:
+    for bad in ["a ceramic teapot", "a red", "red cube cube", "a magenta cube", "a red cube, diagonal view",
+                "a red cube, low overhead view"]:
         with pytest.raises(UnknownPromptError) as err:
             parse_prompt(bad)
         # The error lists the vocabulary.
@@ -57,7 +65,7 @@ def test_canonical_meshes(shape, extent):
 def test_library_shapes_and_content(prior):
     v, s, k, p = prior.lib_u.shape
     assert prior.lib_a.shape == prior.lib_b.shape == (v, s, k, p)
-    assert (v, s, k, p) == (4, len(SHAPES), 16, 32 * 32)
+    assert (v, s, k, p) == (len(PRIOR_VIEW_WORDS), len(SHAPES), 16, 32 * 32) == (7, len(SHAPES), 16, 32 * 32)
     img = _library_image(prior, "cube", "red", "front", 0)
     # White background at the border, a red-dominant object in the middle.
     assert img[:, 0, 0].min() > 0.99
@@ -189,3 +197,32 @@ def test_the_background_level_is_what_the_posterior_puts_behind_the_object(tmp_p
     with pytest.raises(ValueError, match="background must be a grey level in"):
         PrimitivesPrior(resolution=16, renders_per_view=4, background=1.5, cache=str(tmp_path))
     assert background_for("a white cube") == DARK_BACKGROUND and background_for("a red cube") == 1.0
+
+
+def _camera_elevations(cameras) -> torch.Tensor:
+    """Elevations (degrees) of the camera centres of (mvp, light) pairs: the point mvp sends to x = y = w = 0."""
+    mvp = torch.stack([c[0] for c in cameras]).double()
+    rows = mvp[:, [0, 1, 3]]
+    centre = torch.linalg.solve(rows[:, :, :3], -rows[:, :, 3:])[..., 0]
+    return torch.rad2deg(torch.asin(centre[:, 2] / centre.norm(dim=1)))
+
+
+def test_the_library_draws_low_views_from_cameras_under_the_low_elevation():
+    still = CameraConfig(position_jitter=0.0, target_jitter=0.0, up_jitter=0.0)  # the refine stage's cameras
+    chosen = _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=32, camera=still))
+    assert set(chosen) == set(PRIOR_VIEW_WORDS) and all(len(c) == 32 for c in chosen.values())
+    for word, cameras in chosen.items():
+        elevation = _camera_elevations(cameras)
+        if word.startswith("low "):
+            assert elevation.max() < LOW_VIEW_ELEVATION + 1e-3 and elevation.min() > -10.0 - 1e-3, word
+        elif word == "overhead":
+            assert elevation.min() > 60.0 - 1e-3
+        else:
+            assert elevation.min() > LOW_VIEW_ELEVATION - 1e-3 and elevation.max() < 60.0 + 1e-3, word
+    # Cameras that never go low (from 20 degrees up): a low word gets its base word's cameras, never asked for.
+    high = CameraConfig(elevation_range=(20.0, 90.0))
+    chosen = _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=8, camera=high))
+    for word in ("front", "side", "back"):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(chosen[f"low {word}"], chosen[word]))
+    with pytest.raises(ValueError, match="never produces the view words \\['overhead'\\]"):
+        _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=8, camera=CameraConfig(elevation_range=(0.0, 50.0))))

@@ -154,6 +154,36 @@ def test_view_dependent_uncond_appends_the_view_to_the_negative():
     torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
 
 
+def test_a_model_with_low_views_gets_them_by_elevation_and_others_never_do():
+    fake = FakeGuidance(view_dependent_uncond=True)
+    fake.low_view_elevation = 5.0  # as the primitives prior
+    loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=5.0))
+    words = VIEWS + ["low front", "low side", "low back"]
+    assert fake.encoded == [f"{PROMPT}, {v} view" for v in words] + [f", {v} view" for v in words]
+    images = _images(4)
+    views, elevations = ["front", "side", "back", "overhead"], [4.9, -10.0, 5.0, 80.0]
+    _, info = loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=torch.tensor(elevations))
+    loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=elevations)[0].backward()
+    x = images.detach().permute(0, 3, 1, 2) * 2 - 1
+    seen = ["low front", "low side", "back", "overhead"]  # under 5 degrees: low; 5 and above, and overhead: not
+    expected = _expected_grad(fake, x, info, [f"{PROMPT}, {v} view" for v in seen], [f", {v} view" for v in seen], 5.0)
+    torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="elevations must have one value per image"):
+        loss_fn(images, views, elevations=[0.0])
+
+    plain = FakeGuidance()  # Stable Diffusion and DeepFloyd IF have no low views: the same 4 prompts, elevations or not
+    loss_fn = SDSLoss(plain, PROMPT, SDSConfig(guidance_scale=5.0))
+    assert plain.encoded == [f"{PROMPT}, {v} view" for v in VIEWS] + [""]
+    images = _images(4)
+    _, info = loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=elevations)
+    loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=elevations)[0].backward()
+    x = images.detach().permute(0, 3, 1, 2) * 2 - 1
+    expected = _expected_grad(plain, x, info, [f"{PROMPT}, {v} view" for v in views], [""] * 4, 5.0)
+    torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="view_words must be in"):
+        loss_fn(images[:1], ["low front"])
+
+
 def _eps_hat(fake, config, views, seed=5):
     """The guided noise prediction, recovered from the gradient (uniform weighting: grad = eps_hat - eps)."""
     _, images, _, info = _run(fake, config, views, seed=seed)
