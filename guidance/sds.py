@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from renderers.cameras import low_view_word, view_words_of
+from renderers.cameras import ALL_VIEW_WORDS, low_view_word, view_words_of
 
-VIEW_SUFFIXES = {word: f", {word} view" for word in view_words_of(0.0)}  # appended to the prompt per view word
+VIEW_SUFFIXES = {word: f", {word} view" for word in ALL_VIEW_WORDS}  # appended to the prompt per view word
 T_ANNEAL_MODES = ("none", "linear", "sqrt")
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 _TINY = 1e-12  # keeps the Perp-Neg projection finite when the positive direction is zero

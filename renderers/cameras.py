@@ -21,6 +21,7 @@ from torch import Tensor
 
 VIEW_WORDS = ("front", "side", "back", "overhead")
 LOW_VIEWS = ("front", "side", "back")  # the view words that have a "low <word>" form (`low_view_word`)
+ALL_VIEW_WORDS = VIEW_WORDS + tuple(f"low {word}" for word in LOW_VIEWS)  # with the low forms
 VIEW_DISTANCE = 2.8  # world units: the fixed views' camera distance (previews, turntables, held-out views, the primitives prior)
 VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
@@ -108,7 +109,7 @@ def low_view_word(word: str, elevation: float, below: float | None) -> str:
 
 def view_words_of(below: float | None) -> tuple[str, ...]:
     """Every view word a model with low views under `below` degrees (None: none) is prompted with."""
-    return VIEW_WORDS if below is None else VIEW_WORDS + tuple(f"low {word}" for word in LOW_VIEWS)
+    return VIEW_WORDS if below is None else ALL_VIEW_WORDS
 
 
 def wrap_degrees(angle: float) -> float:
