@@ -42,7 +42,7 @@ from torch import Tensor
 from geometry.metrics import chamfer_distance, volumetric_iou
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
 from renderers import raster
-from renderers.cameras import Cameras, low_view_word, view_word
+from renderers.cameras import Cameras, banded_view_word, view_word
 from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
 from geometry.uv import face_areas
@@ -167,7 +167,7 @@ def retrieval(mesh: dict, prior) -> list[str]:
     size, ss = prior.resolution, prior.library_config.supersample
     cams = held_out_cameras(size * ss)
     renders = render_textured(mesh, cams, prior.library_config.ambient, ss, prior.background)
-    words = [low_view_word(view_word(float(e), float(a)), float(e), prior.low_view_elevation)
+    words = [banded_view_word(view_word(float(e), float(a)), float(e), prior.view_bands)
              for e, a in zip(cams.elevation, cams.azimuth)]
     return prior.classify(renders, words)
 

@@ -4,10 +4,13 @@ A prompt of the vocabulary is "<article> <color> <shape>[, <view> view]", e.g.
 "a red cube" or "an orange torus, side view". The canonical shapes (centred at the
 origin, +z up, the training frame) are exposed as trimesh meshes for evaluation.
 
-The prior tells low views apart: a front, side or back camera under LOW_VIEW_ELEVATION degrees
-gets "low front", "low side" or "low back" (`renderers.cameras.low_view_word`). Without them a
-cone with a skirt below its base, seen from 0 degrees, is nearer the true cone seen from 12
-degrees than from 0, and the prior, which never sees the camera, has no reason to remove it.
+The prior tells elevation bands apart: a front, side or back camera under VIEW_BANDS[0] degrees
+gets "low front", "low side" or "low back", one at VIEW_BANDS[1] degrees or more "high front" and
+so on (`renderers.cameras.banded_view_word`). The prior never sees the camera, so within one view
+word a shape seen from one elevation passes for a distorted one seen from another: a cone with a
+skirt below its base, seen from 0 degrees, is nearer the true cone seen from 12 degrees than from
+0, and cubes, cylinders and cones grow taller, their flat bases sinking, when "front" spans 5 to
+60 degrees.
 
 A library holds, per shape and view word, K renders of the shape from cameras drawn
 from the stages' own camera distribution, Lambertian-shaded under the camera's sampled
@@ -32,7 +35,7 @@ import trimesh
 from torch import Tensor
 
 from renderers import raster
-from renderers.cameras import CameraConfig, low_view_word, sample_cameras, to_clip, view_words_of
+from renderers.cameras import CameraConfig, banded_view_word, sample_cameras, to_clip, view_words_of
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.12, 0.10),
@@ -57,15 +60,17 @@ class UnknownPromptError(ValueError):
     """A prompt the primitives prior cannot read; the message lists the vocabulary."""
 
 
-LOW_VIEW_ELEVATION = 5.0  # degrees: front, side and back views from under this are "low" views
-PRIOR_VIEW_WORDS = view_words_of(LOW_VIEW_ELEVATION)  # front, side, back, overhead, low front, low side, low back
+# Degrees: front, side and back views from under the first are "low" views, from the second up (to
+# overhead's 60) "high" views.
+VIEW_BANDS = (0.0, 20.0)
+PRIOR_VIEW_WORDS = view_words_of(VIEW_BANDS)  # front, side, back, overhead, low front, ..., high front, ...
 
 
 def vocabulary_text() -> str:
     return (
         f"shapes: {', '.join(SHAPES)}; colors: {', '.join(COLORS)}; "
         f"prompts look like 'a red cube' or 'a blue torus' (an optional ', front view', ', side view', "
-        f"', back view', ', overhead view' or ', low front view' and the like may follow)"
+        f"', back view', ', overhead view', ', low front view', ', high side view' and the like may follow)"
     )
 
 
@@ -79,7 +84,7 @@ def prompt_text(color: str, shape: str) -> str:
     return f"{article} {color} {shape}"
 
 
-_VIEW_RE = re.compile(r",?\s*\b((?:low )?(?:front|side|back)|overhead)\s+view\s*$")
+_VIEW_RE = re.compile(r",?\s*\b((?:low |high )?(?:front|side|back)|overhead)\s+view\s*$")
 
 
 def parse_prompt(text: str) -> tuple[str | None, str | None, str | None]:
@@ -161,7 +166,7 @@ class LibraryConfig:
         if not fields["flat_share"]:
             del fields["flat_share"]  # the libraries built before the setting existed stay valid
         payload = json.dumps({"format": _LIBRARY_FORMAT, "shapes": SHAPES, "views": PRIOR_VIEW_WORDS,
-                              "low_view_elevation": LOW_VIEW_ELEVATION, **fields}, sort_keys=True, default=str)
+                              "view_bands": VIEW_BANDS, **fields}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -207,15 +212,16 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
     for _ in range(1000):
         cams = sample_cameras(512, config.camera, (config.resolution, config.resolution), generator=generator)
         for i, base in enumerate(cams.view_words):
-            word = low_view_word(base, float(cams.elevation[i]), LOW_VIEW_ELEVATION)
+            word = banded_view_word(base, float(cams.elevation[i]), VIEW_BANDS)
             if len(chosen[word]) < k:
                 chosen[word].append((cams.mvp[i], cams.light_position[i]))
         if all(len(c) == k for c in chosen.values()):
             return chosen
-    for word in [v for v, c in chosen.items() if len(c) < k and v.startswith("low ")]:
-        base = word.removeprefix("low ")
-        if len(chosen[base]) == k:  # cameras that never go low: the stages never ask for a low view either
-            chosen[word] = list(chosen[base])
+    for word in [v for v, c in chosen.items() if len(c) < k and v != "overhead"]:
+        base = word.split()[-1]
+        family = [w for w in (base, f"high {base}", f"low {base}") if len(chosen[w]) == k]
+        if family:  # cameras that never reach this word's band: the stages never ask for it either
+            chosen[word] = list(chosen[family[0]])
     missing = [v for v, c in chosen.items() if len(c) < k]
     if not missing:
         return chosen
@@ -226,7 +232,7 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
 
 
 def build_library(config: LibraryConfig, batch: int = 48) -> dict[str, Tensor]:
-    """Render the library: {'alpha', 'alpha_shade'}: [S, 7, K, R, R] float16, S shapes, the 7 PRIOR_VIEW_WORDS.
+    """Render the library: {'alpha', 'alpha_shade'}: [S, V, K, R, R] float16, S shapes, the V = 10 PRIOR_VIEW_WORDS.
     The last round(flat_share * K) renders of each view word are unshaded (ambient 1): the stages'
     albedo-only renders have their like in the library."""
     config.check()

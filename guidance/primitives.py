@@ -24,10 +24,10 @@ from torch import Tensor
 
 from guidance.primitive_shapes import (
     COLORS,
-    LOW_VIEW_ELEVATION,
     PRIOR_AMBIENT,
     PRIOR_VIEW_WORDS,
     SHAPES,
+    VIEW_BANDS,
     LibraryConfig,
     load_library,
     parse_prompt,
@@ -76,7 +76,7 @@ class PrimitivesPrior:
     # shape stays the initial blob (the figures: bench/RESULTS.md, "CFG 100 is far too strong").
     default_guidance_scale = 5.0
     view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
-    low_view_elevation = LOW_VIEW_ELEVATION  # views from under this elevation are "low" ones: SDS asks with "low <word>"
+    view_bands = VIEW_BANDS  # elevation bands, degrees: SDS asks with "low <word>" under the first, "high <word>" from the second
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from renderers.cameras import ALL_VIEW_WORDS, low_view_word, view_words_of
+from renderers.cameras import ALL_VIEW_WORDS, banded_view_word, view_words_of
 
 VIEW_SUFFIXES = {word: f", {word} view" for word in ALL_VIEW_WORDS}  # appended to the prompt per view word
 T_ANNEAL_MODES = ("none", "linear", "sqrt")
@@ -150,9 +150,9 @@ class SDSLoss:
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.view_dependent_uncond = bool(guidance.view_dependent_uncond) and config.view_dependent
         self.negatives = perp_neg_negatives(config)
-        # A model that tells low views apart (the primitives prior) says below which elevation a view is low.
-        self.low_view_elevation = getattr(guidance, "low_view_elevation", None) if config.view_dependent else None
-        self.view_words = view_words_of(self.low_view_elevation)
+        # A model that tells elevation bands apart (the primitives prior) says where its "low" and "high" views start.
+        self.view_bands = getattr(guidance, "view_bands", None) if config.view_dependent else None
+        self.view_words = view_words_of(self.view_bands)
 
         # 1. Texts: one per view word (or just the prompt), and the unconditional ones.
         negative = config.negative_prompt
@@ -197,7 +197,7 @@ class SDSLoss:
         view_words: list[str],  # [B] one of VIEW_WORDS per image (or of `self.view_words`)
         progress: float = 0.0,  # fraction of training done, 0..1, for timestep annealing
         generator: torch.Generator | None = None,  # seeds timesteps and noise
-        elevations: Tensor | list[float] | None = None,  # [B] the cameras' elevations, degrees: low views for a model that has them
+        elevations: Tensor | list[float] | None = None,  # [B] the cameras' elevations, degrees: banded views for a model that has them
     ) -> tuple[Tensor, dict]:
         """(loss, info): d loss / d x == w(t) (eps_hat - eps); info has "t" [B], "grad_norm", "w" [B], "noise",
         and "texture_loss": None, or with `texture_guidance_scale` a loss whose gradient on x is the
@@ -217,7 +217,7 @@ class SDSLoss:
             elevations = [float(e) for e in (elevations.tolist() if isinstance(elevations, Tensor) else elevations)]
             if len(elevations) != batch:
                 raise ValueError(f"elevations must have one value per image ({batch}), got {len(elevations)}")
-            view_words = [low_view_word(w, e, self.low_view_elevation) for w, e in zip(view_words, elevations)]
+            view_words = [banded_view_word(w, e, self.view_bands) for w, e in zip(view_words, elevations)]
 
         # 2. The tensor the model diffuses: pixels in [-1, 1] or latents, at the model's resolution.
         guidance = self.guidance
@@ -278,10 +278,10 @@ class SDSLoss:
         rows, neg_index, neg_weights = [], [], []
         if self.config.perp_neg:
             for row, word in enumerate(view_words):
-                low = word.startswith("low ")
-                for neg_word, weight in self.negatives[word.removeprefix("low ")]:
+                band, _, base = word.rpartition(" ")  # "low front" -> ("low", "front"); "front" -> ("", "front")
+                for neg_word, weight in self.negatives[base]:
                     rows.append(row)
-                    neg_index.append(self.view_words.index(f"low {neg_word}" if low else neg_word))
+                    neg_index.append(self.view_words.index(f"{band} {neg_word}".strip()))  # the same band
                     neg_weights.append(weight)
 
         # One model call on [cond, uncond, negatives].

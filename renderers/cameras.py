@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 VIEW_WORDS = ("front", "side", "back", "overhead")
-LOW_VIEWS = ("front", "side", "back")  # the view words that have a "low <word>" form (`low_view_word`)
-ALL_VIEW_WORDS = VIEW_WORDS + tuple(f"low {word}" for word in LOW_VIEWS)  # with the low forms
+BANDED_VIEWS = ("front", "side", "back")  # the view words with elevation-band forms, "low <word>" and "high <word>"
+ALL_VIEW_WORDS = VIEW_WORDS + tuple(f"{band} {word}" for band in ("low", "high") for word in BANDED_VIEWS)
 VIEW_DISTANCE = 2.8  # world units: the fixed views' camera distance (previews, turntables, held-out views, the primitives prior)
 VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
@@ -99,17 +99,23 @@ def view_word(elevation: float, azimuth: float) -> str:
     return "side"
 
 
-def low_view_word(word: str, elevation: float, below: float | None) -> str:
-    """`word`, or "low <word>" for a camera under `below` degrees of elevation: for a guidance model
-    that tells low views apart (`view_words_of`); `below` None: the word itself."""
-    if below is not None and elevation < below and word in LOW_VIEWS:
+def banded_view_word(word: str, elevation: float, bands: tuple[float, float] | None) -> str:
+    """`word`, or its elevation-band form for a guidance model that tells elevation bands apart
+    (`view_words_of`): "low <word>" for a front, side or back camera under bands[0] degrees, "high
+    <word>" for one at bands[1] degrees or more. `bands` None: the word itself."""
+    if bands is None or word not in BANDED_VIEWS:
+        return word
+    low, high = bands
+    if elevation < low:
         return f"low {word}"
+    if elevation >= high:
+        return f"high {word}"
     return word
 
 
-def view_words_of(below: float | None) -> tuple[str, ...]:
-    """Every view word a model with low views under `below` degrees (None: none) is prompted with."""
-    return VIEW_WORDS if below is None else ALL_VIEW_WORDS
+def view_words_of(bands: tuple[float, float] | None) -> tuple[str, ...]:
+    """Every view word a model with elevation bands `bands` (None: none) is prompted with."""
+    return VIEW_WORDS if bands is None else ALL_VIEW_WORDS
 
 
 def wrap_degrees(angle: float) -> float:

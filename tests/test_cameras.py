@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from renderers.cameras import (
+    ALL_VIEW_WORDS,
+    VIEW_WORDS,
     CameraConfig,
+    banded_view_word,
     cameras_from_angles,
     get_rays,
     orbit_cameras,
     sample_cameras,
     scale_pose_jitter,
+    view_words_of,
     to_clip,
     view_word,
 )
@@ -113,3 +117,14 @@ def test_scale_pose_jitter_scales_the_pose_noise_only():
     jittered = sample_cameras(8, base, (16, 16), generator=torch.Generator().manual_seed(0))
     off = jittered.mvp @ torch.tensor([0.0, 0.0, 0.0, 1.0])
     assert (off[:, :2] / off[:, 3:]).abs().max() > 1e-3  # the check above can fail
+
+
+def test_banded_view_words_split_front_side_and_back_by_elevation_only():
+    bands = (5.0, 25.0)
+    assert [banded_view_word("front", e, bands) for e in (-10.0, 4.99, 5.0, 24.99, 25.0, 60.0)] == \
+        ["low front", "low front", "front", "front", "high front", "high front"]
+    assert banded_view_word("back", 30.0, bands) == "high back" and banded_view_word("side", 0.0, bands) == "low side"
+    assert banded_view_word("overhead", 80.0, bands) == "overhead"  # overhead has no bands
+    assert banded_view_word("front", -10.0, None) == "front"  # a model without bands: the word itself
+    assert view_words_of(None) == VIEW_WORDS and set(view_words_of(bands)) == set(ALL_VIEW_WORDS)
+    assert len(ALL_VIEW_WORDS) == len(set(ALL_VIEW_WORDS)) == 10

@@ -3,9 +3,9 @@ import torch
 
 from guidance.primitive_shapes import (
     COLORS,
-    LOW_VIEW_ELEVATION,
     PRIOR_VIEW_WORDS,
     SHAPES,
+    VIEW_BANDS,
     LibraryConfig,
     UnknownPromptError,
     _draw_cameras_per_view,
@@ -39,10 +39,11 @@ def test_parse_prompt_and_vocabulary():
     assert parse_prompt(", front view") == (None, None, "front")
     assert parse_prompt("a red cone, low side view") == ("red", "cone", "low side")
     assert parse_prompt(", low back view") == (None, None, "low back")
+    assert parse_prompt("a blue cube, high front view") == ("blue", "cube", "high front")
     assert parse_prompt("") == (None, None, None)
     assert len(prompts()) == len(SHAPES) * len(COLORS) >= 48
     for bad in ["a ceramic teapot", "a red", "red cube cube", "a magenta cube", "a red cube, diagonal view",
-                "a red cube, low overhead view"]:
+                "a red cube, low overhead view", "a red cube, high overhead view", "a red cube, high low side view"]:
         with pytest.raises(UnknownPromptError) as err:
             parse_prompt(bad)
         # The error lists the vocabulary.
@@ -65,7 +66,7 @@ def test_canonical_meshes(shape, extent):
 def test_library_shapes_and_content(prior):
     v, s, k, p = prior.lib_u.shape
     assert prior.lib_a.shape == prior.lib_b.shape == (v, s, k, p)
-    assert (v, s, k, p) == (len(PRIOR_VIEW_WORDS), len(SHAPES), 16, 32 * 32) == (7, len(SHAPES), 16, 32 * 32)
+    assert (v, s, k, p) == (len(PRIOR_VIEW_WORDS), len(SHAPES), 16, 32 * 32) == (10, len(SHAPES), 16, 32 * 32)
     img = _library_image(prior, "cube", "red", "front", 0)
     # White background at the border, a red-dominant object in the middle.
     assert img[:, 0, 0].min() > 0.99
@@ -207,22 +208,32 @@ def _camera_elevations(cameras) -> torch.Tensor:
     return torch.rad2deg(torch.asin(centre[:, 2] / centre.norm(dim=1)))
 
 
-def test_the_library_draws_low_views_from_cameras_under_the_low_elevation():
+def test_the_library_draws_each_view_word_from_cameras_in_its_elevation_band():
     still = CameraConfig(position_jitter=0.0, target_jitter=0.0, up_jitter=0.0)  # the refine stage's cameras
     chosen = _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=32, camera=still))
     assert set(chosen) == set(PRIOR_VIEW_WORDS) and all(len(c) == 32 for c in chosen.values())
     for word, cameras in chosen.items():
         elevation = _camera_elevations(cameras)
+        low, high = VIEW_BANDS
         if word.startswith("low "):
-            assert elevation.max() < LOW_VIEW_ELEVATION + 1e-3 and elevation.min() > -10.0 - 1e-3, word
+            assert elevation.max() < low + 1e-3 and elevation.min() > -10.0 - 1e-3, word
+        elif word.startswith("high "):
+            assert elevation.min() > high - 1e-3 and elevation.max() < 60.0 + 1e-3, word
         elif word == "overhead":
             assert elevation.min() > 60.0 - 1e-3
         else:
-            assert elevation.min() > LOW_VIEW_ELEVATION - 1e-3 and elevation.max() < 60.0 + 1e-3, word
-    # Cameras that never go low (from 20 degrees up): a low word gets its base word's cameras, never asked for.
-    high = CameraConfig(elevation_range=(20.0, 90.0))
-    chosen = _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=8, camera=high))
-    for word in ("front", "side", "back"):
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(chosen[f"low {word}"], chosen[word]))
+            assert elevation.min() > low - 1e-3 and elevation.max() < high + 1e-3, word
+    # Cameras that never reach a band: its word gets another of the family's cameras, and is never asked for.
+    def draw(lowest: float) -> dict:
+        camera = CameraConfig(elevation_range=(lowest, 90.0))
+        return _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=8, camera=camera))
+
+    def same(x: str, y: str) -> bool:
+        return all(torch.equal(a[0], b[0]) for a, b in zip(chosen[x], chosen[y]))
+
+    chosen = draw(VIEW_BANDS[0] + 1.0)  # never low
+    assert all(same(f"low {word}", word) for word in ("front", "side", "back")) and not same("high front", "front")
+    chosen = draw(VIEW_BANDS[1] + 5.0)  # only high
+    assert all(same(word, f"high {word}") and same(f"low {word}", f"high {word}") for word in ("front", "side", "back"))
     with pytest.raises(ValueError, match="never produces the view words \\['overhead'\\]"):
         _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=8, camera=CameraConfig(elevation_range=(0.0, 50.0))))

@@ -154,34 +154,49 @@ def test_view_dependent_uncond_appends_the_view_to_the_negative():
     torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
 
 
-def test_a_model_with_low_views_gets_them_by_elevation_and_others_never_do():
+def test_a_model_with_elevation_bands_gets_them_by_elevation_and_others_never_do():
     fake = FakeGuidance(view_dependent_uncond=True)
-    fake.low_view_elevation = 5.0  # as the primitives prior
+    fake.view_bands = (5.0, 25.0)  # as the primitives prior
     loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=5.0))
-    words = VIEWS + ["low front", "low side", "low back"]
+    words = VIEWS + ["low front", "low side", "low back", "high front", "high side", "high back"]
     assert fake.encoded == [f"{PROMPT}, {v} view" for v in words] + [f", {v} view" for v in words]
-    images = _images(4)
-    views, elevations = ["front", "side", "back", "overhead"], [4.9, -10.0, 5.0, 80.0]
+    images = _images(6)
+    views, elevations = ["front", "side", "back", "overhead", "side", "back"], [4.9, -10.0, 5.0, 80.0, 24.9, 25.0]
     _, info = loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=torch.tensor(elevations))
     loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=elevations)[0].backward()
     x = images.detach().permute(0, 3, 1, 2) * 2 - 1
-    seen = ["low front", "low side", "back", "overhead"]  # under 5 degrees: low; 5 and above, and overhead: not
+    seen = ["low front", "low side", "back", "overhead", "side", "high back"]  # low under 5, high from 25; overhead: neither
     expected = _expected_grad(fake, x, info, [f"{PROMPT}, {v} view" for v in seen], [f", {v} view" for v in seen], 5.0)
     torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="elevations must have one value per image"):
         loss_fn(images, views, elevations=[0.0])
 
-    plain = FakeGuidance()  # Stable Diffusion and DeepFloyd IF have no low views: the same 4 prompts, elevations or not
+    plain = FakeGuidance()  # Stable Diffusion and DeepFloyd IF have no bands: the same 4 prompts, elevations or not
     loss_fn = SDSLoss(plain, PROMPT, SDSConfig(guidance_scale=5.0))
     assert plain.encoded == [f"{PROMPT}, {v} view" for v in VIEWS] + [""]
-    images = _images(4)
+    images = _images(6)
     _, info = loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=elevations)
     loss_fn(images, views, generator=torch.Generator().manual_seed(5), elevations=elevations)[0].backward()
     x = images.detach().permute(0, 3, 1, 2) * 2 - 1
-    expected = _expected_grad(plain, x, info, [f"{PROMPT}, {v} view" for v in views], [""] * 4, 5.0)
+    expected = _expected_grad(plain, x, info, [f"{PROMPT}, {v} view" for v in views], [""] * 6, 5.0)
     torch.testing.assert_close(images.grad, 2 * expected.permute(0, 2, 3, 1))
-    with pytest.raises(ValueError, match="view_words must be in"):
-        loss_fn(images[:1], ["low front"])
+    for word in ("low front", "high side"):
+        with pytest.raises(ValueError, match="view_words must be in"):
+            loss_fn(images[:1], [word])
+
+
+def test_perp_neg_takes_its_negative_views_from_the_same_elevation_band():
+    fake = FakeGuidance(view_dependent_uncond=True)
+    fake.view_bands = (5.0, 25.0)
+    loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=5.0, perp_neg=True, perp_neg_back_front=1.0,
+                                              perp_neg_back_side=1.0, perp_neg_front_side=1.0))
+    conds, predict = [], fake.predict_noise
+    fake.predict_noise = lambda x_t, t, cond: (conds.append(cond.clone()), predict(x_t, t, cond))[1]
+    loss_fn(_images(3), ["back", "back", "side"], generator=torch.Generator().manual_seed(5), elevations=[30.0, 0.0, 10.0])
+    texts = ([f"{PROMPT}, {v} view" for v in ("high back", "low back", "side")]
+             + [f", {v} view" for v in ("high back", "low back", "side")]
+             + [f"{PROMPT}, {v} view" for v in ("high front", "high side", "low front", "low side", "front")])
+    torch.testing.assert_close(conds[0], torch.stack([fake.vector(text) for text in texts]))
 
 
 def _eps_hat(fake, config, views, seed=5):
