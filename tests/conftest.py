@@ -1,6 +1,7 @@
-"""Shared fixtures: a private cache folder, one torch thread, a small primitives prior.
+"""Shared fixtures: a private cache and temporary folder, one torch thread, a small primitives prior.
 Plain helpers (tiny settings, server start and stop) are in tests/helpers.py."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -16,6 +17,24 @@ def private_cache(tmp_path_factory):
         os.environ.pop("DREAMLIFT_CACHE", None)
     else:
         os.environ["DREAMLIFT_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tempdir(tmp_path_factory):
+    """Temporary files of the tests, their servers and browsers under pytest's own folder (which it prunes).
+
+    gradio_client downloads each output file through a fresh folder in the temporary directory and
+    leaves the folder behind, empty: hundreds per test run in /tmp otherwise.
+    """
+    folder = tmp_path_factory.mktemp("tmp")
+    old_env, old_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    yield folder
+    tempfile.tempdir = old_dir
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
 
 
 @pytest.fixture

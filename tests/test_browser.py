@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -61,14 +60,16 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='dreamlift-chromium-')}"]:
+    profile = tmp_path_factory.mktemp("chromium-profile")  # 9 MB a run: under pytest's own, pruned, folder
+    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
     driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 def _answers(url: str) -> bool:
