@@ -101,9 +101,9 @@ class TimedGuidance:
     def __getattr__(self, name):  # everything else: the wrapped model's
         return getattr(self.model, name)
 
-    def predict_noise(self, x_t, t, cond):
+    def predict_noise(self, x_t, t, cond, **kwargs):  # kwargs: the cameras' elevations, for a model that takes them
         start = _now(self.device)
-        out = self.model.predict_noise(x_t, t, cond)
+        out = self.model.predict_noise(x_t, t, cond, **kwargs)
         self.seconds += _now(self.device) - start
         return out
 

@@ -6,11 +6,12 @@ origin, +z up, the training frame) are exposed as trimesh meshes for evaluation.
 
 The prior tells elevation bands apart: a front, side or back camera under VIEW_BANDS[0] degrees
 gets "low front", "low side" or "low back", one at VIEW_BANDS[1] degrees or more "high front" and
-so on (`renderers.cameras.banded_view_word`). The prior never sees the camera, so within one view
-word a shape seen from one elevation passes for a distorted one seen from another: a cone with a
-skirt below its base, seen from 0 degrees, is nearer the true cone seen from 12 degrees than from
-0, and cubes, cylinders and cones grow taller, their flat bases sinking, when "front" spans 5 to
-60 degrees.
+so on (`renderers.cameras.banded_view_word`). By the text alone, within one view word a shape seen
+from one elevation passes for a distorted one seen from another: a cone with a skirt below its
+base, seen from 0 degrees, is nearer the true cone seen from 12 degrees than from 0, and cubes,
+cylinders and cones grow taller, their flat bases sinking, when "front" spans 5 to 60 degrees.
+So the prior also weighs its renders by their cameras' elevations (`render_elevations`, and the
+kernel in `guidance.primitives`).
 
 A library holds, per shape and view word, K renders of the shape from cameras drawn
 from the stages' own camera distribution, Lambertian-shaded under the camera's sampled
@@ -214,7 +215,7 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
         for i, base in enumerate(cams.view_words):
             word = banded_view_word(base, float(cams.elevation[i]), VIEW_BANDS)
             if len(chosen[word]) < k:
-                chosen[word].append((cams.mvp[i], cams.light_position[i]))
+                chosen[word].append((cams.mvp[i], cams.light_position[i], float(cams.elevation[i])))
         if all(len(c) == k for c in chosen.values()):
             return chosen
     for word in [v for v, c in chosen.items() if len(c) < k and v != "overhead"]:
@@ -229,6 +230,14 @@ def _draw_cameras_per_view(config: LibraryConfig) -> dict[str, list]:
         f"the camera distribution never produces the view words {missing} "
         f"(elevation_range={config.camera.elevation_range}, azimuth_range={config.camera.azimuth_range})"
     )
+
+
+def render_elevations(config: LibraryConfig) -> Tensor:
+    """The elevation (degrees, before jitter) of every render of the library for `config`: [V, K], V in
+    PRIOR_VIEW_WORDS order. The camera draw is seeded, so the cache need not store them."""
+    config.check()
+    cameras = _draw_cameras_per_view(config)
+    return torch.tensor([[c[2] for c in cameras[word]] for word in PRIOR_VIEW_WORDS], dtype=torch.float64)
 
 
 def build_library(config: LibraryConfig, batch: int = 48) -> dict[str, Tensor]:

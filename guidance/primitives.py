@@ -5,9 +5,17 @@ its library images x_i (see `primitive_shapes.py`). Given x_t = sqrt(a) x0 + sqr
 the posterior over which image was noised is softmax_i(-|x_t - sqrt(a) x_i|^2 / (2 (1 - a))),
 so E[x0 | x_t] = sum_i softmax_i x_i exactly, and eps_hat = (x_t - sqrt(a) E[x0 | x_t]) / sqrt(1 - a).
 The unconditional branch (empty prompt plus a view word) is the union of every prompt's
-library for that view word. The model sees only x_t, t and the text: never a camera.
-So the object's size is only defined if the stages' cameras all see it at one scale: the runs
-using this prior fix the camera distance and field of view (`guidance.registry.adapt_to_primitives`).
+library for that view word.
+
+Besides x_t, t and the text, the model takes the camera's elevation e (degrees) where the caller
+gives it (SDS does, for a model with `takes_elevations`): the prior over which render was noised is
+then exp(-(e_i - e)^2 / (2 sigma^2)) for render i's elevation e_i, added to the logits above. With the
+text alone (view words and elevation bands), a shape seen from one elevation passes for a distorted
+one seen from a few degrees higher: a cone standing 0.035 below its true base seen from e is nearest
+the true cone seen from e + 3 (bench/RESULTS.md, "Geometry, eighth pass"). The model never sees the
+camera's azimuth, distance or field of view, so the object's size is only defined if the stages'
+cameras all see it at one scale: the runs using this prior fix the camera distance and field of
+view (`guidance.registry.adapt_to_primitives`).
 
 Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with
 A_k = 2 g (1 - alpha) - 1 for a grey background level g and B_k = 2 alpha_shade of render k, so
@@ -30,6 +38,7 @@ from guidance.primitive_shapes import (
     VIEW_BANDS,
     LibraryConfig,
     load_library,
+    render_elevations,
     parse_prompt,
     prompt_text,
 )
@@ -39,6 +48,10 @@ from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, CameraConfig
 # The one camera distance and vertical field of view the runs with this prior use (see above).
 CAMERA_DISTANCE = VIEW_DISTANCE  # world units
 CAMERA_FOVY = VIEW_FOVY  # degrees
+# Degrees: width of the camera-elevation kernel over the library's renders (0 = the text alone). The
+# default library's 96 renders per view word put about 5 per degree in "front" (0 to 20 degrees); a
+# smaller library gets a kernel of at least two of its renders' spacing there (`elevation_kernel`).
+ELEVATION_SIGMA = 0.5
 DARK_BACKGROUND = 0.15  # grey level behind white objects: below their darkest shade (0.3 ambient x 0.95)
 
 
@@ -53,6 +66,14 @@ def background_for(prompt: str | None) -> float:
         return 1.0
     color, _, _ = parse_prompt(prompt)
     return DARK_BACKGROUND if color == "white" else 1.0
+
+
+def elevation_kernel(renders_per_view: int) -> float:
+    """The default width (degrees) of the camera-elevation kernel for a library of this many renders per
+    view word: ELEVATION_SIGMA, or two of the renders' mean spacing in the "front" band if that is wider
+    (with 32 renders, 1.25 degrees), so that the posterior still weighs a few renders at large t."""
+    spacing = (VIEW_BANDS[1] - VIEW_BANDS[0]) / renders_per_view
+    return max(ELEVATION_SIGMA, 2.0 * spacing)
 
 
 def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -77,6 +98,7 @@ class PrimitivesPrior:
     default_guidance_scale = 5.0
     view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
     view_bands = VIEW_BANDS  # elevation bands, degrees: SDS asks with "low <word>" under the first, "high <word>" from the second
+    takes_elevations = True  # predict_noise takes the cameras' elevations (SDS passes them)
 
     def __init__(
         self,
@@ -85,13 +107,19 @@ class PrimitivesPrior:
         resolution: int = 64,  # library image side, px
         renders_per_view: int = 96,  # K renders per shape and view word
         flat_share: float = 0.0,  # share of the renders left unshaded (see LibraryConfig)
-        camera: CameraConfig | None = None,  # the stages' camera distribution (never individual poses)
+        camera: CameraConfig | None = None,  # the stages' camera distribution (the renders' poses are drawn from it)
         ambient: float = PRIOR_AMBIENT,  # ambient share of the library's Lambertian shading
         background: float = 1.0,  # grey level behind the objects in [0, 1]: the stages must render on the same
         cache: str | None = None,  # cache folder; None = the user cache folder
+        elevation_sigma: float | None = None,  # degrees: the camera-elevation kernel's width; None = `elevation_kernel`; 0 = none
         log=print,
     ):
         self.background = _check_background(background)
+        if elevation_sigma is None:
+            elevation_sigma = elevation_kernel(renders_per_view)
+        if isinstance(elevation_sigma, bool) or not isinstance(elevation_sigma, (int, float)) or not elevation_sigma >= 0:
+            raise ValueError(f"elevation_sigma must be a number of degrees >= 0, got {elevation_sigma!r}")
+        self.elevation_sigma = float(elevation_sigma)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.dtype = dtype
         self.resolution = resolution
@@ -115,6 +143,7 @@ class PrimitivesPrior:
             "b": self.lib_b.sum(-1), "bb": (self.lib_b**2).sum(-1),
         }
         self._norm2 = {}  # background level -> [V, S, K, C]
+        self.render_elevations = render_elevations(self.library_config).to(self.device)  # [V, K] degrees
         self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)  # [T]
         self.num_train_timesteps = self.alphas_cumprod.shape[0]
 
@@ -163,21 +192,27 @@ class PrimitivesPrior:
         x_t: Tensor,  # [B, 3, R, R] noisy images in [-1, 1] space
         t: Tensor,  # [B] integer timesteps in [0, T)
         cond: Tensor,  # [B, 3] from encode_prompt
+        elevations: Tensor | None = None,  # [B] the cameras' elevations, degrees; None = the text alone
     ) -> Tensor:
         """eps_hat [B, 3, R, R], exactly consistent with the posterior mean."""
-        x0_hat = self.posterior_mean(x_t, t, cond)
+        x0_hat = self.posterior_mean(x_t, t, cond, elevations)
         a = self.alphas_cumprod[t.long()].to(torch.float64).view(-1, 1, 1, 1)
         eps = (x_t.to(torch.float64) - a.sqrt() * x0_hat.to(torch.float64)) / (1.0 - a).sqrt()
         return eps.to(x_t.dtype)
 
-    def posterior_mean(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """E[x0 | x_t, prompt] [B, 3, R, R]."""
+    def posterior_mean(self, x_t: Tensor, t: Tensor, cond: Tensor, elevations: Tensor | None = None) -> Tensor:
+        """E[x0 | x_t, prompt(, elevation)] [B, 3, R, R]."""
         self._check_images(x_t)
         if t.shape[0] != x_t.shape[0] or cond.shape[0] != x_t.shape[0]:
             raise ValueError(f"x_t, t and cond must share the batch size, got {x_t.shape[0]}, {t.shape[0]}, {cond.shape[0]}")
+        if elevations is not None:
+            elevations = torch.as_tensor(elevations, dtype=torch.float64).reshape(-1).tolist()
+            if len(elevations) != x_t.shape[0]:
+                raise ValueError(f"elevations must have one value per image ({x_t.shape[0]}), got {len(elevations)}")
         out = []
         for b in range(x_t.shape[0]):
-            w_image, weights_b, u_sel, b_sel = self._posterior(x_t[b], int(t[b]), cond[b])
+            elevation = None if elevations is None else elevations[b]
+            w_image, weights_b, u_sel, b_sel = self._posterior(x_t[b], int(t[b]), cond[b], elevation)
             mean_a = 2.0 * self.background * (w_image @ u_sel) - w_image.sum()  # sum_k w_k A_k, the same in every channel
             mean = mean_a[None] + weights_b @ b_sel  # [3, P]
             out.append(mean.view(3, self.resolution, self.resolution))
@@ -200,6 +235,13 @@ class PrimitivesPrior:
         norm2 = self.lib_norm2()[views, shapes][..., colors].reshape(u_sel.shape[0], -1)
         return u_sel, b_sel, norm2, self.colors[colors]
 
+    def _selected_elevations(self, cond: Tensor) -> Tensor:
+        """The elevations of the renders `_select(cond)` covers, in its order: [N] degrees."""
+        shape, _, view = (int(v) for v in cond.tolist())
+        elevations = self.render_elevations if view < 0 else self.render_elevations[view : view + 1]  # [V', K]
+        shapes = len(SHAPES) if shape < 0 else 1
+        return elevations[:, None, :].expand(-1, shapes, -1).reshape(-1)
+
     def _dots(self, x: Tensor, u_sel: Tensor, b_sel: Tensor, colors: Tensor) -> Tensor:
         """<x, A_k + B_k c> for every selected render k and color c [N, C'], with x [3, P]."""
         x_sum = x.sum(0)  # [P]
@@ -207,14 +249,17 @@ class PrimitivesPrior:
         dot_b = x @ b_sel.T  # [3, N]
         return dot_a[:, None] + dot_b.T @ colors.T
 
-    def _posterior(self, x: Tensor, t: int, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _posterior(self, x: Tensor, t: int, cond: Tensor, elevation: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Posterior weights per render [N] and per channel for B [3, N], with the selection U, B [N, P]."""
         u_sel, b_sel, norm2, colors = self._select(cond)
         alpha_bar = float(self.alphas_cumprod[t])
         scale, var = alpha_bar**0.5, 1.0 - alpha_bar
         x = x.to(torch.float64).reshape(3, -1)  # [3, P]
         dist = (x**2).sum() - 2.0 * scale * self._dots(x, u_sel, b_sel, colors) + alpha_bar * norm2
-        w = torch.softmax((-dist / (2.0 * var)).flatten(), dim=0).view_as(dist)  # [N, C']
+        logits = -dist / (2.0 * var)  # [N, C']
+        if elevation is not None and self.elevation_sigma > 0:
+            logits = logits - ((self._selected_elevations(cond) - elevation) ** 2 / (2.0 * self.elevation_sigma**2))[:, None]
+        w = torch.softmax(logits.flatten(), dim=0).view_as(dist)  # [N, C']
         weights_b = (w @ colors).T  # [3, N]: channel ch carries color_ch * B_k
         return w.sum(-1), weights_b, u_sel, b_sel
 

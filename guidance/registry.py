@@ -142,7 +142,7 @@ def _build_primitives(device, dtype=None, model_id=None, **kwargs):
 
 def _primitives_settings(config) -> dict:
     return dict(resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
-                flat_share=config.prior_flat_share,
+                flat_share=config.prior_flat_share, elevation_sigma=config.prior_elevation_sigma,
                 camera=config.camera, ambient=config.coarse.volume.ambient)
 
 
@@ -155,7 +155,7 @@ def _check_primitives_prompt(prompt: str) -> None:
 def adapt_to_primitives(config, prompt: str | None = None) -> None:
     """The primitives prior's libraries are Lambertian renders on a grey level (white, or dark for
     white objects: `guidance.primitives.background_for`): the stages render on the same with the
-    same ambient light. The prior never sees a camera, so a range of distances would leave the
+    same ambient light. The prior sees no camera but its elevation, so a range of distances would leave the
     object's size free: its runs use one distance and field of view (unless the config already
     changed those ranges)."""
     from guidance.primitive_shapes import PRIOR_AMBIENT
@@ -193,7 +193,7 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # shading trade off: a white cube's mesh broke into a genus-5 shell at 1e-2. Unless set by hand.
         config.coarse.lr_network = PRIMITIVES_LR_NETWORK
     if config.refine.camera_jitter is None:
-        # The prior never sees the camera, so pose jitter in its library (a shifted look-at point, a moved
+        # The prior sees only the camera's elevation, so pose jitter in its library (a shifted look-at point, a moved
         # or tilted camera) lets a shifted, stretched or tilted object match as well as the true one.
         # The refine stage, with its own library drawn without jitter, is held to the object's place and
         # size: cones lose the skirt below their base, tori their lumps. The coarse stage keeps it: without,

@@ -153,6 +153,8 @@ class SDSLoss:
         # A model that tells elevation bands apart (the primitives prior) says where its "low" and "high" views start.
         self.view_bands = getattr(guidance, "view_bands", None) if config.view_dependent else None
         self.view_words = view_words_of(self.view_bands)
+        # A model that takes the cameras' elevations (the primitives prior) gets them with every call.
+        self.takes_elevations = bool(getattr(guidance, "takes_elevations", False))
 
         # 1. Texts: one per view word (or just the prompt), and the unconditional ones.
         negative = config.negative_prompt
@@ -240,7 +242,7 @@ class SDSLoss:
         alpha_bar = self.alphas_cumprod.to(x.device)[t].view(batch, 1, 1, 1)
         with torch.no_grad():
             x_t = alpha_bar.sqrt() * x.detach() + (1.0 - alpha_bar).sqrt() * noise
-            eps_uncond, direction = self._guidance_terms(x_t, t, view_words)  # [B, C, h, w] each
+            eps_uncond, direction = self._guidance_terms(x_t, t, view_words, elevations)  # [B, C, h, w] each
 
         # 4. The SDS gradient, and a loss whose gradient on x is exactly that.
         w = timestep_weight(self.config.weighting, alpha_bar)  # [B, 1, 1, 1]
@@ -266,6 +268,7 @@ class SDSLoss:
         x_t: Tensor,  # [B, C, h, w] noisy input
         t: Tensor,  # [B] timesteps
         view_words: list[str],  # [B]
+        elevations: list[float] | None = None,  # [B] degrees: passed on to a model that `takes_elevations`
     ) -> tuple[Tensor, Tensor]:  # eps_uncond, direction [B, C, h, w]: CFG's eps_hat = eps_uncond + s * direction
         batch = x_t.shape[0]
         if self.config.view_dependent:
@@ -288,7 +291,11 @@ class SDSLoss:
         inputs = [x_t, x_t, x_t[rows]]
         steps = [t, t, t[rows]]
         conds = [self.cond_embeddings[cond_index], self.uncond_embeddings[uncond_index], self.cond_embeddings[neg_index]]
-        eps = self.guidance.predict_noise(torch.cat(inputs), torch.cat(steps), torch.cat(conds)).to(x_t.dtype)
+        extra = {}
+        if elevations is not None and self.takes_elevations:  # every row is seen from its own image's camera
+            elevation = torch.tensor(elevations, dtype=torch.float64, device=x_t.device)
+            extra["elevations"] = torch.cat([elevation, elevation, elevation[rows]])
+        eps = self.guidance.predict_noise(torch.cat(inputs), torch.cat(steps), torch.cat(conds), **extra).to(x_t.dtype)
         if not torch.isfinite(eps).all():
             raise NonFiniteError(f"non-finite noise prediction from the guidance model at t={t.tolist()}")
         eps_cond, eps_uncond, eps_neg = eps[:batch], eps[batch : 2 * batch], eps[2 * batch :]

@@ -38,6 +38,7 @@ class Config:
     prior_resolution: int = 64  # primitives prior: image side of its libraries, px
     prior_renders_per_view: int = 96  # primitives prior: renders per shape and view word
     prior_flat_share: float = 0.0  # primitives prior: share of those renders left unshaded (albedo only)
+    prior_elevation_sigma: float | None = None  # primitives prior: its camera-elevation kernel's width, degrees; None = automatic (0.5 at 96 renders); 0 = the text alone
     prior_background: float = 1.0  # primitives prior: grey level behind its objects (set from the prompt by the spec's adapt)
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)  # training camera distribution
     coarse: CoarseConfig = dataclasses.field(default_factory=CoarseConfig)  # stage 1: NeRF + SDS
@@ -60,6 +61,10 @@ class Config:
         if isinstance(self.prior_flat_share, bool) or not isinstance(self.prior_flat_share, (int, float)) \
                 or not 0.0 <= self.prior_flat_share <= 1.0:
             raise ValueError(f"prior_flat_share must be a share in [0, 1], got {self.prior_flat_share!r}")
+        if self.prior_elevation_sigma is not None and (
+                isinstance(self.prior_elevation_sigma, bool) or not isinstance(self.prior_elevation_sigma, (int, float))
+                or not 0.0 <= self.prior_elevation_sigma <= 90.0):
+            raise ValueError(f"prior_elevation_sigma must be a number of degrees in [0, 90], got {self.prior_elevation_sigma!r}")
         if not isinstance(self.prior_background, (int, float)) or not 0.0 <= self.prior_background <= 1.0:
             raise ValueError(f"prior_background must be a grey level in [0, 1], got {self.prior_background!r}")
         self.camera.check()

@@ -48,10 +48,11 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def small_prior():
-    """The primitives prior at 32 px, 32 renders per view, for the quick preset's cameras (~20 s once)."""
+    """The primitives prior at 32 px, for the quick preset's cameras (~20 s once). 96 renders per view word,
+    as the product's: its camera-elevation kernel is then the product's 0.5 degrees (`elevation_kernel`)."""
     from guidance.primitives import PrimitivesPrior
     from helpers import quick_primitives_config
 
     config = quick_primitives_config()
-    return PrimitivesPrior(resolution=32, renders_per_view=32, camera=config.camera,
+    return PrimitivesPrior(resolution=32, renders_per_view=96, camera=config.camera,
                            ambient=config.coarse.volume.ambient, log=lambda *_: None)

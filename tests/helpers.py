@@ -111,8 +111,8 @@ class NaNGuidance:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def predict_noise(self, x_t, t, cond):
-        eps = self.inner.predict_noise(x_t, t, cond)
+    def predict_noise(self, x_t, t, cond, **kwargs):
+        eps = self.inner.predict_noise(x_t, t, cond, **kwargs)
         return torch.full_like(eps, float("nan")) if self.on is None or self.on["nan"] else eps
 
 

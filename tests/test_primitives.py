@@ -10,18 +10,23 @@ from guidance.primitive_shapes import (
     UnknownPromptError,
     _draw_cameras_per_view,
     parse_prompt,
+    render_elevations,
     primitive_mesh,
     prompts,
 )
-from guidance.primitives import DARK_BACKGROUND, PrimitivesPrior, background_for
+from guidance.primitives import DARK_BACKGROUND, ELEVATION_SIGMA, PrimitivesPrior, background_for, elevation_kernel
 from renderers.cameras import CameraConfig
 
 
 @pytest.fixture(scope="module")
-def prior(tmp_path_factory):
+def prior_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("prim-cache"))
+
+
+@pytest.fixture(scope="module")
+def prior(prior_cache):
     # A small library (16 renders per view at 32 px) keeps the test fast; the math is the same.
-    cache = tmp_path_factory.mktemp("prim-cache")
-    return PrimitivesPrior(resolution=32, renders_per_view=16, cache=str(cache), log=lambda *_: None)
+    return PrimitivesPrior(resolution=32, renders_per_view=16, cache=prior_cache, log=lambda *_: None)
 
 
 def _library_image(prior, shape, color, view, k):
@@ -237,3 +242,47 @@ def test_the_library_draws_each_view_word_from_cameras_in_its_elevation_band():
     assert all(same(word, f"high {word}") and same(f"low {word}", f"high {word}") for word in ("front", "side", "back"))
     with pytest.raises(ValueError, match="never produces the view words \\['overhead'\\]"):
         _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=8, camera=CameraConfig(elevation_range=(0.0, 50.0))))
+
+
+def test_render_elevations_are_the_librarys_cameras():
+    config = LibraryConfig(resolution=16, renders_per_view=8)
+    elevations = render_elevations(config)
+    assert elevations.shape == (len(PRIOR_VIEW_WORDS), 8)
+    chosen = _draw_cameras_per_view(config)
+    for v, word in enumerate(PRIOR_VIEW_WORDS):  # the nominal elevation, within the pose jitter of the camera's own
+        assert (elevations[v] - _camera_elevations(chosen[word])).abs().max() < 4.0, word
+    low, high = VIEW_BANDS
+    assert elevations[PRIOR_VIEW_WORDS.index("low side")].max() < low <= elevations[PRIOR_VIEW_WORDS.index("side")].min()
+    assert elevations[PRIOR_VIEW_WORDS.index("side")].max() < high <= elevations[PRIOR_VIEW_WORDS.index("high side")].min()
+
+
+def test_the_cameras_elevation_picks_the_renders_seen_from_it(prior, prior_cache):
+    """At t near T the image says almost nothing: the elevation kernel decides which renders the posterior weighs."""
+    cond = prior.encode_prompt(["a red cube, front view"])[0]
+    elevations = prior.render_elevations[PRIOR_VIEW_WORDS.index("front")]  # [16]
+    x = torch.zeros(3, 32 * 32)
+    t = prior.num_train_timesteps - 1
+    sigma = prior.elevation_sigma
+    assert sigma == elevation_kernel(16) == 2.5  # two of 16 renders' spacing over the 20 degrees of "front"
+    for k in (0, 7, 15):
+        w = prior._posterior(x, t, cond, float(elevations[k]))[0]
+        distance = (elevations - elevations[k]).abs()
+        assert abs(float((w * elevations).sum()) - float(elevations[k])) < sigma
+        assert w[distance < 2 * sigma].sum() > 0.9 and w[distance > 4 * sigma].sum() < 1e-3
+    uniform = prior._posterior(x, t, cond)[0]
+    assert uniform.max() < 0.2  # without an elevation: spread over the 16 renders
+    assert elevation_kernel(96) == ELEVATION_SIGMA == 0.5
+    # sigma 0 is the text alone, elevations or not.
+    x_t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    steps, conds = torch.tensor([300, 900]), prior.encode_prompt(["a red cube, front view", ", high side view"])
+    blind = PrimitivesPrior(resolution=32, renders_per_view=16, cache=prior_cache, elevation_sigma=0.0,
+                            log=lambda *_: None)
+    assert torch.equal(blind.predict_noise(x_t, steps, conds, elevations=torch.tensor([5.0, 40.0])),
+                       prior.predict_noise(x_t, steps, conds))
+    assert not torch.equal(prior.predict_noise(x_t, steps, conds, elevations=torch.tensor([5.0, 40.0])),
+                           prior.predict_noise(x_t, steps, conds))
+    with pytest.raises(ValueError, match="elevations must have one value per image"):
+        prior.predict_noise(x_t, steps, conds, elevations=torch.tensor([5.0]))
+    for bad in (-1.0, "wide", True):
+        with pytest.raises(ValueError, match="elevation_sigma must be a number of degrees"):
+            PrimitivesPrior(resolution=16, renders_per_view=4, cache=prior_cache, elevation_sigma=bad)

@@ -202,14 +202,14 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
 
 
 @pytest.mark.parametrize(
-    # At this 32 px / 32-cell size the quick refine settings sharpen the cube (0.693 -> 0.713) and overshoot
-    # the cylinder a little (0.882 -> 0.865): `max_loss`. At the quick preset's own size every shape gains
-    # (cubes +0.098, cylinders +0.043 over the 24-run benchmark, bench/RESULTS.md). The old check's settings
-    # (150 steps, lr_sdf 0.01, the default regularizers) left the cube where it started (0.713 -> 0.713).
-    "prompt, shape, max_loss",
-    [("a green cube", "cube", 0.0), ("a yellow cylinder", "cylinder", 0.03)],
+    # At this 32 px / 32-cell size, with the prior's camera-elevation kernel, the quick refine settings sharpen
+    # the cube (0.694 -> 0.737) and the cylinder (0.861 -> 0.873). Without the kernel they overshot the cylinder
+    # (0.882 -> 0.865); with it but a library of 32 renders per view word (a kernel of 1.25 degrees) it lost more
+    # (0.884 -> 0.838). At the quick preset's own size every shape gains (bench/RESULTS.md, eighth pass).
+    "prompt, shape",
+    [("a green cube", "cube"), ("a yellow cylinder", "cylinder")],
 )
-def test_coarse_then_refine_recovers_the_primitive(prior, prompt, shape, max_loss):
+def test_coarse_then_refine_recovers_the_primitive(prior, prompt, shape):
     quick = quick_primitives_config(coarse_iters=400, resolution=32)
     # A rough start, as the check was written for: the coarse MLP at 1e-3, not the prior's 1e-2.
     quick.coarse.lr_network = coarse.CoarseConfig().lr_network
@@ -224,4 +224,4 @@ def test_coarse_then_refine_recovers_the_primitive(prior, prompt, shape, max_los
     print(f"{prompt}: IoU before refinement {before:.3f}, after {after:.3f}, {result.stats['faces']} faces")
     assert is_watertight(result.faces)
     assert after >= 0.7, (before, after)
-    assert after > before - max_loss, (before, after)
+    assert after > before, (before, after)

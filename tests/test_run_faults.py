@@ -80,10 +80,10 @@ def test_a_non_finite_step_now_and_then_is_skipped_counted_and_the_run_finishes(
     real_guidance = pipeline.guidance_for
 
     class Flaky(NaNGuidance):
-        def predict_noise(self, x_t, t, cond):
+        def predict_noise(self, x_t, t, cond, **kwargs):
             calls["n"] += 1
             self.on["nan"] = calls["n"] in (2, 4)
-            return super().predict_noise(x_t, t, cond)
+            return super().predict_noise(x_t, t, cond, **kwargs)
 
     monkeypatch.setattr(pipeline, "guidance_for", lambda *a: Flaky(real_guidance(*a), {"nan": False}))
     config = tiny_run_config()

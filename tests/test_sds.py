@@ -199,6 +199,25 @@ def test_perp_neg_takes_its_negative_views_from_the_same_elevation_band():
     torch.testing.assert_close(conds[0], torch.stack([fake.vector(text) for text in texts]))
 
 
+def test_a_model_that_takes_elevations_gets_each_rows_camera_and_others_never_do():
+    fake = FakeGuidance(view_dependent_uncond=True)
+    fake.view_bands, fake.takes_elevations = (5.0, 25.0), True  # as the primitives prior
+    loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=5.0, perp_neg=True, perp_neg_back_front=1.0,
+                                              perp_neg_back_side=1.0, perp_neg_front_side=1.0))
+    calls, predict = [], fake.predict_noise
+    fake.predict_noise = lambda x_t, t, cond, **kw: (calls.append(kw), predict(x_t, t, cond))[1]
+    loss_fn(_images(3), ["back", "back", "side"], generator=torch.Generator().manual_seed(5), elevations=[30.0, 0.0, 10.0])
+    # [cond, uncond, negatives]: back at 30 has two negatives (front, side), back at 0 two, side at 10 one.
+    expected = [30.0, 0.0, 10.0] * 2 + [30.0, 30.0, 0.0, 0.0, 10.0]
+    assert calls[-1]["elevations"].tolist() == expected
+    loss_fn(_images(3), ["back", "back", "side"], generator=torch.Generator().manual_seed(5))
+    assert calls[-1] == {}  # no cameras given: the text alone
+
+    plain = FakeGuidance()  # Stable Diffusion and DeepFloyd IF: predict_noise(x_t, t, cond), whatever the stages pass
+    SDSLoss(plain, PROMPT, SDSConfig(guidance_scale=5.0))(_images(2), ["front", "side"], elevations=[10.0, 70.0])
+    assert plain.calls == [4]  # called, and without an elevations argument (its predict_noise takes none)
+
+
 def _eps_hat(fake, config, views, seed=5):
     """The guided noise prediction, recovered from the gradient (uniform weighting: grad = eps_hat - eps)."""
     _, images, _, info = _run(fake, config, views, seed=seed)
