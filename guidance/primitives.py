@@ -38,9 +38,9 @@ from guidance.primitive_shapes import (
     VIEW_BANDS,
     LibraryConfig,
     load_library,
-    render_elevations,
     parse_prompt,
     prompt_text,
+    render_elevations,
 )
 from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, CameraConfig
 
