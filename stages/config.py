@@ -157,9 +157,17 @@ def set_field(config, key: str, raw: str) -> None:
 
 def parse_value(key: str, raw: str, current, text: str = ""):
     """Parse `raw` to the type of the field's current value. A field annotated `str | None`
-    takes the text as it is, without Python quotes, and "none" for None."""
+    takes the text as it is, without Python quotes, and "none" for None. A field annotated `float`
+    or `float | None` takes a float even where its current value is an int (an earlier "=0")."""
     if text == "str|None":
         return None if raw.lower() == "none" else raw
+    if text == "float|None" and raw.lower() == "none":
+        return None
+    if text in ("float", "float|None"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"setting {key!r} expects float, got {raw!r}") from None
     if "tuple" in text and raw.strip()[:1] in ("(", "["):  # `str | tuple` fields (backgrounds) given a colour
         current = ()
     try:

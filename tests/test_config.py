@@ -44,6 +44,17 @@ def test_overrides_parse_to_the_field_type():
     assert config.seed == 7
 
 
+def test_float_settings_stay_floats_after_an_integer():
+    # A run folder's config with "prior_elevation_sigma=0" once refused "=0.5" ("expects int").
+    config = apply_overrides(preset("quick"), ["prior_elevation_sigma=0", "refine.threshold=2"])
+    assert config.prior_elevation_sigma == 0.0 and isinstance(config.prior_elevation_sigma, float)
+    assert isinstance(config.refine.threshold, float)
+    config = apply_overrides(config, ["prior_elevation_sigma=0.5", "refine.threshold=none"])
+    assert config.prior_elevation_sigma == 0.5 and config.refine.threshold is None
+    with pytest.raises(ValueError, match="'prior_elevation_sigma' expects float, got 'wide'"):
+        apply_overrides(config, ["prior_elevation_sigma=wide"])
+
+
 def test_text_settings_take_plain_strings_without_python_quotes():
     config = apply_overrides(preset("quick"), [
         "model_id=/data/models/my sd folder", "coarse.sds.negative_prompt=blurry, low quality",
