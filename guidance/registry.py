@@ -177,6 +177,11 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # The mesh regularizers' weights suit CFG-100 gradients; at the prior's 5 they hold the
         # mesh still (see bench/RESULTS.md): the refine stage uses 10.
         config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
+    if config.coarse.sds.pass_elevations is None:
+        # The prior's elevation kernel (`guidance.primitives.ELEVATION_SIGMA`) sets the refine stage's
+        # cones on their true base plane; in the coarse stage it bought nothing the refine stage kept
+        # and left the cones' textures saturated (bench/RESULTS.md). Unless set by hand.
+        config.coarse.sds.pass_elevations = False
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT

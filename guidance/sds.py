@@ -50,6 +50,7 @@ class SDSConfig:
     perp_neg_back_front: float = 1.967  # weight of the front prompt at back views
     perp_neg_back_side: float = 0.394  # weight of the side prompt at back views
     grad_clip: float = 0.0  # clamp every element of the SDS gradient to [-grad_clip, grad_clip]; 0 = off
+    pass_elevations: bool | None = None  # give a model that takes the cameras' elevations (the primitives prior) each image's; None = yes
 
     def check(self) -> None:
         """Raise ValueError naming the first field out of its range."""
@@ -69,6 +70,8 @@ class SDSConfig:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a str, got {type(self.negative_prompt).__name__}")
+        if self.pass_elevations is not None and not isinstance(self.pass_elevations, bool):
+            raise ValueError(f"pass_elevations must be True, False or None, got {self.pass_elevations!r}")
         if self.perp_neg and not self.view_dependent:
             raise ValueError("perp_neg=True needs view_dependent=True (its negatives are the other views' prompts)")
         for name in ("perp_neg_front_side", "perp_neg_back_front", "perp_neg_back_side", "grad_clip"):
@@ -153,8 +156,9 @@ class SDSLoss:
         # A model that tells elevation bands apart (the primitives prior) says where its "low" and "high" views start.
         self.view_bands = getattr(guidance, "view_bands", None) if config.view_dependent else None
         self.view_words = view_words_of(self.view_bands)
-        # A model that takes the cameras' elevations (the primitives prior) gets them with every call.
-        self.takes_elevations = bool(getattr(guidance, "takes_elevations", False))
+        # A model that takes the cameras' elevations (the primitives prior) gets them with every call,
+        # unless this stage's config says not to.
+        self.takes_elevations = bool(getattr(guidance, "takes_elevations", False)) and config.pass_elevations is not False
 
         # 1. Texts: one per view word (or just the prompt), and the unconditional ones.
         negative = config.negative_prompt
