@@ -55,6 +55,15 @@ def test_float_settings_stay_floats_after_an_integer():
         apply_overrides(config, ["prior_elevation_sigma=wide"])
 
 
+def test_yes_no_or_none_settings_take_words():
+    config = apply_overrides(preset("quick"), ["coarse.sds.pass_elevations=true", "refine.sds.pass_elevations=off"])
+    assert config.coarse.sds.pass_elevations is True and config.refine.sds.pass_elevations is False
+    config = apply_overrides(config, ["coarse.sds.pass_elevations=none"])
+    assert config.coarse.sds.pass_elevations is None
+    with pytest.raises(ValueError, match="'coarse.sds.pass_elevations' expects bool, got 'maybe'"):
+        apply_overrides(config, ["coarse.sds.pass_elevations=maybe"])
+
+
 def test_text_settings_take_plain_strings_without_python_quotes():
     config = apply_overrides(preset("quick"), [
         "model_id=/data/models/my sd folder", "coarse.sds.negative_prompt=blurry, low quality",
@@ -172,6 +181,18 @@ def test_the_primitives_prior_refines_without_camera_pose_jitter_unless_set():
     assert other.refine.camera_jitter is None
     with pytest.raises(ValueError, match="refine.camera_jitter"):
         apply_overrides(preset("quick"), ["refine.camera_jitter=-1"])
+
+
+def test_the_primitives_prior_gives_the_cameras_elevations_to_the_refine_stage_only_unless_set():
+    config = preset("quick")
+    registry.get("primitives").adapt(config, "a red cone")
+    assert config.coarse.sds.pass_elevations is False and config.refine.sds.pass_elevations is None  # None: passed
+    custom = apply_overrides(preset("quick"), ["coarse.sds.pass_elevations=yes", "refine.sds.pass_elevations=no"])
+    registry.get("primitives").adapt(custom, "a white cone")
+    assert custom.coarse.sds.pass_elevations is True and custom.refine.sds.pass_elevations is False  # set by hand: kept
+    other = preset("quick")
+    registry.get("stable-diffusion").adapt(other, "a red cone")
+    assert other.coarse.sds.pass_elevations is None
 
 
 def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_renders_unless_set():

@@ -212,6 +212,11 @@ def test_a_model_that_takes_elevations_gets_each_rows_camera_and_others_never_do
     assert calls[-1]["elevations"].tolist() == expected
     loss_fn(_images(3), ["back", "back", "side"], generator=torch.Generator().manual_seed(5))
     assert calls[-1] == {}  # no cameras given: the text alone
+    kept = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=5.0, pass_elevations=False))  # a stage that keeps them
+    kept(_images(2), ["back", "side"], generator=torch.Generator().manual_seed(5), elevations=[30.0, 10.0])
+    assert calls[-1] == {} and not kept.takes_elevations
+    with pytest.raises(ValueError, match="pass_elevations"):
+        SDSConfig(pass_elevations="yes").check()
 
     plain = FakeGuidance()  # Stable Diffusion and DeepFloyd IF: predict_noise(x_t, t, cond), whatever the stages pass
     SDSLoss(plain, PROMPT, SDSConfig(guidance_scale=5.0))(_images(2), ["front", "side"], elevations=[10.0, 70.0])
