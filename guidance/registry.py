@@ -178,9 +178,10 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # mesh still (see bench/RESULTS.md): the refine stage uses 10.
         config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
     if config.coarse.sds.pass_elevations is None:
-        # The prior's elevation kernel (`guidance.primitives.ELEVATION_SIGMA`) sets the refine stage's
-        # cones on their true base plane; in the coarse stage it bought nothing the refine stage kept
-        # and left the cones' textures saturated (bench/RESULTS.md). Unless set by hand.
+        # The prior's elevation kernel (`guidance.primitives.ELEVATION_SIGMA`) lifts the refine stage's
+        # cone bases toward their true plane; in the coarse stage too it lifted them a little more
+        # (gap 0.028 -> 0.025) but left the cones' textures saturated (colour error 0.061 -> 0.095,
+        # bench/RESULTS.md). Unless set by hand.
         config.coarse.sds.pass_elevations = False
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
