@@ -160,10 +160,10 @@ def parse_value(key: str, raw: str, current, text: str = ""):
     takes the text as it is, without Python quotes, and "none" for None. A field annotated `float`
     or `float | None` takes a float even where its current value is an int (an earlier "=0"); one
     annotated `bool | None` takes a yes/no word or "none"."""
-    if text == "bool|None" and raw.lower() == "none":
-        return None
     if text == "bool|None":
-        current = False
+        if raw.lower() == "none":
+            return None
+        current = False  # parsed below as a yes/no word
     if text == "str|None":
         return None if raw.lower() == "none" else raw
     if text == "float|None" and raw.lower() == "none":
