@@ -121,14 +121,20 @@ def _run_id(driver) -> str:
     return (parse_qs(urlparse(driver.current_url).query).get("run") or [""])[0]
 
 
-def _progress_displays(driver) -> int:
-    """Progress bars and Gradio progress texts a person can see."""
-    return driver.execute_script("""
+def _status_and_progress_displays(driver) -> tuple[str, int]:
+    """The status line and the number of progress bars and Gradio progress texts a person can see.
+
+    Read in one script, so both come from the same state of the page: read one after the other, a
+    stage that ended in between paired its last step's status with the next stage's page (no bar).
+    """
+    status, count = driver.execute_script("""
         const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== "hidden";
         const bars = [...document.querySelectorAll("progress, .progress-bar")].filter(shown);
         const texts = [...document.querySelectorAll(".progress-text, .eta-bar, .meta-text, .meta-text-center")]
             .filter(e => shown(e) && e.textContent.trim());
-        return bars.length + texts.length;""")
+        const e = document.getElementById('status');
+        return [e ? e.innerText : '', bars.length + texts.length];""")
+    return status, count
 
 
 @pytest.mark.parametrize("prompt, seed, expected", [
@@ -158,8 +164,8 @@ def test_a_tiny_run_shows_one_progress_display_then_the_model_and_its_downloads(
     samples = []  # (status, progress displays) while it ran
 
     def finished():
-        status = _status(browser)
-        samples.append((status, _progress_displays(browser)))
+        status, displays = _status_and_progress_displays(browser)
+        samples.append((status, displays))
         return status.startswith("Done")
 
     _until(finished, "the run to finish")
