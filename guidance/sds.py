@@ -36,7 +36,7 @@ class NonFiniteError(FloatingPointError):
 class SDSConfig:
     guidance_scale: float | None = None  # classifier-free guidance scale s; None = the model's default_guidance_scale
     guidance_scale_end: float | None = None  # s at the end of training, linear in progress from guidance_scale; None = constant
-    texture_guidance_scale: float | None = None  # CFG scale of the gradient the texture gets (stages that route it: refine); None = s
+    texture_guidance_scale: float | None = None  # CFG scale of the gradient the albedo / texture gets (coarse and refine route it); None = s
     t_min: float = 0.02  # lowest timestep, fraction of the schedule length T
     t_max: float = 0.98  # highest timestep at the start of training, fraction of T
     t_anneal: str = "none"  # how the highest timestep moves with progress: "none", "linear", "sqrt" (HiFA)
@@ -204,10 +204,12 @@ class SDSLoss:
         progress: float = 0.0,  # fraction of training done, 0..1, for timestep annealing
         generator: torch.Generator | None = None,  # seeds timesteps and noise
         elevations: Tensor | list[float] | None = None,  # [B] the cameras' elevations, degrees: banded views for a model that has them
+        texture_images: Tensor | None = None,  # [B, H, W, 3] images' values through the texture's own graph (coarse stage)
     ) -> tuple[Tensor, dict]:
         """(loss, info): d loss / d x == w(t) (eps_hat - eps); info has "t" [B], "grad_norm", "w" [B], "noise",
         and "texture_loss": None, or with `texture_guidance_scale` a loss whose gradient on x is the
-        difference between the SDS gradient at that scale and at the shape's (for the texture's parameters)."""
+        difference between the SDS gradient at that scale and at the shape's (for the texture's parameters),
+        on `texture_images` where given (a render whose gradient reaches the texture alone), else on `images`."""
         # 1. Check inputs.
         if images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {tuple(images.shape)}")
@@ -225,20 +227,11 @@ class SDSLoss:
                 raise ValueError(f"elevations must have one value per image ({batch}), got {len(elevations)}")
             view_words = [banded_view_word(w, e, self.view_bands) for w, e in zip(view_words, elevations)]
 
+        if texture_images is not None and texture_images.shape != images.shape:
+            raise ValueError(f"texture_images must have the images' shape {tuple(images.shape)}, got {tuple(texture_images.shape)}")
+
         # 2. The tensor the model diffuses: pixels in [-1, 1] or latents, at the model's resolution.
-        guidance = self.guidance
-        size = guidance.resolution
-        pixels = images.permute(0, 3, 1, 2)  # [B, 3, H, W]
-        if tuple(pixels.shape[-2:]) != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        if guidance.space == "latent":
-            x = guidance.encode_images(pixels).float()  # [B, C, h, w]
-            where = "latents"
-        else:
-            x = pixels.float() * 2.0 - 1.0  # [B, 3, size, size]
-            where = "input image"
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(f"non-finite values in the {where} before noising")
+        x = self._model_input(images)
 
         # 3. Noise the input at random timesteps.
         t = self.sample_timesteps(batch, progress, generator, x.device)  # [B]
@@ -255,9 +248,27 @@ class SDSLoss:
         texture_loss = None
         if self.config.texture_guidance_scale is not None:
             texture_grad = self._gradient(w, eps_uncond + self.config.texture_guidance_scale * direction, noise, t)
-            texture_loss = ((texture_grad - grad).detach() * x).sum()
+            x_texture = x if texture_images is None else self._model_input(texture_images)
+            texture_loss = ((texture_grad - grad).detach() * x_texture).sum()
         info = {"t": t, "grad_norm": float(grad.norm()), "w": w.flatten(), "noise": noise, "texture_loss": texture_loss}
         return loss, info
+
+    def _model_input(self, images: Tensor) -> Tensor:  # [B, H, W, 3] in [0, 1] -> [B, C, h, w]
+        """Pixels in [-1, 1] or latents, at the model's resolution: the tensor the model diffuses."""
+        guidance = self.guidance
+        size = guidance.resolution
+        pixels = images.permute(0, 3, 1, 2)  # [B, 3, H, W]
+        if tuple(pixels.shape[-2:]) != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        if guidance.space == "latent":
+            x = guidance.encode_images(pixels).float()  # [B, C, h, w]
+            where = "latents"
+        else:
+            x = pixels.float() * 2.0 - 1.0  # [B, 3, size, size]
+            where = "input image"
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(f"non-finite values in the {where} before noising")
+        return x
 
     def _gradient(self, w: Tensor, eps_hat: Tensor, noise: Tensor, t: Tensor) -> Tensor:  # [B, C, h, w]
         grad = w * (eps_hat - noise)

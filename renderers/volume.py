@@ -197,6 +197,7 @@ def render_volume(
     occupancy: OccupancyGrid | None = None,
     generator: torch.Generator | None = None,  # sample jitter; None = bin midpoints (evaluation)
     need_normals: bool = False,  # composite normals and the orientation loss even for "albedo"
+    texture_path: bool = False,  # also return "rgb_texture": the image whose gradient reaches the albedo alone
 ) -> dict:
     """Render `cameras` through the field. Returns named buffers:
 
@@ -208,6 +209,8 @@ def render_volume(
     orientation [] Ref-NeRF's orientation loss, sum_i stopgrad(w_i) max(0, n_i . d)^2 averaged over all
     B * H * W rays (weights detached, as DreamFusion reproductions do: it bends normals, not opacity).
     samples_evaluated (int) counts field evaluations.
+    With `texture_path`, rgb_texture [B, H, W, 3]: rgb's values, through a graph that holds the weights,
+    the shading and the background, so that a loss on it trains the albedo only.
     """
     config.check()
     if shading not in SHADINGS:
@@ -238,7 +241,7 @@ def render_volume(
         parts.append(
             _render_rays(
                 field, config, shading, with_normals, occupancy, origins[sl], dirs[sl], lights[sl],
-                near[sl], far[sl], hit[sl], None if jitter is None else jitter[sl],
+                near[sl], far[sl], hit[sl], None if jitter is None else jitter[sl], texture_path,
             )
         )
 
@@ -254,6 +257,9 @@ def render_volume(
         "depth": torch.cat([p["depth"] for p in parts]).reshape(b, h, w, 1),  # [B, H, W, 1]
         "samples_evaluated": sum(p["samples"] for p in parts),
     }
+    if texture_path:  # rgb's values; the gradient goes the albedo's way alone
+        texture = torch.cat([p["rgb_texture"] for p in parts]).reshape(b, h, w, 3)
+        out["rgb_texture"] = rgb.detach() + (texture - texture.detach())
     if with_normals:
         out["normal"] = torch.cat([p["normal"] for p in parts]).reshape(b, h, w, 3)  # [B, H, W, 3]
         out["orientation"] = sum(p["orientation"] for p in parts) / num_rays  # []
@@ -273,6 +279,7 @@ def _render_rays(
     far: Tensor,  # [R]
     hit: Tensor,  # [R] bool
     jitter: Tensor | None,  # [R, S] in [0, 1), or None for midpoints
+    texture_path: bool = False,  # also "rgb_texture": the albedo's share of rgb, with weights and shading held
 ) -> dict:
     num_rays, s = origins.shape[0], config.num_samples
     device, dtype = origins.device, origins.dtype
@@ -301,6 +308,7 @@ def _render_rays(
 
     if shading == "albedo":
         color = albedo  # [M, 3]
+        shade = None
     else:
         light_at = lights[rays][:, None, :].expand(nh, s, 3).reshape(-1, 3)
         light_at = light_at if keep is None else light_at[keep]
@@ -308,6 +316,9 @@ def _render_rays(
         lambert = (normal * to_light).sum(-1).clamp_min(0.0)
         shade = config.ambient + (1.0 - config.ambient) * lambert  # [M]
         color = shade[:, None] * (albedo if shading == "lambertian" else torch.ones_like(albedo))
+    texture = None
+    if texture_path and shading != "textureless":  # textureless shows no albedo: no texture path
+        texture = albedo if shade is None else shade.detach()[:, None] * albedo  # [M, 3]
     if keep is not None:
         n = nh * s
         sigma = x.new_zeros(n).index_copy(0, keep, sigma.to(dtype))
@@ -333,6 +344,13 @@ def _render_rays(
         "depth": scatter(depth[:, None], 1),
         "samples": int(x.shape[0]),
     }
+    if texture_path:  # the albedo's share of rgb with the weights held (0 for textureless)
+        held = rgb.new_zeros(nh, 3)
+        if texture is not None and keep is None:
+            held = (weights.detach()[..., None] * texture.reshape(nh, s, 3)).sum(1)
+        elif texture is not None:  # the evaluated samples only: [M] of the nh * s
+            held = held.index_add(0, keep // s, weights.detach().reshape(-1)[keep, None] * texture.to(dtype))
+        out["rgb_texture"] = scatter(held, 3)
     if with_normals:
         normal = normal.reshape(nh, s, 3)
         out["normal"] = scatter((weights[..., None] * normal).sum(1), 3)

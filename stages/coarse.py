@@ -4,6 +4,11 @@
 random cameras, volume-renders them, and applies the SDS loss of the guidance model plus
 named regularizers. It returns a `CoarseResult` holding the trained field, which can be
 queried for density and albedo anywhere, and the preview images it reported.
+
+With `sds.texture_guidance_scale` the albedo learns from SDS at that CFG scale and the density at
+the stage's: the loss adds the difference of the two scales' gradients on a render whose gradient
+reaches the albedo alone (`render_volume(texture_path=True)`: weights and shading held). The MLP is
+shared, so its hidden layers take both.
 """
 from __future__ import annotations
 
@@ -72,9 +77,6 @@ class CoarseConfig:
         self.field.check()
         self.volume.check()
         self.sds.check()
-        if self.sds.texture_guidance_scale is not None:
-            raise ValueError("coarse.sds.texture_guidance_scale is not used: the coarse field's colour and density share "
-                             "parameters; set refine.sds.texture_guidance_scale")
 
 
 @dataclass
@@ -163,14 +165,17 @@ def run(
         out = render_volume(
             field_, cams, config.volume, shading=shading, background=bg, occupancy=occupancy,
             generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,
+            texture_path=config.sds.texture_guidance_scale is not None,
         )
         t1 = clock(device)
         optimizer.zero_grad(set_to_none=True)
         try:
             loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator,
-                                 elevations=cams.elevation)
+                                 elevations=cams.elevation, texture_images=out.get("rgb_texture"))
             t2 = clock(device)
             loss = loss_sds + _regularizers(out, config, step)
+            if info["texture_loss"] is not None:  # the albedo's path gets the texture's CFG scale instead
+                loss = loss + info["texture_loss"]
             backward_finite(loss, optimizer)
         except NonFiniteError as exc:  # skip the step: no update
             nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)

@@ -5,10 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from helpers import FakeGuidance, quick_primitives_config
 
 from geometry.nerf import FieldConfig
 from guidance.primitive_shapes import COLORS, parse_prompt
+from guidance.sds import SDSConfig
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
 from stages import coarse
@@ -132,6 +134,35 @@ def test_training_changes_the_field():
     assert all(a.shape == b.shape for a, b in zip(initial, trained))
     assert not all(torch.equal(a, b) for a, b in zip(initial, trained))
     assert result.stats["steps"] == 3 and np.isfinite(result.stats["final_loss"])
+
+
+@pytest.mark.parametrize("shading", [dict(albedo_warmup=2), dict(albedo_warmup=0, prob_albedo=0.0, prob_textureless=0.0)])
+def test_the_albedo_gets_the_texture_scale_and_the_density_the_shapes(shading):
+    """coarse.sds.texture_guidance_scale: the field's albedo outputs learn at the texture's CFG scale, its density
+    output at the shape's. The MLP's last layer has one row per output, each trained through its own path: its
+    gradient at the first step, read as the optimizer steps."""
+    def last_layer_gradient(**sds):
+        grads = []
+
+        def keep(optimizer, args, kwargs):
+            rows = [p.grad for group in optimizer.param_groups for p in group["params"] if p.shape[:1] == (4,)]
+            grads.append(torch.cat([rows[0], rows[1][:, None]], dim=1))  # [4, hidden + 1]: density, r, g, b
+
+        hook = register_optimizer_step_pre_hook(keep)
+        try:
+            coarse.run(FakeGuidance(resolution=16), PROMPT, tiny_coarse_config(iters=1, sds=SDSConfig(**sds), **shading),
+                       CameraConfig())
+        finally:
+            hook.remove()
+        return grads[0]
+
+    split = last_layer_gradient(guidance_scale=10.0, texture_guidance_scale=2.0)
+    shape, texture = last_layer_gradient(guidance_scale=10.0), last_layer_gradient(guidance_scale=2.0)
+    torch.testing.assert_close(split[0], shape[0])  # the density row: the shape's scale
+    torch.testing.assert_close(split[1:], texture[1:])  # the albedo rows: the texture's scale
+    assert not torch.allclose(shape, texture, atol=1e-6)
+    assert not torch.allclose(shape[0], texture[0], atol=1e-6) and not torch.allclose(shape[1:], texture[1:], atol=1e-6)
+    assert torch.equal(last_layer_gradient(guidance_scale=10.0, texture_guidance_scale=10.0), shape)
 
 
 # ---- the real outcome, with the offline primitives prior ---------------------------------------

@@ -277,3 +277,46 @@ def test_sample_shading_follows_dreamfusion_mix():
     for name, p in DREAMFUSION_SHADING.items():
         assert abs(draws.count(name) / 2000 - p) < 0.04, name
     assert sum(DREAMFUSION_SHADING.values()) == pytest.approx(1.0)
+
+
+class ParamSphereField(SphereField):
+    """SphereField whose density and albedo are two separate parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_density = torch.nn.Parameter(torch.tensor(math.log(30.0)))
+        self.albedo = torch.nn.Parameter(torch.tensor(ALBEDO))
+
+    def __call__(self, x):
+        inside = (x - self.centre).norm(dim=-1) < self.radius
+        return inside * self.log_density.exp(), self.albedo.expand(x.shape[0], 3)
+
+
+@pytest.mark.parametrize("shading", ["albedo", "lambertian", "textureless"])
+@pytest.mark.parametrize("chunk_size, skip_empty", [(0, False), (100, False), (0, True)])
+def test_the_texture_path_has_the_images_values_and_trains_the_albedo_alone(shading, chunk_size, skip_empty):
+    """rgb_texture: rgb's values, but a loss on it reaches the albedo the way rgb would, and the density not at all."""
+    field, cams = ParamSphereField(), front_camera(res=16)
+    config = VolumeConfig(num_samples=32, ambient=0.2, chunk_size=chunk_size)
+    grid = None
+    if skip_empty:  # an occupancy grid that has marked the space around the sphere empty
+        grid = OccupancyGrid(resolution=16, update_every=1, warmup_steps=0)
+        for step in range(3):
+            grid.step(field, step, torch.Generator().manual_seed(step))
+        assert grid.occupied_fraction < 0.2
+    out = render_volume(field, cams, config, shading=shading, background=torch.tensor([[0.2, 0.5, 0.9]]),
+                        occupancy=grid, generator=torch.Generator().manual_seed(0), texture_path=True)
+    torch.testing.assert_close(out["rgb_texture"], out["rgb"].detach(), rtol=0, atol=1e-6)
+    target = torch.rand(out["rgb"].shape, generator=torch.Generator().manual_seed(1))
+    via_rgb = torch.autograd.grad((out["rgb"] * target).sum(), [field.log_density, field.albedo], retain_graph=True,
+                                  allow_unused=True, materialize_grads=True)
+    assert via_rgb[0].abs() > 1e-3  # the density shapes the image...
+    if shading == "textureless":  # white: the albedo is not seen, so nothing is trained through the texture path
+        assert not out["rgb_texture"].requires_grad and via_rgb[1].abs().sum() == 0
+    else:
+        via_texture = torch.autograd.grad((out["rgb_texture"] * target).sum(), [field.log_density, field.albedo],
+                                          allow_unused=True, materialize_grads=True)
+        assert via_texture[0] == 0  # ...but not through the texture path
+        assert via_rgb[1].abs().sum() > 1e-3
+        torch.testing.assert_close(via_texture[1], via_rgb[1])
+    assert "rgb_texture" not in render_volume(field, cams, config, shading=shading)

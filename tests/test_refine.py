@@ -112,12 +112,6 @@ def test_the_texture_gets_its_own_guidance_scale(prior):
     assert not torch.allclose(split_verts, texture_verts, atol=1e-5)
 
 
-def test_the_coarse_stage_refuses_a_texture_scale():
-    config = coarse.CoarseConfig(sds=SDSConfig(texture_guidance_scale=3.0))
-    with pytest.raises(ValueError, match="refine.sds.texture_guidance_scale"):
-        config.check()
-
-
 def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
     field = Blob(radius=0.4)
     before = copy.deepcopy(field.state_dict())

@@ -105,6 +105,25 @@ def test_texture_loss_carries_the_difference_to_the_texture_scale():
     assert fake.calls[-1] == 4  # still one model call on [cond, uncond]
 
 
+def test_texture_images_take_the_texture_loss_and_the_images_the_shapes():
+    """Given texture_images (the same values through the texture's own graph), the texture loss's gradient goes to
+    them alone; the images keep the main loss."""
+    fake = FakeGuidance()
+    views = ["front", "side"]
+    images, texture_images = _images(len(views)), _images(len(views))
+    loss_fn = SDSLoss(fake, PROMPT, SDSConfig(guidance_scale=10.0, texture_guidance_scale=3.0))
+    loss, info = loss_fn(images, views, generator=torch.Generator().manual_seed(5), texture_images=texture_images)
+    (loss + info["texture_loss"]).backward()
+    x = images.detach().permute(0, 3, 1, 2) * 2 - 1
+    cond, uncond = [f"{PROMPT}, {v} view" for v in views], [""] * 2
+    shape_grad = _expected_grad(fake, x, info, cond, uncond, 10.0)
+    texture_grad = _expected_grad(fake, x, info, cond, uncond, 3.0)
+    torch.testing.assert_close(images.grad, 2 * shape_grad.permute(0, 2, 3, 1))
+    torch.testing.assert_close(texture_images.grad, 2 * (texture_grad - shape_grad).permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="texture_images must have the images' shape"):
+        loss_fn(images, views, texture_images=texture_images[:1])
+
+
 def test_weighting_schemes():
     a = torch.tensor([0.9, 0.5, 0.04])
     torch.testing.assert_close(timestep_weight("sds", a), 1 - a)
