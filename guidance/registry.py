@@ -127,7 +127,7 @@ def resolve_name(name: str, device: torch.device) -> str:
 PRIMITIVES_REFINE_GUIDANCE_SCALE = 10.0  # the refine stage's CFG with the primitives prior (its coarse CFG is 5)
 PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives prior (single-colour prompts)
 PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
-PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of both stages' albedo / texture gradient with the primitives prior
+PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of the refine stage's texture gradient with the primitives prior
 PRIMITIVES_LR_NETWORK = 1e-2  # the coarse stage's MLP learning rate with the primitives prior (the default is 1e-3)
 PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitives prior: no pose jitter while refining
 
@@ -191,11 +191,6 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # every colour); its own gradient is taken at 3 (bench/RESULTS.md). Not for white objects on
         # their dark background: there a white cube's texture sinks to dark grey at 3 (two seeds).
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
-    if config.coarse.sds.texture_guidance_scale is None and config.prior_background == 1.0:
-        # At the coarse CFG of 5 the field's albedo saturates further than the refine stage's 300 steps bring
-        # back (a red torus's texture ended with green and blue at 0.04 for 0.12); the albedo's own gradient at 3
-        # halves the worst colour errors (bench/RESULTS.md). Not for white objects, as above. Unless set by hand.
-        config.coarse.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
     if config.coarse.lr_network == type(config.coarse)().lr_network and config.prior_background == 1.0:
         # Beyond the initial density blob (radius 0.5) the density comes from the MLP alone, and at
         # 1e-3 it grew too slowly: corners and rims of cubes, cylinders, cones and tori, which reach

@@ -199,19 +199,16 @@ def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_re
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
     assert config.refine.sds.guidance_scale == 10.0 and config.refine.sds.texture_guidance_scale == 3.0
-    assert config.coarse.sds.guidance_scale is None and config.coarse.sds.texture_guidance_scale == 3.0  # the prior's 5
+    assert config.coarse.sds.texture_guidance_scale is None  # at 3 the cones' bases sank (bench/RESULTS.md, tenth pass)
     assert (config.refine.prob_albedo, config.refine.prob_lambertian, config.refine.prob_textureless) == (0.0, 1.0, 0.0)
     config.check()
-    custom = apply_overrides(preset("quick"), ["refine.sds.texture_guidance_scale=6", "refine.prob_albedo=0.5",
-                                               "coarse.sds.texture_guidance_scale=5"])
+    custom = apply_overrides(preset("quick"), ["refine.sds.texture_guidance_scale=6", "refine.prob_albedo=0.5"])
     registry.get("primitives").adapt(custom, "a red cube")
-    assert custom.refine.sds.texture_guidance_scale == 6.0 and custom.coarse.sds.texture_guidance_scale == 5.0  # kept
+    assert custom.refine.sds.texture_guidance_scale == 6.0  # set by hand: kept
     assert (custom.refine.prob_albedo, custom.refine.prob_lambertian) == (0.5, 0.8)
     white = preset("quick")
     registry.get("primitives").adapt(white, "a white cube")  # on the dark background: the shape's scale
     assert white.refine.sds.texture_guidance_scale is None and white.refine.prob_albedo == 0.0
-    assert white.coarse.sds.texture_guidance_scale is None
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
     assert other.refine.sds.texture_guidance_scale is None and other.refine.prob_albedo == 0.2
-    assert other.coarse.sds.texture_guidance_scale is None
