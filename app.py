@@ -18,7 +18,8 @@ import torch
 
 from guidance import registry
 from stages.config import MAX_SEED, PRESETS, STAGES, apply_overrides, preset
-from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, gpu_seconds, int_setting, wait_until, web_message
+from app_gpu import GPU_PRESETS, ZEROGPU_PRESET, check_fits, hosted_events, on_zerogpu, preset_label
+from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, int_setting, wait_until, web_message
 from stages.plan import resolve_device
 from stages.runs import new_run_dir, prune_runs
 
@@ -32,14 +33,6 @@ CANCEL_WAIT = 10.0  # seconds the Cancel button waits for the run to stop (it st
 SERVER_OVERRIDES: list[str] = []  # "--set key=value" given to the server, applied to every run
 RUNS = Runs()  # the runs of this server, by run id: a reloaded page finds its run here
 DEMO: dict = {}  # "blocks": the served gr.Blocks, whose queue tells a cancel from a page that went away
-
-try:  # a no-op outside Hugging Face Spaces; on ZeroGPU each run asks for the time its step counts need
-    import spaces
-
-    gpu = spaces.GPU(duration=gpu_seconds)
-except Exception:  # pragma: no cover - spaces missing or broken: run without it
-    def gpu(fn):
-        return fn
 
 ADVANCED_LIMITS = {  # name: (low, high) accepted from the UI and the API; 0 (or None) = the preset's value
     "coarse_iters": (0, 20000),
@@ -56,13 +49,26 @@ def default_guidance() -> str:
     return registry.resolve_name(registry.AUTO, torch.device(active_device()))
 
 
+def default_preset(device: str) -> str:
+    if on_zerogpu():
+        return ZEROGPU_PRESET
+    return "quick" if device == "cpu" else "standard"
+
+
+def preset_choices(guidance: str) -> list:
+    """The preset menu: on ZeroGPU each GPU preset with its projected GPU time (and whether it fits a call)."""
+    if not on_zerogpu():
+        return list(PRESETS)
+    return [(preset_label(name, guidance), name) if name in GPU_PRESETS else name for name in PRESETS]
+
+
 def example_prompts() -> list[str]:
     return registry.get(default_guidance()).examples()
 
 
-def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id=None):
-    """Validate the UI/API inputs (gr.Error naming what to change) and build the run's Config."""
-    from stages.plan import resolve
+def build_plan(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id=None):
+    """Validate the UI/API inputs (gr.Error naming what to change) and resolve the run's plan, once."""
+    from stages.plan import check_prompt, resolve, resolve_guidance
 
     try:
         config = apply_overrides(preset(preset_name), SERVER_OVERRIDES)  # preset() names a bad preset
@@ -76,14 +82,19 @@ def build_config(prompt, preset_name, seed, guidance, coarse_iters, refine_iters
         if 0 < advanced["texture_size"] < 64:
             raise ValueError(f"texture_size must be 0 (the preset's) or in [64, 4096], got {advanced['texture_size']}")
         config.export.texture_size = advanced["texture_size"] or config.export.texture_size
-        # The prompt, the config (guidance and stop_after included), the device, the model's vocabulary.
-        spec = resolve(prompt, config).guidance
+        # The prompt, the config (guidance and stop_after included), the device, the model id, the model's vocabulary.
+        check_prompt(prompt)
+        config.check()
+        spec = resolve_guidance(config, resolve_device(config.device))
         config.model_id = check_model_id(model_id, spec) or (MODEL_ID if spec.takes_model_id else None)
+        plan = resolve(prompt, config)
+        if on_zerogpu():  # every GPU call must fit the host's cap: refused here, before any GPU time is taken
+            check_fits(plan.config, plan.guidance_name)
     except ValueError as exc:  # PromptError and UnknownPromptError too
         message = web_message(str(exc))
         print(f"input refused: {message[:200]}", file=sys.stderr, flush=True)  # one line in the server's log
         raise gr.Error(message, print_exception=False) from None
-    return config
+    return plan
 
 
 def check_queue_room(demo: gr.Blocks) -> None:
@@ -98,12 +109,13 @@ def check_queue_room(demo: gr.Blocks) -> None:
                        "minutes.", print_exception=False)
 
 
-@gpu
-def device_run(prompt, config, run_dir, should_stop):
-    """The pipeline's events for one run (on a ZeroGPU Space, the GPU is held while this runs)."""
-    from stages.pipeline import generate as run_pipeline
+def run_events(plan, run_dir: str, should_stop):
+    """The pipeline's events for one run: on a ZeroGPU Space a GPU call per stage (app_gpu), else in this process."""
+    if on_zerogpu():
+        return hosted_events(plan, run_dir, should_stop)
+    from stages.pipeline import run_plan
 
-    yield from run_pipeline(prompt, config, run_dir=run_dir, should_stop=should_stop, close_wait=CLOSE_WAIT)
+    return run_plan(plan, run_dir=run_dir, should_stop=should_stop, close_wait=CLOSE_WAIT)
 
 
 def view(snap: Snapshot | None) -> tuple:
@@ -122,13 +134,10 @@ def generate(prompt: str, preset: str = "quick", seed: int = 0, guidance: str = 
              refine_iters: int | None = None, texture_size: int | None = None, stop_after: str = "export",
              model_id: str | None = None, request: gr.Request = None):
     """Start a run and stream its view; the run lives on its own thread (a reloaded page follows it by run id)."""
-    from stages.plan import check_prompt
-
-    config = build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
+    plan = build_plan(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
     prune_runs(OUTPUT_ROOT, keep=max(KEEP_RUNS - 1, 0), max_bytes=MAX_OUTPUT_BYTES or None)
-    prompt = check_prompt(prompt)
-    run_dir = new_run_dir(OUTPUT_ROOT, prompt, config.seed)
-    job = RunJob(run_dir, lambda stopped: device_run(prompt, config, str(run_dir), stopped))
+    run_dir = new_run_dir(OUTPUT_ROOT, plan.prompt, plan.config.seed)
+    job = RunJob(run_dir, lambda stopped: run_events(plan, str(run_dir), stopped))
     RUNS.add(job)
     try:
         for snap in job.follow():
@@ -199,7 +208,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder=example_prompts()[0], max_lines=1, elem_id="prompt")
                 with gr.Row():
-                    preset_in = gr.Dropdown(list(PRESETS), value="quick" if device == "cpu" else "standard", label="Preset")
+                    preset_in = gr.Dropdown(preset_choices(guidance), value=default_preset(device), label="Preset")
                     # A text box, so that a bad seed sent to the API gets our message that names it.
                     seed = gr.Textbox(value="0", label=f"Seed (0 to {MAX_SEED})", max_lines=1, elem_id="seed")
                 guidance_in = gr.Dropdown(list(registry.choices()), value=registry.AUTO, label="Guidance model")
@@ -234,7 +243,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
             """Answer bad input and a full queue at once, before the run waits in the queue."""
             session = request.session_hash if request is not None else ""
             try:
-                build_config(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
+                build_plan(prompt, preset, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id)
                 check_queue_room(demo)
             except gr.Error as exc:
                 if len(precheck_errors) > 1000:  # API callers that never fetch theirs

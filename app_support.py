@@ -3,8 +3,7 @@
 - `RunJob`: one generation, run on its own thread so that it outlives the page that
   started it (a reload or a second tab finds it by its run id, the `?run=` of the URL);
 - `StatusLine`: the one status line (stage, step/total, elapsed, time left once it can be told);
-- `web_message`: error text a web user can act on (menus, not command-line flags);
-- `gpu_seconds`: the time a Hugging Face ZeroGPU call asks for, from the run's step counts.
+- `web_message`: error text a web user can act on (menus, not command-line flags).
 """
 from __future__ import annotations
 
@@ -16,27 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Rough seconds per SDS step with Stable Diffusion on one H100/H200-class GPU at `standard`:
-# the coarse step renders a 64 px NeRF and runs the UNet once; the refine step rasterizes a batch
-# of 4 views at 512 px and runs the UNet on each. Setup (loading, the first compile) and export
-# get a fixed allowance, and the whole estimate a margin: a ZeroGPU call that runs out is killed.
-GPU_STEP_SECONDS = {"coarse": 0.15, "refine": 0.35}
-GPU_FIXED_SECONDS = 180  # model loading, marching tets, xatlas and texture baking
-GPU_MARGIN = 1.5
 ETA_MIN_STEPS = 10  # steps into a stage before a time-left estimate is shown (the first steps warm up)
 ETA_WINDOW = 0.5  # the share of the stage's steps so far (the latest ones) its rate is measured over
 PREVIEW_WIDTH = 768  # px the latest preview is enlarged to
 MAX_PREVIEWS = 24  # previews kept for the gallery (the latest ones)
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}")
 STAGE_NAMES = {"coarse": "Coarse NeRF", "refine": "Refining the mesh", "export": "Exporting"}
-
-
-def gpu_seconds(prompt, config, *args, **kwargs) -> int:
-    """Seconds a ZeroGPU call asks for, from the steps the run will take (spaces.GPU's `duration`)."""
-    steps = config.coarse.iters * GPU_STEP_SECONDS["coarse"]
-    if config.stop_after != "coarse":
-        steps += config.refine.iters * GPU_STEP_SECONDS["refine"]
-    return int(GPU_MARGIN * (steps + GPU_FIXED_SECONDS))
 
 
 def web_message(text: str) -> str:
@@ -113,7 +97,12 @@ class RunJob:
         self._thread.start()
 
     def cancel(self) -> None:
+        """Stop the run within a step: in this process (the event) and in any other one that trains it (a file
+        in the run folder, which a ZeroGPU worker's stage loop checks)."""
+        from stages.runs import request_stop
+
         self._stop.set()
+        request_stop(self.run_dir)
 
     def stopped(self) -> bool:
         return self._stop.is_set()

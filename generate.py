@@ -125,10 +125,11 @@ def main(argv=None) -> int:
 
             return ray_main(args, build_config)
         if args.resume is not None:
-            from stages.runs import load_run_config
+            from stages.runs import clear_stop, load_run_config
 
             prompt, config = load_run_config(args.resume)
             apply_overrides(config, args.overrides)
+            clear_stop(args.resume)  # resumed on purpose: an earlier cancel no longer holds
             run_one(prompt, config, args.resume, resume=True)
             return 0
         config = build_config(args)

@@ -2,6 +2,8 @@
 
 Presets are named instances of `Config`:
 - `quick`: CPU-sized (low resolution, few steps); the primitives prior finishes in minutes.
+- `fast`: one GPU for a minute or two (a ZeroGPU Space's default): `standard`'s sizes cut down
+  along `stages.gpu_cost`'s model so that a Stable Diffusion run fits an anonymous visitor's quota.
 - `standard`: one GPU, Magic3D-like: a 64 px coarse NeRF, then a 512 px DMTet refine.
 - `high`: longer and finer than `standard`.
 The guidance model is chosen separately ("auto" = Stable Diffusion on a CUDA GPU, else the
@@ -22,7 +24,7 @@ from stages.coarse import CoarseConfig
 from stages.export import ExportConfig
 from stages.refine import RefineConfig
 
-PRESETS = ("quick", "standard", "high")
+PRESETS = ("quick", "fast", "standard", "high")
 STAGES = ("coarse", "refine", "export")
 MAX_SEED = 2**32 - 1
 
@@ -91,6 +93,18 @@ def _quick() -> Config:
     )
 
 
+def _fast() -> Config:
+    return Config(
+        preset="fast",
+        coarse=CoarseConfig(
+            iters=400, batch_size=1, resolution=64, albedo_warmup=80, preview_every=100, preview_resolution=128,
+            field=FieldConfig(), volume=VolumeConfig(num_samples=48), sds=SDSConfig(t_anneal="linear", t_max_end=0.5),
+        ),
+        refine=RefineConfig(iters=200, batch_size=1, resolution=256, grid_resolution=64, preview_every=50),
+        export=ExportConfig(texture_size=1024, target_faces=40_000, turntable_resolution=384, turntable_frames=48),
+    )
+
+
 def _standard() -> Config:
     return Config(
         preset="standard",
@@ -119,6 +133,8 @@ def preset(name: str) -> Config:
     """A fresh Config for the named preset (raises ValueError listing the presets)."""
     if name == "quick":
         return _quick()
+    if name == "fast":
+        return _fast()
     if name == "standard":
         return _standard()
     if name == "high":

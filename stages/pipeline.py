@@ -27,12 +27,12 @@ from stages import coarse as coarse_stage
 from stages import export as export_stage
 from stages import refine as refine_stage
 from stages.common import Cancelled, StageError, StepEvent, check_stop, release_free_memory
-from stages.config import Config, to_dict
+from stages.config import STAGES, Config, to_dict
 from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
 from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
     CHECKPOINTS, RUN_FILE, fail_record, finish_stage, has_checkpoint, load_coarse_checkpoint, load_record,
     load_refine_checkpoint, load_run_config, new_run_dir, package_versions, save_coarse_checkpoint,
-    save_refine_checkpoint, write_json_atomic,
+    save_refine_checkpoint, stop_requested, write_json_atomic,
 )
 from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded
 
@@ -78,8 +78,15 @@ def run_plan(
     should_stop=None,
     resume: bool = False,
     close_wait: float = 30.0,
+    stages: tuple[str, ...] | None = None,
 ) -> Iterator[ProgressEvent]:
-    """`generate` for a plan that `resolve` made (a caller that resolved it already)."""
+    """`generate` for a plan that `resolve` made (a caller that resolved it already).
+
+    `stages`: the stages this call may run (None = all that are left). A host that gives each stage
+    its own process (ZeroGPU: one GPU call per SDS stage, the export outside) calls it once per stage
+    with `resume=True`; each call starts from the run folder's checkpoints and ends with a "paused"
+    event until the export has run. Writing `STOP_FILE` into the run folder cancels the run in any process.
+    """
     # 1. The run's folder: checked (resume) before anything is written.
     if resume:
         if run_dir is None:
@@ -93,14 +100,14 @@ def run_plan(
     stop = threading.Event()
 
     def stopped() -> bool:
-        return stop.is_set() or (should_stop is not None and should_stop())
+        return stop.is_set() or (should_stop is not None and should_stop()) or stop_requested(run_path)
 
     device = plan.device
     if count_pending(device, +1):
         events.put(ProgressEvent(stage="setup", message=f"waiting for the previous run on {device} to stop",
                                  run_dir=str(run_path)))
     try:
-        task = device_worker(device).submit(_worker, plan, run_path, events, stopped, resume)
+        task = device_worker(device).submit(_worker, plan, run_path, events, stopped, resume, stages)
     except RuntimeError:  # the interpreter is shutting down
         count_pending(device, -1)
         raise
@@ -122,7 +129,7 @@ def run_plan(
         futures.wait([task], timeout=close_wait)
 
 
-def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume: bool) -> None:
+def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume: bool, stages=None) -> None:
     """Run on the device's worker thread; every outcome ends in `events` (None, or an exception)."""
     start = time.perf_counter()
     record: dict = {}
@@ -137,19 +144,31 @@ def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume:
         config = plan.config
         record.update(load_record(run_path) if resume else {})
         record.update(
-            prompt=plan.prompt, seed=config.seed, preset=config.preset, guidance=plan.guidance_name, device=str(plan.device),
+            prompt=plan.prompt, seed=config.seed, preset=config.preset, guidance=plan.guidance_name,
             model_id=config.model_id, config=to_dict(config), packages=package_versions(), status="running",
-            started_at=None, ended_at=None,  # epoch seconds: when the run got the device, when it stopped
+            ended_at=None,
         )
+        if stages != ("export",):  # where it trains (a host's export-only call runs on the CPU: not recorded)
+            record["device"] = str(plan.device)
+        if stages is None:  # epoch seconds: when the run got the device (a host's later stage calls keep the first)
+            record["started_at"] = None
+        record.setdefault("started_at", None)
         record.setdefault("stage_seconds", {})
         record.setdefault("finished_stages", [])
         write_json_atomic(run_path / RUN_FILE, record)
         check_stop(stopped, "setup", 0)  # cancelled while it waited for the device
-        record["started_at"] = time.time()
-        paths = _run_stages(plan, run_path, record, state, emit, stopped)
-        record.update(status="finished", outputs=paths, total_seconds=time.perf_counter() - start, ended_at=time.time())
+        record["started_at"] = record["started_at"] or time.time()
+        paths = _run_stages(plan, run_path, record, state, emit, stopped, stages)
+        if paths is None:  # this call's stages are done; a later call runs the rest
+            record["stage_calls"] = record.get("stage_calls", 0) + 1
+            write_json_atomic(run_path / RUN_FILE, record)
+            emit(ProgressEvent(stage="paused", message=f"{', '.join(record['finished_stages'])} finished"))
+            events.put(None)
+            return
+        total = time.perf_counter() - start if stages is None else time.time() - record["started_at"]
+        record.update(status="finished", outputs=paths, total_seconds=total, ended_at=time.time())
         write_json_atomic(run_path / RUN_FILE, record)
-        emit(ProgressEvent(stage="done", message=f"done in {time.perf_counter() - start:.0f} s", paths=paths))
+        emit(ProgressEvent(stage="done", message=f"done in {total:.0f} s", paths=paths))
         events.put(None)
     except Cancelled as exc:
         fail_record(record, run_path, "cancelled", str(exc))
@@ -165,9 +184,14 @@ def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume:
         count_pending(plan.device, -1)
 
 
-def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, stopped) -> dict:
-    """Train and export; returns the output paths. Checkpoints and run.json are written after each stage."""
+def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, stopped, stages=None) -> dict | None:
+    """Train and export; returns the output paths, or None when `stages` (those this call may run; None =
+    all) left the export to a later call. Checkpoints and run.json are written after each stage."""
     prompt, config, device = plan.prompt, plan.config, plan.device
+    allowed = set(STAGES if stages is None else stages)
+    unknown = allowed - set(STAGES)
+    if unknown:
+        raise ValueError(f"stages must be among {list(STAGES)}, got {sorted(unknown)}")
 
     def on_step(e: StepEvent) -> None:
         spent = time.perf_counter() - state["stage_start"]
@@ -175,23 +199,40 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         emit(ProgressEvent(stage=e.stage, step=e.step, total=e.total, loss=e.loss, preview=e.preview,
                            message=e.message, stage_eta=eta))
 
-    emit(ProgressEvent(stage="setup", message=f"loading the {plan.guidance_name} guidance model on {device}"))
-    guidance = guidance_for(plan)
-    check_stop(stopped, "setup", 0)  # loading can take a while; a cancel may have come meanwhile
+    def guidance_model(seen: RunPlan, stage: str):
+        if stage == "coarse" or not guidance_loaded(seen):
+            why = "for the refine stage's cameras" if seen is not plan else f"on {device}"
+            emit(ProgressEvent(stage="setup" if stage == "coarse" else stage,
+                               message=f"loading the {plan.guidance_name} guidance model {why}"))
+        model = guidance_for(seen)
+        check_stop(stopped, "setup", 0)  # loading can take a while; a cancel may have come meanwhile
+        return model
+
+    def not_here(stage: str):
+        return StageError(stage, None, f"the {stage} stage is not finished, and this call may run only "
+                                       f"{sorted(allowed)}; run the stages in order")
 
     # Stage 1: coarse NeRF.
     if has_checkpoint(record, run_path, "coarse"):
         field = load_coarse_checkpoint(run_path / CHECKPOINTS["coarse"], device)
-        emit(ProgressEvent(stage="coarse", message="coarse stage restored from its checkpoint"))
+        if "coarse" in allowed:
+            emit(ProgressEvent(stage="coarse", message="coarse stage restored from its checkpoint"))
+    elif "coarse" not in allowed:
+        raise not_here("coarse")
     else:
+        guidance = guidance_model(plan, "coarse")
         state.update(stage="coarse", stage_start=time.perf_counter())
         result = coarse_stage.run(guidance, prompt, config.coarse, config.camera, device, on_step, stopped)
         field = result.field
         save_coarse_checkpoint(field, run_path)
         _finish_stage(record, "coarse", state, run_path, result.stats)
+        if not allowed & {"refine", "export"}:
+            return None
 
     # Stage 2: DMTet refine (or the coarse field's mesh when stopping after stage 1).
     if config.stop_after == "coarse":
+        if "export" not in allowed:
+            return None
         from geometry.dmtet import extract_mesh
 
         mesh = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
@@ -199,13 +240,14 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         color_field = field
     elif has_checkpoint(record, run_path, "refine"):
         mesh, color_field = load_refine_checkpoint(run_path / CHECKPOINTS["refine"], device)
-        emit(ProgressEvent(stage="refine", message="refine stage restored from its checkpoint"))
+        if "refine" in allowed:
+            emit(ProgressEvent(stage="refine", message="refine stage restored from its checkpoint"))
+    elif "refine" not in allowed:
+        raise not_here("refine")
     else:
+        seen = refine_plan(plan)  # its own cameras, and with them maybe its own model
+        guidance = guidance_model(seen, "refine")
         state.update(stage="refine", stage_start=time.perf_counter())
-        seen = refine_plan(plan)
-        if seen is not plan and not guidance_loaded(seen):  # its own cameras, and with them maybe its own model
-            emit(ProgressEvent(stage="refine", message=f"loading the {plan.guidance_name} guidance model for the refine stage's cameras"))
-        guidance = guidance_for(seen)
         check_stop(stopped, "refine", 0)
         result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped)
         mesh, color_field = (result.vertices, result.faces), result.color_field
@@ -213,6 +255,8 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         _finish_stage(record, "refine", state, run_path, result.stats)
     if mesh[1].shape[0] == 0:
         raise StageError(state["stage"], 0, "the result has no surface (empty mesh); try another seed or more steps")
+    if "export" not in allowed:
+        return None
 
     # Stage 3: export.
     state.update(stage="export", stage_start=time.perf_counter())

@@ -94,3 +94,24 @@ def refine_plan(plan: RunPlan) -> RunPlan:
     config = copy.deepcopy(plan.config)
     config.camera = scale_pose_jitter(config.camera, scale)
     return dataclasses.replace(plan, config=config)
+
+
+def plan_payload(plan: RunPlan) -> dict:
+    """The plan as plain data (prompt, model name, resolved config), to cross into another process (a ZeroGPU
+    call pickles its arguments): `plan_from_payload` rebuilds it there without adapting the config again."""
+    from stages.config import to_dict
+
+    config = to_dict(plan.config)
+    config["guidance"] = plan.guidance_name
+    return {"prompt": plan.prompt, "guidance": plan.guidance_name, "config": config}
+
+
+def plan_from_payload(data: dict, device: str | None = None) -> RunPlan:
+    """The plan of `plan_payload(...)`, on `device` (None = the config's own device setting, resolved where this runs)."""
+    from stages.config import from_dict
+
+    config = from_dict(data["config"])
+    config.check()
+    spec = registry.get(data["guidance"])
+    return RunPlan(prompt=check_prompt(data["prompt"]), device=resolve_device(device or config.device), guidance=spec,
+                   config=config)

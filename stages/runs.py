@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 RUN_FILE = "run.json"
+STOP_FILE = "stop-requested"  # written into a run folder to cancel it: the stage loops of any process check for it
 CHECKPOINTS = {"coarse": "coarse.pt", "refine": "refine.pt"}  # stage -> its checkpoint in the run folder
 _PACKAGES = ("torch", "diffusers", "transformers", "gradio", "trimesh", "xatlas", "numpy")  # versions kept in run.json
 
@@ -32,6 +33,22 @@ def new_run_dir(out_root: str | os.PathLike, prompt: str, seed: int) -> Path:
     path = Path(out_root) / f"{stamp}-{slugify(prompt)}-s{seed}-{secrets.token_hex(3)}"
     path.mkdir(parents=True, exist_ok=False)
     return path
+
+
+def request_stop(run_dir: str | os.PathLike) -> None:
+    """Ask the run in `run_dir` to stop, wherever it trains (this process or a forked GPU worker)."""
+    path = Path(run_dir)
+    if path.is_dir():
+        (path / STOP_FILE).touch()
+
+
+def stop_requested(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / STOP_FILE).exists()
+
+
+def clear_stop(run_dir: str | os.PathLike) -> None:
+    """Forget an earlier cancel (a run that is resumed on purpose)."""
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

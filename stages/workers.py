@@ -8,6 +8,7 @@ own): the next run with the same model and settings reuses it.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,3 +74,15 @@ def count_pending(device: torch.device, change: int) -> int:
         before = _PENDING_RUNS.get(str(device), 0)
         _PENDING_RUNS[str(device)] = before + change
         return before
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (a ZeroGPU call's worker) inherits these tables but not the threads behind them:
+    a worker thread of the parent would never serve it, and a lock held by another thread would never open."""
+    global _GUIDANCE_LOCK, _RUNS_LOCK
+    _GUIDANCE_LOCK, _RUNS_LOCK = threading.Lock(), threading.Lock()
+    _DEVICE_WORKERS.clear()
+    _PENDING_RUNS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -120,17 +120,6 @@ def test_web_message_names_the_menu_not_the_command_line_flag():
     assert "owner/model" in text and "\n" not in text
 
 
-def test_zero_gpu_duration_follows_the_step_counts():
-    from app_support import gpu_seconds
-    from stages.config import preset
-
-    standard, quick = preset("standard"), preset("quick")
-    assert gpu_seconds("a cat", standard) >= 0.15 * 5000 + 0.35 * 3000  # the steps alone
-    assert gpu_seconds("a cat", quick) < gpu_seconds("a cat", standard)
-    standard.stop_after = "coarse"
-    assert gpu_seconds("a cat", standard) < gpu_seconds("a cat", preset("standard"))
-
-
 def test_a_finished_run_of_an_earlier_server_is_read_back_and_paths_outside_are_refused(tmp_path):
     import json
 
