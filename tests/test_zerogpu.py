@@ -200,3 +200,59 @@ def test_a_failure_in_a_gpu_call_comes_back_as_an_event_with_its_message(hosted,
     events = list(hosted.gpu_stage_call(plan_payload(plan), str(run_dir), "refine", True))  # refine before coarse
     assert events[-1].stage == "failed" and "coarse stage is not finished" in events[-1].message
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------------------------- the app on a stand-in Space
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_pipelines import save_tiny_sd
+
+    return str(save_tiny_sd(tmp_path_factory.mktemp("tiny-sd")))
+
+
+def test_the_app_on_a_zerogpu_space_runs_stable_diffusion_cancels_and_runs_again(tiny_sd, tmp_path):
+    """What a Space owner sees with the real host's rules (the stand-in): a tiny SD run start to finish, a run
+    over the cap refused at once, a cancel that stops the worker within seconds, and a second run after it."""
+    from helpers import ROOT, launch_app, run_dir_from_status
+
+    log = tmp_path / "requests.jsonl"
+    env = {"PYTHONPATH": os.pathsep.join([str(STANDIN), str(ROOT)]), "SPACES_ZERO_GPU": "true", "HF_HUB_OFFLINE": "1",
+           "ZEROGPU_STANDIN_LOG": str(log), "ZEROGPU_STANDIN_TIME_SCALE": "20"}
+    steps = [a for item in ["coarse.iters=3", "refine.iters=2", "refine.resolution=32"] for a in ("--set", item)]
+    args = dict(prompt="a red cube", preset="fast", seed=0, guidance="stable-diffusion", model_id="")
+    with launch_app(tmp_path, ["--model-id", tiny_sd, *steps], env) as (client, proc):
+        gallery, status, model, files, latest, run_id = client.predict(**args, api_name="/generate")[:6]
+        run_dir = run_dir_from_status(status, tmp_path)
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "finished" and record["guidance"] == "stable-diffusion" and record["stage_calls"] == 2
+        assert model.endswith("model.glb") and sorted(Path(f).name for f in files) == ["model.glb", "model.zip"]
+        assert gallery and latest is not None  # previews came back through the calls
+        assert [r["refused"] for r in _requests(log)] == [False, False]
+
+        with pytest.raises(Exception, match="choose the 'fast' preset"):
+            client.predict(**dict(args, preset="standard", coarse_iters=20000), api_name="/generate")
+        assert len(_requests(log)) == 2  # refused before any GPU call
+
+        job = client.submit(**dict(args, coarse_iters=2000), api_name="/generate")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any((d / "coarse.pt").exists() or _step_seen(d) for d in _runs(tmp_path, run_dir)):
+            time.sleep(0.2)
+        cancelled = _runs(tmp_path, run_dir)[0]
+        job.cancel()
+        asked = time.monotonic()
+        while time.monotonic() < asked + 30 and json.loads((cancelled / "run.json").read_text())["status"] == "running":
+            time.sleep(0.2)
+        assert json.loads((cancelled / "run.json").read_text())["status"] == "cancelled"
+        assert time.monotonic() - asked < 10
+
+        status = client.predict(**dict(args, prompt="a blue sphere"), api_name="/generate")[1]
+        assert json.loads((run_dir_from_status(status, tmp_path) / "run.json").read_text())["status"] == "finished"
+        assert proc.poll() is None
+
+
+def _runs(root: Path, *besides: Path) -> list[Path]:
+    return [d for d in root.iterdir() if (d / "run.json").exists() and d not in besides]
+
+
+def _step_seen(run_dir: Path) -> bool:
+    return json.loads((run_dir / "run.json").read_text()).get("started_at") is not None
