@@ -18,7 +18,7 @@ import torch
 
 from guidance import registry
 from stages.config import MAX_SEED, PRESETS, STAGES, apply_overrides, preset
-from app_gpu import GPU_PRESETS, ZEROGPU_PRESET, check_fits, hosted_events, on_zerogpu, preset_label
+from app_gpu import GPU_PRESETS, ZEROGPU_CALL_CAP, ZEROGPU_PRESET, check_fits, hosted_events, on_zerogpu, preset_label
 from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, int_setting, wait_until, web_message
 from stages.plan import resolve_device
 from stages.runs import new_run_dir, prune_runs
@@ -60,6 +60,12 @@ def preset_choices(guidance: str) -> list:
     if not on_zerogpu():
         return list(PRESETS)
     return [(preset_label(name, guidance), name) if name in GPU_PRESETS else name for name in PRESETS]
+
+
+def preset_info() -> str | None:
+    if not on_zerogpu():
+        return None
+    return f"GPU time of a run here; one GPU call may last {ZEROGPU_CALL_CAP} s"
 
 
 def example_prompts() -> list[str]:
@@ -208,7 +214,8 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder=example_prompts()[0], max_lines=1, elem_id="prompt")
                 with gr.Row():
-                    preset_in = gr.Dropdown(preset_choices(guidance), value=default_preset(device), label="Preset")
+                    preset_in = gr.Dropdown(preset_choices(guidance), value=default_preset(device), label="Preset",
+                                            elem_id="preset", info=preset_info())
                     # A text box, so that a bad seed sent to the API gets our message that names it.
                     seed = gr.Textbox(value="0", label=f"Seed (0 to {MAX_SEED})", max_lines=1, elem_id="seed")
                 guidance_in = gr.Dropdown(list(registry.choices()), value=registry.AUTO, label="Guidance model")

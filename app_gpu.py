@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from pathlib import Path
 
 from stages.gpu_cost import CARDS, run_gpu_seconds, stage_calls
@@ -96,7 +97,7 @@ def preset_label(name: str, guidance: str) -> str:
     seconds = projected_seconds(config, guidance)
     worst = max(s for _, s in call_requests(config, guidance))
     fits = worst <= ZEROGPU_CALL_CAP
-    return f"{name} · about {_minutes(seconds)} of GPU" + ("" if fits else f" · over ZeroGPU's {ZEROGPU_CALL_CAP} s per call")
+    return f"{name} (~{_minutes(seconds)} GPU" + (")" if fits else ", too long here)")
 
 
 def stage_call(payload: dict, run_dir: str, stage: str, first: bool):
@@ -134,6 +135,7 @@ def hosted_events(plan, run_dir: str, should_stop):
     from stages.plan import plan_from_payload, plan_payload
     from stages.runs import fail_record, load_record
 
+    start = time.perf_counter()
     payload = plan_payload(plan)
     calls = [stage for stage, _ in call_requests(plan.config, plan.guidance_name)]
     for i, stage in enumerate(calls):
@@ -145,6 +147,7 @@ def hosted_events(plan, run_dir: str, should_stop):
                 if event.stage == "failed":
                     raise RuntimeError(event.message)
                 if event.stage != "paused":
+                    event.elapsed = time.perf_counter() - start  # the run's time, not the call's
                     yield event
         except (Cancelled, RuntimeError):
             raise
@@ -158,5 +161,7 @@ def hosted_events(plan, run_dir: str, should_stop):
                 pass
             raise RuntimeError(message) from exc
     check_stop(should_stop, "export", 0)
-    yield from run_plan(plan_from_payload(payload, device="cpu"), run_dir=run_dir, resume=True, stages=("export",),
-                        should_stop=should_stop)
+    for event in run_plan(plan_from_payload(payload, device="cpu"), run_dir=run_dir, resume=True, stages=("export",),
+                          should_stop=should_stop):
+        event.elapsed = time.perf_counter() - start
+        yield event

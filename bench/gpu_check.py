@@ -4,6 +4,7 @@ how fast it is and how much memory it needs, without a network or a download.
     python -m bench.gpu_check                      # SD 2.1 base and IF-I-XL architectures, `standard`, 3 steps/stage
     python -m bench.gpu_check --steps 5 --models sd
     python -m bench.gpu_check --tiny               # the dry run: tiny models on the CPU (the test suite runs it)
+    python -m bench.gpu_check --zerogpu            # no GPU: each preset's GPU calls on a ZeroGPU Space (bench/zerogpu_plan.py)
 
 For each guidance model it builds the real architecture with random weights in fp16
 (bench/random_models.py), then:
@@ -183,9 +184,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per stage (the first is not counted)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="seconds the whole check may take")
     parser.add_argument("--tiny", action="store_true", help="dry run: tiny models on the CPU")
+    parser.add_argument("--zerogpu", action="store_true",
+                        help="no GPU needed: the GPU calls of each preset on a ZeroGPU Space, against its cap and quotas")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu_check.json"))
     args = parser.parse_args(argv)
+    if args.zerogpu:
+        from bench.zerogpu_plan import main as zerogpu_main
+
+        return zerogpu_main()
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is not counted)")
     if not args.tiny and not torch.cuda.is_available():

@@ -158,6 +158,8 @@ def test_a_run_is_a_gpu_call_per_stage_then_the_export_here(hosted, tmp_path):
     assert record["status"] == "finished" and record["finished_stages"] == ["coarse", "refine", "export"]
     assert record["stage_calls"] == 2 and record["device"] == "cpu"
     assert all(Path(p).is_file() for p in events[-1].paths.values())
+    elapsed = [e.elapsed for e in events]
+    assert elapsed == sorted(elapsed)  # the run's clock across the calls, not each call's own
     requests = _requests(tmp_path / "requests.jsonl")
     assert [r["seconds"] for r in requests] == [s for _, s in hosted.call_requests(plan.config, "primitives")]
 
@@ -256,3 +258,15 @@ def _runs(root: Path, *besides: Path) -> list[Path]:
 
 def _step_seen(run_dir: Path) -> bool:
     return json.loads((run_dir / "run.json").read_text()).get("started_at") is not None
+
+
+def test_the_zerogpu_table_exits_0_only_when_the_default_preset_fits(monkeypatch, capsys):
+    from bench import zerogpu_plan
+    from bench.gpu_check import main
+
+    assert main(["--zerogpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fast" in out and "standard" in out and "OK" in out
+    monkeypatch.setattr(zerogpu_plan, "ZEROGPU_PRESET", "standard")
+    assert main(["--zerogpu"]) == 1
+    assert "FAILS" in capsys.readouterr().out

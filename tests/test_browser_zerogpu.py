@@ -1,0 +1,85 @@
+"""The page on a ZeroGPU Space, in headless Chromium: the stand-in host of tests/zerogpu forks a GPU call per
+stage, as Hugging Face's does. The preset menu shows each preset's GPU time, a run finishes with the model in
+the viewer and both downloads, and a cancel mid-run says where it stopped. Needs what tests/test_browser.py
+needs (skipped with the reason where it is missing); set DREAMLIFT_SCREENSHOT_DIR to keep the screenshots."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from helpers import ROOT, TINY_SETTINGS, free_port, stop_server
+from test_browser import (  # noqa: F401 - the module's skip (no Chromium) applies here too
+    _answers, _generate, _open, _run_id, _shot, _status, _until, browser, pytestmark,
+)
+
+By = pytest.importorskip("selenium.webdriver.common.by").By
+STANDIN = ROOT / "tests" / "zerogpu"
+
+
+@pytest.fixture(scope="module")
+def zerogpu_url(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zerogpu-outputs")
+    port = free_port()
+    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False", SPACES_ZERO_GPU="true",
+               PYTHONPATH=os.pathsep.join([str(STANDIN), str(ROOT)]), ZEROGPU_STANDIN_TIME_SCALE="20",
+               ZEROGPU_STANDIN_LOG=str(out.parent / "zerogpu-requests.jsonl"))
+    args = [sys.executable, "app.py", "--port", str(port)]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    log_path = out.parent / "zerogpu-server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            _until(lambda: _answers(url) or proc.poll() is not None, "the app to start")
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            yield url, out, log_path
+        finally:
+            stop_server(proc)
+
+
+def _viewer_shows_a_model(driver):
+    canvas = driver.find_elements(By.CSS_SELECTOR, "#viewer canvas")
+    if not canvas:
+        return None
+    image = Image.open(io.BytesIO(canvas[0].screenshot_as_png)).convert("RGB")
+    changed = sum(1 for p in image.getdata() if min(p) < 200)  # not the white background
+    return changed / (image.width * image.height) > 0.02
+
+
+def test_a_run_on_a_zerogpu_space_finishes_in_the_page_and_a_cancel_stops_the_next(zerogpu_url, browser):
+    url, out, log_path = zerogpu_url
+    _open(browser, url)
+    shown = _until(lambda: browser.execute_script("const e = document.querySelector('#preset input'); "
+                                                  "return e && e.value;"), "the preset menu")
+    assert shown.startswith("fast (~") and shown.endswith(" GPU)"), shown  # the default, with its GPU time
+    _generate(browser, "a red cube")
+    _until(lambda: _status(browser).startswith("Done"), "the run to finish")
+    _until(lambda: _viewer_shows_a_model(browser), "the model to appear in the viewer")
+    _shot(browser, "zerogpu-finished.png")
+    links = sorted(a.get_attribute("download") for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a.download-link"))
+    assert links == ["model.glb", "model.zip"], links
+    record = json.loads((out / _run_id(browser) / "run.json").read_text())
+    assert record["status"] == "finished" and record["stage_calls"] == 2
+    calls = [json.loads(line) for line in (out.parent / "zerogpu-requests.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and all(0 < c["seconds"] <= 300 for c in calls)
+
+    # A longer run, cancelled in its coarse stage: the worker process stops, and the page says where.
+    browser.find_element(By.CSS_SELECTOR, "#advanced").click()
+    steps = browser.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]")
+    steps.clear()
+    steps.send_keys("3000")
+    _generate(browser, "a blue sphere")
+    _until(lambda: " step " in _status(browser) and "Coarse" in _status(browser), "the coarse stage to report a step")
+    asked = time.monotonic()
+    browser.find_element(By.CSS_SELECTOR, "#cancel").click()
+    _until(lambda: _status(browser).startswith("Cancelled"), "the page to say the run was cancelled", timeout=30)
+    assert time.monotonic() - asked < 15
+    _shot(browser, "zerogpu-cancelled.png")
+    cancelled = out / _run_id(browser)
+    assert json.loads((cancelled / "run.json").read_text())["status"] == "cancelled"
