@@ -3,6 +3,7 @@
     python app.py                      # http://127.0.0.1:7860
     python app.py --host 0.0.0.0 --port 8080 --queue-size 8 --keep-runs 20 --max-output-gb 5
     python app.py --model-id stable-diffusion-v1-5/stable-diffusion-v1-5   # or env DREAMLIFT_MODEL_ID
+    python app.py --model-id stable-diffusion=/models/sd15 --model-id deepfloyd-if=/models/if   # one per family
 
 All training happens in `stages.pipeline.generate`; this file only wires the UI to it.
 """
@@ -26,7 +27,7 @@ from stages.runs import new_run_dir, prune_runs
 OUTPUT_ROOT = Path(os.environ.get("DREAMLIFT_OUTPUT_DIR", "outputs")).resolve()  # every run's folder is made here
 KEEP_RUNS = int(os.environ.get("DREAMLIFT_KEEP_RUNS", "20"))  # finished runs kept under OUTPUT_ROOT (oldest pruned)
 MAX_OUTPUT_BYTES = int(os.environ.get("DREAMLIFT_MAX_OUTPUT_BYTES", "0"))  # bytes the earlier runs may take; 0 = no bound
-MODEL_ID = os.environ.get("DREAMLIFT_MODEL_ID") or None  # the server's default hub id / folder for SD and IF; None = theirs
+MODEL_IDS: dict[str, str] = {}  # guidance family -> the server's default hub id / folder for it (none = the model's own)
 SERVED_FILE_AGE = 24 * 3600  # seconds Gradio keeps its served copies of results (previews, GLB, zip) before deleting them
 CLOSE_WAIT = 1.0  # seconds a cancel waits for the worker in Gradio's event loop (the next run waits for the device)
 CANCEL_WAIT = 10.0  # seconds the Cancel button waits for the run to stop (it stops within a step)
@@ -72,6 +73,33 @@ def example_prompts() -> list[str]:
     return registry.get(default_guidance()).examples()
 
 
+def server_model_ids(values: list[str], overrides: list[str], env: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """The server's model id per family from `--model-id [FAMILY=]ID` values, a `--set model_id=...` (obeyed as
+    one, not left for each run to overwrite) and DREAMLIFT_MODEL_ID; and the other overrides. A bare id is for
+    stable-diffusion. ValueError names a bad value or a family that takes no model id."""
+    model_ids = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "model_id" and "=" in o]
+    rest = [o for o in overrides if o.split("=", 1)[0].strip() != "model_id"]
+    ids = {}
+    for value in ([env] if env and env.strip() else []) + list(values) + model_ids:
+        family, sep, model_id = value.partition("=")
+        if not sep or family.strip() not in registry.names():
+            family, model_id = "stable-diffusion", value  # a bare id (a hub id or a path may hold "=")
+        family, model_id = family.strip(), model_id.strip()
+        if not registry.get(family).takes_model_id:
+            with_ids = ", ".join(n for n in registry.names() if registry.get(n).takes_model_id)
+            raise ValueError(f"--model-id: {family} has no weights, so it takes no model id (families with one: {with_ids})")
+        if not model_id or len(model_id) > 300 or any(ord(c) < 32 for c in model_id):
+            raise ValueError(f"--model-id expects [FAMILY=]ID with a one-line id, got {value!r}")
+        ids[family] = model_id
+    return ids, rest
+
+
+def model_id_placeholder() -> str:
+    if not MODEL_IDS:
+        return "empty = the guidance model's default"
+    return "empty = this server's: " + ", ".join(f"{family} {model_id}" for family, model_id in MODEL_IDS.items())
+
+
 def build_plan(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, texture_size, stop_after, model_id=None):
     """Validate the UI/API inputs (gr.Error naming what to change) and resolve the run's plan, once."""
     from stages.plan import check_prompt, resolve, resolve_guidance
@@ -92,7 +120,7 @@ def build_plan(prompt, preset_name, seed, guidance, coarse_iters, refine_iters, 
         check_prompt(prompt)
         config.check()
         spec = resolve_guidance(config, resolve_device(config.device))
-        config.model_id = check_model_id(model_id, spec) or (MODEL_ID if spec.takes_model_id else None)
+        config.model_id = check_model_id(model_id, spec) or MODEL_IDS.get(spec.name)
         plan = resolve(prompt, config)
         if on_zerogpu():  # every GPU call must fit the host's cap: refused here, before any GPU time is taken
             check_fits(plan.config, plan.guidance_name)
@@ -221,7 +249,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                 guidance_in = gr.Dropdown(list(registry.choices()), value=registry.AUTO, label="Guidance model")
                 with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                     model_id = gr.Textbox(label="Model id (hub id or local folder, for stable-diffusion and deepfloyd-if)",
-                                          placeholder=MODEL_ID or "empty = the guidance model's default", max_lines=1)
+                                          placeholder=model_id_placeholder(), max_lines=1)
                     coarse_iters = gr.Slider(*ADVANCED_LIMITS["coarse_iters"], value=0, step=1, label="Coarse steps (0 = the preset's)",
                                              elem_id="coarse-steps")
                     refine_iters = gr.Slider(*ADVANCED_LIMITS["refine_iters"], value=0, step=1, label="Refine steps (0 = the preset's)")
@@ -294,7 +322,7 @@ URL_JS = """(id) => {  // the run id in the address bar, so that a reload finds 
 
 
 def main(argv=None) -> None:
-    global KEEP_RUNS, MAX_OUTPUT_BYTES, MODEL_ID
+    global KEEP_RUNS, MAX_OUTPUT_BYTES
     parser = argparse.ArgumentParser(description="DreamLift web app")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -302,8 +330,9 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-runs", type=int, default=KEEP_RUNS, help="finished runs kept under the output folder")
     parser.add_argument("--max-output-gb", type=float, default=MAX_OUTPUT_BYTES / 1e9,
                         help="disk the earlier runs may take, GB (oldest pruned first); 0 = no bound")
-    parser.add_argument("--model-id", default=MODEL_ID,
-                        help="hub id or local folder for stable-diffusion / deepfloyd-if runs (env DREAMLIFT_MODEL_ID); "
+    parser.add_argument("--model-id", action="append", default=[], metavar="[FAMILY=]ID",
+                        help="hub id or local folder this server's stable-diffusion or deepfloyd-if runs load (repeatable, "
+                             "one per family; a bare id is for stable-diffusion; env DREAMLIFT_MODEL_ID); "
                              "the page's Model id box overrides it per run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every run, e.g. coarse.iters=300 (repeatable)")
@@ -312,7 +341,12 @@ def main(argv=None) -> None:
         parser.error(f"--keep-runs and --queue-size must be >= 1 and --max-output-gb >= 0, got {args.keep_runs}, "
                      f"{args.queue_size}, {args.max_output_gb}")
     KEEP_RUNS, MAX_OUTPUT_BYTES = args.keep_runs, int(args.max_output_gb * 1e9)
-    MODEL_ID = (args.model_id or "").strip() or None
+    try:
+        ids, args.overrides = server_model_ids(args.model_id, args.overrides, os.environ.get("DREAMLIFT_MODEL_ID"))
+    except ValueError as exc:
+        parser.error(str(exc))
+    MODEL_IDS.clear()
+    MODEL_IDS.update(ids)
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
     demo = build_demo(args.queue_size, args.overrides)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(OUTPUT_ROOT)], show_error=True, css=CSS)

@@ -139,11 +139,11 @@ def test_a_finished_run_of_an_earlier_server_is_read_back_and_paths_outside_are_
 def test_the_server_model_id_applies_to_hub_models_and_the_page_box_overrides_it(monkeypatch):
     import app
 
-    monkeypatch.setattr(app, "MODEL_ID", "my/sd-model")
-    sd = app.build_config("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", "")
-    assert sd.model_id == "my/sd-model"
-    assert app.build_config("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", " other/id ").model_id == "other/id"
-    assert app.build_config("a red cube", "quick", "0", "primitives", 0, 0, 0, "coarse", "").model_id is None
+    monkeypatch.setattr(app, "MODEL_IDS", {"stable-diffusion": "my/sd-model"})
+    sd = app.build_plan("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", "")
+    assert sd.config.model_id == "my/sd-model"
+    assert app.build_plan("a teapot", "quick", "0", "stable-diffusion", 0, 0, 0, "coarse", " other/id ").config.model_id == "other/id"
+    assert app.build_plan("a red cube", "quick", "0", "primitives", 0, 0, 0, "coarse", "").config.model_id is None
 
 
 def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypatch, tmp_path):
@@ -166,3 +166,29 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
     assert shown[-1].startswith("**Error:**") and "loading" not in shown[-1].lower().split("error:")[0]
     for text in (shown[-1], err.value.message):
         assert "my/sd-model" in text and '"primitives" in the Guidance model menu' in text and "--guidance" not in text
+
+
+def test_server_model_ids_are_kept_per_family_and_a_set_model_id_is_obeyed():
+    from app import server_model_ids
+
+    ids, rest = server_model_ids(["/models/sd15", "deepfloyd-if=/models/if"], ["coarse.iters=3"], None)
+    assert ids == {"stable-diffusion": "/models/sd15", "deepfloyd-if": "/models/if"} and rest == ["coarse.iters=3"]
+    ids, rest = server_model_ids([], ["model_id=owner/sd-x", "refine.iters=2"], "owner/from-env")
+    assert ids == {"stable-diffusion": "owner/sd-x"} and rest == ["refine.iters=2"]  # the later one wins
+    with pytest.raises(ValueError, match="primitives has no weights"):
+        server_model_ids(["primitives=x"], [], None)
+    with pytest.raises(ValueError, match="one-line id"):
+        server_model_ids(["deepfloyd-if="], [], None)
+
+
+def test_the_server_model_id_of_one_family_is_not_used_by_another(monkeypatch):
+    import app
+
+    monkeypatch.setattr(app, "MODEL_IDS", {"stable-diffusion": "owner/sd-x"})
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", [])
+    sd = app.build_plan("a teapot", "quick", 0, "stable-diffusion", None, None, None, "export", "")
+    assert sd.config.model_id == "owner/sd-x"
+    deepfloyd = app.build_plan("a teapot", "quick", 0, "deepfloyd-if", None, None, None, "export", "")
+    assert deepfloyd.config.model_id is None  # IF's own default, not SD's id
+    typed = app.build_plan("a teapot", "quick", 0, "deepfloyd-if", None, None, None, "export", " owner/if-y ")
+    assert typed.config.model_id == "owner/if-y"

@@ -80,7 +80,7 @@ def test_app_refuses_bad_server_settings():
 
 
 @pytest.mark.parametrize("preset, guidance, stop_after, message", [
-    ("huge", "auto", "export", "preset must be one of ['quick', 'standard', 'high'], got 'huge'"),
+    ("huge", "auto", "export", "preset must be one of ['quick', 'fast', 'standard', 'high'], got 'huge'"),
     ("quick", "magic", "export", "guidance must be one of ['auto', 'primitives', 'stable-diffusion', 'deepfloyd-if'], "
                                  "got 'magic'"),
     ("quick", "auto", "never", "stop_after must be one of ['coarse', 'refine', 'export'], got 'never'"),
@@ -89,5 +89,5 @@ def test_app_names_a_bad_menu_value_once_checked_by_resolve(preset, guidance, st
     import gradio as gr
 
     with pytest.raises(gr.Error) as err:
-        app.build_config("a red cube", preset, "0", guidance, 0, 0, 0, stop_after)
+        app.build_plan("a red cube", preset, "0", guidance, 0, 0, 0, stop_after)
     assert err.value.message == message

@@ -59,7 +59,7 @@ def test_prompts_file_runs_each_line_into_its_folder(tmp_path):
         (["a red\tcube", "--guidance", "primitives"], "control characters"),
         (["a red cube", "--guidance", "primitives", "--seed", "abc"], "--seed: invalid int value: 'abc'"),
         (["a red cube", "--guidance", "primitives", "--seed", str(2**40)], "seed must be an integer in [0, 4294967295]"),
-        (["a red cube", "--preset", "turbo"], "choose from 'quick', 'standard', 'high'"),
+        (["a red cube", "--preset", "turbo"], "choose from 'quick', 'fast', 'standard', 'high'"),
         (["a red cube", "--guidance", "dall-e"], "choose from 'auto', 'primitives'"),
         (["--set", "coarse.iters=3"], "give exactly one of"),
     ],

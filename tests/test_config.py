@@ -22,11 +22,14 @@ def test_presets_scale_up():
     assert standard.coarse.resolution == 64
     assert quick.coarse.iters < standard.coarse.iters < high.coarse.iters
     assert standard.refine.grid_resolution < high.refine.grid_resolution
+    fast = preset("fast")  # a GPU preset cut down from standard along the GPU cost model
+    assert fast.coarse.iters < standard.coarse.iters and fast.refine.iters < standard.refine.iters
+    assert fast.refine.resolution < standard.refine.resolution and fast.refine.grid_resolution < standard.refine.grid_resolution
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ValueError, match="quick"):
-        preset("fast")
+    with pytest.raises(ValueError, match="'quick', 'fast', 'standard', 'high'"):
+        preset("turbo")
 
 
 def test_overrides_parse_to_the_field_type():

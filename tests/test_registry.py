@@ -102,9 +102,9 @@ def test_a_fourth_model_registered_in_one_file_runs_through_the_pipeline(still_m
 def test_the_command_line_the_app_and_the_batch_offer_the_new_model(still_model, tmp_path):
     args = cli.parse_args(["a still cube", "--guidance", "still", "--device", "cpu"])
     assert cli.build_config(args).guidance == "still"
-    assert app.build_config("a still cube", "quick", "0", "still", 0, 0, 0, "export", "").guidance == "still"
+    assert app.build_plan("a still cube", "quick", "0", "still", 0, 0, 0, "export", "").guidance_name == "still"
     with pytest.raises(app.gr.Error, match="has no weights"):
-        app.build_config("a still cube", "quick", "0", "still", 0, 0, 0, "export", "some/id")
+        app.build_plan("a still cube", "quick", "0", "still", 0, 0, 0, "export", "some/id")
     lines = [(1, "a still cube"), (2, "a teapot")]
     with pytest.raises(ValueError, match="line 2: the still model cannot draw teapots"):
         check_prompts(tmp_path / "prompts.txt", lines, tiny_run_config(guidance="still"), "cpu")
