@@ -54,7 +54,7 @@ from stages.runs import slugify
 BENCH_COLORS = ("red", "blue")  # the default prompts: every shape in these colours
 QUICK_PROMPTS = ("a red cube", "a blue sphere")
 QUICK_OVERRIDES = (  # --quick: a CPU smoke run of a couple of minutes, not a quality figure
-    "prior_resolution=32", "prior_renders_per_view=24",
+    "prior.resolution=32", "prior.renders_per_view=24",
     "coarse.iters=60", "coarse.resolution=32", "coarse.preview_every=0", "coarse.volume.num_samples=24",
     "refine.iters=10", "refine.resolution=32", "refine.grid_resolution=24", "refine.preview_every=0",
     "export.texture_size=128", "export.turntable=false",

@@ -175,4 +175,4 @@ def test_resume_counts_a_run_finished_only_when_its_own_run_json_says_so(tmp_pat
     resumed = load_plan(tmp_path)
     assert [r.status for r in resumed.runs] == ["finished", "pending", "pending"]
     assert [r.index for r in resumed.todo()] == [1, 2]
-    assert resumed.config.prior_resolution == 16 and resumed.runs[2].prompt == PROMPTS[2]
+    assert resumed.config.prior.resolution == 16 and resumed.runs[2].prompt == PROMPTS[2]

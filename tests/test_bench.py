@@ -13,7 +13,7 @@ from stages.refine import TIMING_PARTS
 from stages.runs import slugify
 
 TINY = [
-    "prior_resolution=16", "prior_renders_per_view=4",
+    "prior.resolution=16", "prior.renders_per_view=4",
     "coarse.iters=3", "coarse.resolution=16", "coarse.volume.num_samples=16",
     "refine.iters=2", "refine.resolution=16", "refine.grid_resolution=16",
     "export.texture_size=64", "export.turntable=false",
@@ -117,7 +117,7 @@ def test_a_crashing_run_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch
 
 
 def test_coarse_quality_measures_each_run(tmp_path, capsys):
-    sets = _sets(["prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",
+    sets = _sets(["prior.resolution=16", "prior.renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",
                   "coarse.preview_every=0"])
     code = coarse_quality.main(["--prompts", "a red cube", "--seeds", "0", "1", "--json", str(tmp_path / "c.json"), *sets])
     assert code == 0

@@ -185,7 +185,7 @@ def test_quick_settings_recover_the_primitive_shape_and_colour(small_prior, prom
     # The quick preset's coarse stage as a run with the prior gets it, at 32 px (4x cheaper than 64 px).
     config = quick_primitives_config(coarse_iters=400, resolution=32, prompt=prompt)
     config.coarse.seed = seed
-    prior = small_prior.with_background(config.prior_background)
+    prior = small_prior.with_background(config.prior.background)
     color, shape, _ = parse_prompt(prompt)
     result = coarse.run(prior, prompt, config.coarse, config.camera)
     scores = evaluate_field(result.field, shape, color)
