@@ -11,18 +11,8 @@ import torch
 
 from guidance import DEFAULT_SD_MODEL_ID, REMOVED_SD_MODEL_ID, GuidanceLoadError, load
 from guidance.sds import SDSConfig, SDSLoss
-from tiny_pipelines import save_tiny_if, save_tiny_sd
 
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def if_folder(tmp_path_factory):
-    return save_tiny_if(tmp_path_factory.mktemp("tiny-if"))
+# sd_folder, if_folder: the tiny pipelines of tests/tiny_pipelines.py, built once per session (conftest.py).
 
 
 def _sds_step(guidance, size: int):

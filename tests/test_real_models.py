@@ -10,7 +10,6 @@ import generate as cli
 from stages import pipeline, workers
 from stages.pipeline import generate
 from helpers import TINY_SETTINGS, launch_app
-from tiny_pipelines import save_tiny_if, save_tiny_sd
 
 OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
            "coarse.pt", "refine.pt")
@@ -19,9 +18,8 @@ STEPS = [*TINY_SETTINGS, "coarse.iters=3", "refine.iters=2", "refine.resolution=
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {"stable-diffusion": save_tiny_sd(tmp_path_factory.mktemp("tiny-sd")),
-            "deepfloyd-if": save_tiny_if(tmp_path_factory.mktemp("tiny-if"))}
+def folders(sd_folder, if_folder):
+    return {"stable-diffusion": sd_folder, "deepfloyd-if": if_folder}
 
 
 def _argv(prompt, name, folder, out, extra=()):
