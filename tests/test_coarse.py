@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from helpers import FakeGuidance, quick_primitives_config
 
+from bench.evaluate import evaluate_field
 from geometry.nerf import FieldConfig
 from guidance.primitive_shapes import COLORS, parse_prompt
 from guidance.sds import SDSConfig
+from helpers import FakeGuidance, quick_primitives_config
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
 from stages import coarse
 from stages.coarse import CoarseConfig
 from stages.common import Cancelled, StageError, StepEvent
 from stages.config import preset
-from bench.evaluate import evaluate_field
 
 PROMPT = "a green cube"
 

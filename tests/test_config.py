@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 
+from guidance import registry
 from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, DARK_BACKGROUND
 from renderers.cameras import CameraConfig
-from guidance import registry
 from stages.config import PRESETS, Config, apply_overrides, from_dict, preset, to_dict
 
 

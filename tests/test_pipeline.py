@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import trimesh
 
-from helpers import NaNGuidance, tiny_run_config
 from guidance.primitive_shapes import UnknownPromptError
+from helpers import NaNGuidance, tiny_run_config
 from stages import pipeline
 from stages.common import Cancelled, StageError
 from stages.pipeline import PromptError, generate, run_to_completion

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import generate as cli
+from helpers import TINY_SETTINGS, launch_app
 from stages import pipeline, workers
 from stages.pipeline import generate
-from helpers import TINY_SETTINGS, launch_app
 
 OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
            "coarse.pt", "refine.pt")

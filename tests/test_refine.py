@@ -4,13 +4,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import quick_primitives_config
 
 from geometry.dmtet import extract_mesh
 from geometry.metrics import volumetric_iou
 from geometry.tets import is_watertight
 from guidance.primitive_shapes import primitive_mesh
 from guidance.sds import SDSConfig
+from helpers import quick_primitives_config
 from stages import coarse, refine
 from stages.common import Cancelled, StageError
 
