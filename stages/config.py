@@ -130,6 +130,9 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def set_field(config, key: str, raw: str) -> None:
+    if key.startswith("prior_") and key.removeprefix("prior_") in PRIOR_FLAT_KEYS:
+        raise ValueError(f"unknown setting {key!r}: the primitives prior's settings are a group now, "
+                         f"set prior.{key.removeprefix('prior_')}=...")
     target, parts = config, key.split(".")
     for i, name in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]

@@ -89,6 +89,8 @@ def test_unset_settings_can_be_unset_again_and_the_plan_holds_no_unset_value():
 def test_the_prior_settings_are_one_group_and_old_run_files_still_read():
     config = apply_overrides(preset("quick"), ["prior.resolution=32", "prior.elevation_sigma=0"])
     assert (config.prior.resolution, config.prior.elevation_sigma) == (32, 0.0)
+    with pytest.raises(ValueError, match="set prior.renders_per_view=..."):
+        apply_overrides(preset("quick"), ["prior_renders_per_view=4"])
     with pytest.raises(ValueError, match="prior.resolution must be an integer in"):
         apply_overrides(preset("quick"), ["prior.resolution=8"])
     old = to_dict(preset("quick"))

@@ -68,6 +68,7 @@ def test_fp16_falls_back_to_full_precision_files(sd_folder, monkeypatch):
     assert guidance.unet.dtype == guidance.vae.dtype == guidance.text_encoder.dtype == torch.float16
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sds_step_in_fp16_on_cuda(sd_folder, if_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
