@@ -170,6 +170,7 @@ def nearest_color(rgb: list[float]) -> str:
     return min(COLORS, key=lambda name: float(np.linalg.norm(np.array(COLORS[name]) - np.array(rgb))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prompt, seed, max_color_error",
     # The green cube's bound is 0.35: with the prior's tenfold MLP learning rate its coarse albedo is

@@ -11,6 +11,8 @@ from helpers import TINY_SETTINGS, launch_app
 from stages import pipeline, workers
 from stages.pipeline import generate
 
+pytestmark = pytest.mark.slow  # whole runs through every stage with the tiny hub models
+
 OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
            "coarse.pt", "refine.pt")
 # A few steps per stage, renders at the tiny models' 16 px (refine renders 32 px, box-filtered to 16).
@@ -90,6 +92,7 @@ def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, t
         assert torch.isfinite(torch.tensor([e.loss for e in events if e.loss is not None])).all()
 
 
+@pytest.mark.server
 def test_app_runs_stable_diffusion_twice_then_deepfloyd_if_in_one_server(folders, tmp_path):
     """The path every GPU user takes, through the app's API: runs back to back in one server,
     on the model it keeps loaded (the server's --model-id; the page's Model id box for IF)."""
