@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow torus", "a purple cylinder", "an orange capsule"]
 # About 20 s a run on one thread of an idle core: the quality smoke run's sizes (bench/RESULTS.md).
 SETTINGS = [
-    "prior_resolution=32", "prior_renders_per_view=24", "coarse.iters=60", "coarse.resolution=32",
+    "prior.resolution=32", "prior.renders_per_view=24", "coarse.iters=60", "coarse.resolution=32",
     "coarse.preview_every=0", "refine.iters=10", "refine.resolution=32", "refine.preview_every=0",
     "export.texture_size=128", "export.turntable=false",
 ]

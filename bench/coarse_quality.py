@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from bench.evaluate import evaluate_field
 from bench.speed import check_threads, use_threads, write_json
+from guidance import registry
 from guidance.primitive_shapes import parse_prompt
 from stages import coarse
-from guidance import registry
 from stages.config import PRESETS, apply_overrides, preset
-from bench.evaluate import evaluate_field
 from stages.workers import kept_guidance
 
 

@@ -29,8 +29,15 @@ from pathlib import Path
 
 import torch
 
-from bench.random_models import IF_I_XL_UNET, SD21_BASE_UNET, SD21_TEXT, SD_VAE, T5_XXL
-from bench.random_models import random_deepfloyd_if, random_stable_diffusion
+from bench.random_models import (
+    IF_I_XL_UNET,
+    SD21_BASE_UNET,
+    SD21_TEXT,
+    SD_VAE,
+    T5_XXL,
+    random_deepfloyd_if,
+    random_stable_diffusion,
+)
 from bench.speed import in_worker_thread, machine_info, time_stages, write_json
 from guidance import registry
 from stages.config import PRESETS, apply_overrides, preset

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from bench.refine_gain import VOLUME_RESOLUTION, finished_runs
+from bench.shape_checks import aligned_volume_iou
 from bench.speed import write_json
 from geometry.dmtet import auto_threshold, extract_mesh, opacity_level, opacity_maps, probe_density
-from bench.shape_checks import aligned_volume_iou
 from guidance.primitive_shapes import parse_prompt
 from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_run_config
 

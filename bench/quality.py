@@ -39,22 +39,22 @@ import torch.nn.functional as F
 import trimesh
 from torch import Tensor
 
+from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
+from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
+from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
 from geometry.metrics import chamfer_distance, volumetric_iou
+from geometry.uv import face_areas
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
 from renderers import raster
 from renderers.cameras import Cameras, banded_view_word, view_word
-from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
-from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
-from geometry.uv import face_areas
 from stages.config import PRESETS, apply_overrides, preset
-from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from stages.export import from_y_up
 from stages.runs import slugify
 
 BENCH_COLORS = ("red", "blue")  # the default prompts: every shape in these colours
 QUICK_PROMPTS = ("a red cube", "a blue sphere")
 QUICK_OVERRIDES = (  # --quick: a CPU smoke run of a couple of minutes, not a quality figure
-    "prior_resolution=32", "prior_renders_per_view=24",
+    "prior.resolution=32", "prior.renders_per_view=24",
     "coarse.iters=60", "coarse.resolution=32", "coarse.preview_every=0", "coarse.volume.num_samples=24",
     "refine.iters=10", "refine.resolution=32", "refine.grid_resolution=24", "refine.preview_every=0",
     "export.texture_size=128", "export.turntable=false",

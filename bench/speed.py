@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from bench.random_models import random_stable_diffusion
-from stages.common import release_free_memory
 from guidance import registry
+from stages.common import release_free_memory
 from stages.config import PRESETS, apply_overrides, preset
 
 PROMPT = "a red cube"

@@ -8,7 +8,6 @@ call (marching tetrahedra changes it every step); that costs one sort of the 3F 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from renderers.mesh import face_normals, vertex_normals  # noqa: F401 (they live with the mesh renderer; kept importable here)

@@ -163,7 +163,7 @@ class LibraryConfig:
 
     def key(self) -> str:
         """A digest of everything that changes the library, for the cache file name."""
-        fields = dataclasses.asdict(self)
+        fields = dataclasses.asdict(dataclasses.replace(self, camera=self.camera.filled()))
         if not fields["flat_share"]:
             del fields["flat_share"]  # the libraries built before the setting existed stay valid
         payload = json.dumps({"format": _LIBRARY_FORMAT, "shapes": SHAPES, "views": PRIOR_VIEW_WORDS,

@@ -44,7 +44,6 @@ from guidance.primitive_shapes import (
 )
 from renderers.cameras import VIEW_DISTANCE, VIEW_FOVY, CameraConfig
 
-
 # The one camera distance and vertical field of view the runs with this prior use (see above).
 CAMERA_DISTANCE = VIEW_DISTANCE  # world units
 CAMERA_FOVY = VIEW_FOVY  # degrees

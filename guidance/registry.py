@@ -141,9 +141,9 @@ def _build_primitives(device, dtype=None, model_id=None, **kwargs):
 
 
 def _primitives_settings(config) -> dict:
-    return dict(resolution=config.prior_resolution, renders_per_view=config.prior_renders_per_view,
-                flat_share=config.prior_flat_share, elevation_sigma=config.prior_elevation_sigma,
-                camera=config.camera, ambient=config.coarse.volume.ambient)
+    prior = config.prior
+    return dict(resolution=prior.resolution, renders_per_view=prior.renders_per_view, flat_share=prior.flat_share,
+                elevation_sigma=prior.elevation_sigma, camera=config.camera.filled(), ambient=config.coarse.volume.ambient)
 
 
 def _check_primitives_prompt(prompt: str) -> None:
@@ -156,18 +156,17 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     """The primitives prior's libraries are Lambertian renders on a grey level (white, or dark for
     white objects: `guidance.primitives.background_for`): the stages render on the same with the
     same ambient light. The prior sees no camera but its elevation, so a range of distances would leave the
-    object's size free: its runs use one distance and field of view (unless the config already
-    changed those ranges)."""
+    object's size free: its runs use one distance and field of view. Every setting it tunes is
+    changed only where the config leaves it unset (None): an explicit one is always obeyed."""
     from guidance.primitive_shapes import PRIOR_AMBIENT
     from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, background_for
-    from renderers.cameras import CameraConfig
 
-    config.prior_background = background_for(prompt)
-    grey = "white" if config.prior_background == 1.0 else (config.prior_background,) * 3
-    default = CameraConfig()
-    if config.camera.distance_range == default.distance_range:
+    config.prior.background = background_for(prompt)
+    white = config.prior.background == 1.0
+    grey = "white" if white else (config.prior.background,) * 3
+    if config.camera.distance_range is None:
         config.camera.distance_range = (CAMERA_DISTANCE, CAMERA_DISTANCE)
-    if config.camera.fovy_range == default.fovy_range:
+    if config.camera.fovy_range is None:
         config.camera.fovy_range = (CAMERA_FOVY, CAMERA_FOVY)
     config.coarse.background = grey
     config.refine.background = grey
@@ -186,12 +185,12 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
-    if config.refine.sds.texture_guidance_scale is None and config.prior_background == 1.0:
+    if config.refine.sds.texture_guidance_scale is None and white:
         # At the shape's CFG of 10 the texture saturates (CFG extrapolates it away from the mean of
         # every colour); its own gradient is taken at 3 (bench/RESULTS.md). Not for white objects on
         # their dark background: there a white cube's texture sinks to dark grey at 3 (two seeds).
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
-    if config.coarse.lr_network == type(config.coarse)().lr_network and config.prior_background == 1.0:
+    if config.coarse.lr_network is None and white:
         # Beyond the initial density blob (radius 0.5) the density comes from the MLP alone, and at
         # 1e-3 it grew too slowly: corners and rims of cubes, cylinders, cones and tori, which reach
         # 0.57-0.69 from the centre, stayed a haze, and the meshes outlining it were 1.2-1.5 times too
@@ -205,21 +204,21 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # size: cones lose the skirt below their base, tori their lumps. The coarse stage keeps it: without,
         # its cubes and cylinders started worse (bench/RESULTS.md). Unless set by hand.
         config.refine.camera_jitter = PRIMITIVES_REFINE_CAMERA_JITTER
-    defaults = type(config.refine)()
     shading = ("prob_albedo", "prob_lambertian", "prob_textureless")
-    if all(getattr(config.refine, name) == getattr(defaults, name) for name in shading):
+    if all(getattr(config.refine, name) is None for name in shading):
         # The prior's libraries hold shaded renders only: albedo-only renders would pull the albedo
-        # toward their mean brightness, darker than the colour. Unless set by hand.
-        config.refine.prob_albedo, config.refine.prob_lambertian = 0.0, 1.0
+        # toward their mean brightness, darker than the colour. Unless one of the three is set by hand.
+        config.refine.prob_albedo, config.refine.prob_lambertian, config.refine.prob_textureless = 0.0, 1.0, 0.0
+    unset = type(config.refine)().filled()  # what the refine stage takes for a field nothing sets
     for name in ("lambda_normal_consistency", "lambda_laplacian"):
         # The weights suit CFG-100 gradients; at the prior's refine CFG of 10 they hold the surface
         # still, and a tenth lets the SDS gradient reshape it (bench/RESULTS.md). Unless set by hand.
-        if getattr(config.refine, name) == getattr(defaults, name):
-            setattr(config.refine, name, getattr(defaults, name) * PRIMITIVES_REGULARIZER_SCALE)
+        if getattr(config.refine, name) is None:
+            setattr(config.refine, name, getattr(unset, name) * PRIMITIVES_REGULARIZER_SCALE)
 
 
 def _primitives_for_run(model, config):
-    return model.with_background(config.prior_background)  # one library serves every background level
+    return model.with_background(config.prior.background)  # one library serves every background level
 
 
 def _primitives_examples() -> list[str]:

@@ -26,12 +26,16 @@ VIEW_DISTANCE = 2.8  # world units: the fixed views' camera distance (previews, 
 VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
 
+# What the camera fields left unset (None) take when no guidance model sets them (`CameraConfig.filled`).
+UNSET_CAMERA = {"distance_range": (2.4, 3.2), "fovy_range": (40.0, 55.0)}
+
+
 @dataclass
 class CameraConfig:
     elevation_range: tuple[float, float] = (-10.0, 90.0)  # degrees above the xy plane
     azimuth_range: tuple[float, float] = (-180.0, 180.0)  # degrees, 0 = front (+x)
-    distance_range: tuple[float, float] = (2.4, 3.2)  # camera to look-at point, world units
-    fovy_range: tuple[float, float] = (40.0, 55.0)  # vertical field of view, degrees
+    distance_range: tuple[float, float] | None = None  # camera to look-at point, world units; None = the guidance model's, else (2.4, 3.2)
+    fovy_range: tuple[float, float] | None = None  # vertical field of view, degrees; None = the guidance model's, else (40, 55)
     uniform_sphere: bool = True  # sample elevation uniformly on the sphere's area, not in angle
     position_jitter: float = 0.05  # std of the noise added to the camera position, world units
     target_jitter: float = 0.05  # std of the noise added to the look-at point, world units
@@ -41,17 +45,24 @@ class CameraConfig:
     near: float = 0.1  # near clip plane, world units
     far: float = 10.0  # far clip plane, world units
 
+    def filled(self) -> CameraConfig:
+        """A copy with the unset (None) fields at their values for a run whose guidance model chose none."""
+        unset = {name: value for name, value in UNSET_CAMERA.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
+
     def check(self) -> None:
         for name in ("elevation_range", "azimuth_range", "distance_range", "fovy_range", "light_distance_range"):
+            if getattr(self, name) is None and name in UNSET_CAMERA:
+                continue
             lo, hi = getattr(self, name)
             if not lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)}")
         lo, hi = self.elevation_range
         if lo < -90 or hi > 90:
             raise ValueError(f"elevation_range must lie in [-90, 90] degrees, got {(lo, hi)}")
-        if self.distance_range[0] <= self.near:
+        if self.distance_range is not None and self.distance_range[0] <= self.near:
             raise ValueError(f"distance_range must start beyond near={self.near}, got {self.distance_range}")
-        if not (0 < self.fovy_range[0] and self.fovy_range[1] < 180):
+        if self.fovy_range is not None and not (0 < self.fovy_range[0] and self.fovy_range[1] < 180):
             raise ValueError(f"fovy_range must lie in (0, 180) degrees, got {self.fovy_range}")
         for name in ("position_jitter", "target_jitter", "up_jitter", "light_jitter"):
             if getattr(self, name) < 0:
@@ -232,6 +243,7 @@ def sample_cameras(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_resolution(resolution)
     config.check()
+    config = config.filled()
 
     def uniform(lo: float, hi: float, shape=(batch_size,)) -> Tensor:
         return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)

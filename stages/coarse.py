@@ -30,13 +30,17 @@ from stages.common import (
 BACKGROUNDS = ("white", "random", "learned")
 
 
+# What the fields left unset (None) take when no guidance model sets them (`CoarseConfig.filled`).
+UNSET_COARSE = {"lr_network": 1e-3}
+
+
 @dataclass
 class CoarseConfig:
     iters: int = 1000  # SDS steps
     batch_size: int = 1  # cameras rendered per step
     resolution: int = 64  # rendered image side, px (the guidance model resizes it to its own)
     lr_encoding: float = 1e-2  # Adam learning rate of the hash-grid tables
-    lr_network: float = 1e-3  # Adam learning rate of the MLP and the learned background
+    lr_network: float | None = None  # Adam learning rate of the MLP and the learned background; None = the guidance model's, else 1e-3
     albedo_warmup: int = 100  # first steps rendered with albedo shading only
     prob_albedo: float = 0.25  # after the warm-up: probability of albedo shading
     prob_lambertian: float = 0.375  # after the warm-up: probability of Lambertian shading
@@ -55,12 +59,19 @@ class CoarseConfig:
     volume: VolumeConfig = dataclasses.field(default_factory=VolumeConfig)  # ray marching and shading
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)  # score distillation
 
+    def filled(self) -> CoarseConfig:
+        """A copy with the unset (None) fields at their values for a run whose guidance model chose none."""
+        unset = {name: value for name, value in UNSET_COARSE.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
+
     def check(self) -> None:
         for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"coarse.{name} must be an integer >= 1, got {value!r}")
         for name in ("lr_encoding", "lr_network"):
+            if name in UNSET_COARSE and getattr(self, name) is None:
+                continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"coarse.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("albedo_warmup", "orientation_ramp", "preview_every", "prob_albedo", "prob_lambertian",
@@ -132,6 +143,7 @@ def run(
     """Train the coarse NeRF for `prompt` with SDS from `guidance`; see the module docstring."""
     # 1. Check inputs and prepare the field, optimizer, loss and random streams.
     device = check_stage_inputs(prompt, config, camera, device)
+    config = config.filled()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     field_ = NeRFField(config.field).to(device)

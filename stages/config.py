@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from geometry.nerf import FieldConfig
 from guidance import registry
+from guidance.prior_config import FLAT_KEYS as PRIOR_FLAT_KEYS
+from guidance.prior_config import PriorConfig
 from guidance.sds import SDSConfig
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
@@ -37,11 +39,7 @@ class Config:
     seed: int = 0  # the run's seed; the pipeline copies it into coarse.seed and refine.seed
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     stop_after: str = "export"  # last stage to train: "coarse" exports the coarse field's mesh, "refine" or "export" do all
-    prior_resolution: int = 64  # primitives prior: image side of its libraries, px
-    prior_renders_per_view: int = 96  # primitives prior: renders per shape and view word
-    prior_flat_share: float = 0.0  # primitives prior: share of those renders left unshaded (albedo only)
-    prior_elevation_sigma: float | None = None  # primitives prior: its camera-elevation kernel's width, degrees; None = automatic (0.5 at 96 renders); 0 = the text alone
-    prior_background: float = 1.0  # primitives prior: grey level behind its objects (set from the prompt by the spec's adapt)
+    prior: PriorConfig = dataclasses.field(default_factory=PriorConfig)  # the primitives prior's libraries
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)  # training camera distribution
     coarse: CoarseConfig = dataclasses.field(default_factory=CoarseConfig)  # stage 1: NeRF + SDS
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)  # stage 2: DMTet + SDS
@@ -56,23 +54,16 @@ class Config:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.stop_after not in STAGES:
             raise ValueError(f"stop_after must be one of {list(STAGES)}, got {self.stop_after!r}")
-        if not isinstance(self.prior_resolution, int) or not 16 <= self.prior_resolution <= 256:
-            raise ValueError(f"prior_resolution must be an integer in [16, 256], got {self.prior_resolution!r}")
-        if not isinstance(self.prior_renders_per_view, int) or not 1 <= self.prior_renders_per_view <= 1024:
-            raise ValueError(f"prior_renders_per_view must be an integer in [1, 1024], got {self.prior_renders_per_view!r}")
-        if isinstance(self.prior_flat_share, bool) or not isinstance(self.prior_flat_share, (int, float)) \
-                or not 0.0 <= self.prior_flat_share <= 1.0:
-            raise ValueError(f"prior_flat_share must be a share in [0, 1], got {self.prior_flat_share!r}")
-        if self.prior_elevation_sigma is not None and (
-                isinstance(self.prior_elevation_sigma, bool) or not isinstance(self.prior_elevation_sigma, (int, float))
-                or not 0.0 <= self.prior_elevation_sigma <= 90.0):
-            raise ValueError(f"prior_elevation_sigma must be a number of degrees in [0, 90], got {self.prior_elevation_sigma!r}")
-        if not isinstance(self.prior_background, (int, float)) or not 0.0 <= self.prior_background <= 1.0:
-            raise ValueError(f"prior_background must be a grey level in [0, 1], got {self.prior_background!r}")
+        self.prior.check()
         self.camera.check()
         self.coarse.check()
         self.refine.check()
         self.export.check()
+
+    def filled(self) -> Config:
+        """A copy whose unset (None) settings hold the values a run takes when its guidance model chose none."""
+        return dataclasses.replace(self, camera=self.camera.filled(), coarse=self.coarse.filled(),
+                                   refine=self.refine.filled())
 
 
 def _quick() -> Config:
@@ -155,6 +146,9 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def set_field(config, key: str, raw: str) -> None:
+    if key.startswith("prior_") and key.removeprefix("prior_") in PRIOR_FLAT_KEYS:
+        raise ValueError(f"unknown setting {key!r}: the primitives prior's settings are a group now, "
+                         f"set prior.{key.removeprefix('prior_')}=...")
     target, parts = config, key.split(".")
     for i, name in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
@@ -172,24 +166,24 @@ def set_field(config, key: str, raw: str) -> None:
 
 
 def parse_value(key: str, raw: str, current, text: str = ""):
-    """Parse `raw` to the type of the field's current value. A field annotated `str | None`
-    takes the text as it is, without Python quotes, and "none" for None. A field annotated `float`
-    or `float | None` takes a float even where its current value is an int (an earlier "=0"); one
-    annotated `bool | None` takes a yes/no word or "none"."""
-    if text == "bool|None":
-        if raw.lower() == "none":
-            return None
-        current = False  # parsed below as a yes/no word
-    if text == "str|None":
-        return None if raw.lower() == "none" else raw
-    if text == "float|None" and raw.lower() == "none":
+    """Parse `raw` to the type of the field: its annotation `text` (spaces removed) where that names
+    one, else its current value's. A field annotated `... | None` takes "none" for None (an unset
+    field's current value is None: its type comes from the annotation). `str` fields take the text
+    as it is, without Python quotes; `float` ones a float even where the current value is an int
+    (an earlier "=0"); `str | tuple` fields (backgrounds) a colour in brackets."""
+    if text.endswith("|None") and raw.lower() == "none":
         return None
-    if text in ("float", "float|None"):
+    kind = text.removesuffix("|None")
+    if kind == "str":
+        return raw
+    if kind == "float":
         try:
             return float(raw)
         except ValueError:
             raise ValueError(f"setting {key!r} expects float, got {raw!r}") from None
-    if "tuple" in text and raw.strip()[:1] in ("(", "["):  # `str | tuple` fields (backgrounds) given a colour
+    if kind in ("bool", "int"):
+        current = False if kind == "bool" else 0
+    elif kind.startswith("tuple") or ("tuple" in kind and raw.strip()[:1] in ("(", "[")):
         current = ()
     try:
         if isinstance(current, bool):
@@ -204,7 +198,7 @@ def parse_value(key: str, raw: str, current, text: str = ""):
             return float(raw)
         if isinstance(current, str):
             return raw
-        if raw.lower() == "none":
+        if raw.lower() == "none" and current is None:
             return None
         value = ast.literal_eval(raw)
         if isinstance(current, tuple):
@@ -220,7 +214,11 @@ def to_dict(config: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (run.json), ignoring unknown keys."""
+    """Rebuild a Config from `to_dict` output (run.json), ignoring unknown keys; reads the flat
+    `prior_<key>` settings of run.json files written before `Config.prior`."""
+    flat = {key: data[f"prior_{key}"] for key in PRIOR_FLAT_KEYS if f"prior_{key}" in data}
+    if flat:
+        data = {**data, "prior": {**flat, **data.get("prior", {})}}
     config = Config()
     _fill(config, data)
     return config
@@ -233,7 +231,7 @@ def _fill(target, data: dict) -> None:
         current, value = getattr(target, f.name), data[f.name]
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             _fill(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
+        elif isinstance(value, list) and (isinstance(current, tuple) or "tuple" in str(f.type)):
             setattr(target, f.name, tuple(value))
         else:
             setattr(target, f.name, value)

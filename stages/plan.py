@@ -79,6 +79,7 @@ def resolve(prompt, config: Config) -> RunPlan:
     spec.check_prompt(prompt)
     adapted = copy.deepcopy(config)
     spec.adapt(adapted, prompt)
+    adapted = adapted.filled()  # what the model left unset takes the stages' own values
     adapted.coarse.seed = adapted.refine.seed = adapted.seed  # the run's seed drives every stage
     adapted.check()
     return RunPlan(prompt=prompt, device=device, guidance=spec, config=adapted)

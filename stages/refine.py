@@ -37,6 +37,11 @@ BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
 
 
+# What the fields left unset (None) take when no guidance model sets them (`RefineConfig.filled`).
+UNSET_REFINE = {"lambda_normal_consistency": 1000.0, "lambda_laplacian": 10000.0,
+                "prob_albedo": 0.2, "prob_lambertian": 0.8, "prob_textureless": 0.0}
+
+
 @dataclass
 class RefineConfig:
     iters: int = 500  # SDS steps
@@ -54,14 +59,14 @@ class RefineConfig:
     lr_color: float = 1e-3  # Adam learning rate of the copied colour field; 0 = frozen texture
     # Regulariser weights are relative to the SDS loss per image, whose gradient on a mesh vertex is
     # of order 10-1000 with CFG 100, while the regularisers are means over edges / vertices.
-    lambda_normal_consistency: float = 1000.0  # weight of the mean 1 - cos between adjacent face normals
-    lambda_laplacian: float = 10000.0  # weight of the mean uniform-Laplacian length (world units)
+    lambda_normal_consistency: float | None = None  # weight of the mean 1 - cos between adjacent face normals; None = the guidance model's, else 1000
+    lambda_laplacian: float | None = None  # weight of the mean uniform-Laplacian length (world units); None = the guidance model's, else 10000
     lambda_albedo_tilt: float | None = None  # weight of the squared slope of albedo brightness against normal z (baked light); None = 1e5 with the primitives prior, else 0
     color_average_from: float = 1.0  # fraction of the steps after which the colour field's parameters are averaged (Polyak): the texture is their mean; 1 = off
     albedo_warmup: int = 0  # first steps shaded with albedo only (the coarse stage already warmed the colour)
-    prob_albedo: float = 0.2  # after the warm-up: probability of albedo shading
-    prob_lambertian: float = 0.8  # after the warm-up: probability of Lambertian shading
-    prob_textureless: float = 0.0  # after the warm-up: probability of textureless (white) shading
+    prob_albedo: float | None = None  # after the warm-up: probability of albedo shading; None = the guidance model's, else 0.2
+    prob_lambertian: float | None = None  # after the warm-up: probability of Lambertian shading; None = the guidance model's, else 0.8
+    prob_textureless: float | None = None  # after the warm-up: probability of textureless (white) shading; None = the guidance model's, else 0
     ambient: float = 0.3  # ambient share of Lambertian shading; must match the guidance prior (primitives: 0.3)
     background: str | tuple = "white"  # "white", "random" (a solid colour per image) or an (r, g, b) in [0, 1]
     camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_plan`); None = 1, or 0 with the primitives prior
@@ -74,11 +79,20 @@ class RefineConfig:
     backend: str = "auto"  # rasterizer: "auto" (nvdiffrast on CUDA when installed), "torch" or "nvdiffrast"
     sds: SDSConfig = dataclasses.field(default_factory=lambda: SDSConfig(t_max=0.5))  # score distillation
 
+    def filled(self) -> RefineConfig:
+        """A copy with the unset (None) fields at their values for a run whose guidance model chose none."""
+        unset = {name: value for name, value in UNSET_REFINE.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
+
     def check(self) -> None:
         for name in ("iters", "batch_size", "resolution", "preview_views", "preview_resolution", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"refine.{name} must be an integer >= 1, got {value!r}")
+        for name in UNSET_REFINE:
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"refine.{name} must be >= 0 or None, got {getattr(self, name)!r}")
+        probs = self.filled()
         if not isinstance(self.grid_resolution, int) or self.grid_resolution < 4:
             raise ValueError(f"refine.grid_resolution must be an integer >= 4, got {self.grid_resolution!r}")
         if self.threshold is not None and not self.threshold > 0:
@@ -91,8 +105,8 @@ class RefineConfig:
             raise ValueError(f"refine.deform_scale must be in [0, 0.5], got {self.deform_scale!r}")
         if not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"refine.ambient must be in [0, 1], got {self.ambient!r}")
-        for name in ("lr_sdf", "lr_deform", "lr_color", "sdf_smoothing", "update_smoothing", "lambda_normal_consistency",
-                     "lambda_laplacian", "grid_margin", "albedo_warmup", "prob_albedo", "prob_lambertian", "prob_textureless", "preview_every", "chunk_size"):
+        for name in ("lr_sdf", "lr_deform", "lr_color", "sdf_smoothing", "update_smoothing", "grid_margin", "albedo_warmup",
+                     "preview_every", "chunk_size"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.camera_jitter is not None and not self.camera_jitter >= 0:
@@ -101,7 +115,7 @@ class RefineConfig:
             raise ValueError(f"refine.lambda_albedo_tilt must be >= 0 or None, got {self.lambda_albedo_tilt!r}")
         if self.lr_sdf + self.lr_deform + self.lr_color <= 0:
             raise ValueError("refine.lr_sdf + lr_deform + lr_color must be > 0 (nothing would be trained)")
-        if self.prob_albedo + self.prob_lambertian + self.prob_textureless <= 0:
+        if probs.prob_albedo + probs.prob_lambertian + probs.prob_textureless <= 0:
             raise ValueError("refine.prob_albedo + prob_lambertian + prob_textureless must be > 0")
         if isinstance(self.background, str):
             if self.background not in BACKGROUNDS:
@@ -154,6 +168,7 @@ def run(
     """Refine the coarse field's surface and texture as a mesh with SDS; see the module docstring."""
     # 1. Check inputs; build the DMTet, the colour field copy, the optimizer and the loss.
     device = check_stage_inputs(prompt, config, camera, device)
+    config = config.filled()
     generator = torch.Generator().manual_seed(config.seed)
     dmtet, threshold = dmtet_from_field(
         field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,

@@ -56,3 +56,19 @@ def small_prior():
     config = quick_primitives_config()
     return PrimitivesPrior(resolution=32, renders_per_view=96, camera=config.camera,
                            ambient=config.coarse.volume.ambient, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline saved in the diffusers layout (tests/tiny_pipelines.py), once per session."""
+    from tiny_pipelines import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def if_folder(tmp_path_factory):
+    """A tiny random DeepFloyd IF stage I pipeline (tests/tiny_pipelines.py), once per session."""
+    from tiny_pipelines import save_tiny_if
+
+    return save_tiny_if(tmp_path_factory.mktemp("tiny-if"))

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # A whole run in seconds: the settings of `tiny_run_config`, as `--set` values (the app's servers).
 TINY_SETTINGS = [
-    "prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=4", "coarse.resolution=16",
+    "prior.resolution=16", "prior.renders_per_view=4", "coarse.iters=4", "coarse.resolution=16",
     "coarse.preview_every=2", "coarse.preview_views=2", "coarse.preview_resolution=16", "coarse.volume.num_samples=16",
     "refine.iters=3", "refine.batch_size=1", "refine.resolution=16", "refine.grid_resolution=16",
     "refine.preview_every=2", "refine.preview_views=2", "refine.preview_resolution=16",
@@ -46,7 +46,7 @@ def tiny_run_config(**changes):
 
 # The command line's tiny settings: a whole run in seconds (test_cli, test_batch_ray).
 TINY_CLI_SETTINGS = [
-    "--set", "prior_resolution=16", "--set", "prior_renders_per_view=4",
+    "--set", "prior.resolution=16", "--set", "prior.renders_per_view=4",
     "--set", "coarse.iters=3", "--set", "coarse.resolution=16", "--set", "coarse.preview_every=0",
     "--set", "coarse.preview_resolution=16", "--set", "coarse.volume.num_samples=16",
     "--set", "refine.iters=2", "--set", "refine.batch_size=1", "--set", "refine.resolution=16",

@@ -19,6 +19,8 @@ def _captions(gallery) -> list[str]:
     return [item.get("caption") or "" for item in (gallery or [])]
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_generate_streams_previews_of_both_stages_then_the_model(server):
     client, out, _ = server
     job = client.submit(prompt="a red cube", preset="quick", seed=0, guidance="primitives", api_name="/generate")
@@ -49,6 +51,8 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
     assert any(p.name != "server.log" for p in out.iterdir())
 
 
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs, message",
     [

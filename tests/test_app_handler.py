@@ -13,6 +13,7 @@ import app
 from helpers import TINY_SETTINGS, run_dir_from_status
 from stages import pipeline
 
+
 # ---- the app's handler in-process: disk bounds, one folder per run, no shell ------------------------
 def _fake_run(root: Path, name: str, size: int, age: float, status: str = "finished") -> Path:
     path = root / name

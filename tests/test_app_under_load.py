@@ -18,6 +18,8 @@ import pytest
 
 from helpers import ROOT, TINY_SETTINGS, free_port, run_dir_from_status, stop_server
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 QUEUE_SIZE = 3  # the server's --queue-size
 SERVER_SETTINGS = [*TINY_SETTINGS, "export.turntable=false"]
 RUN = dict(preset="quick", guidance="primitives", stop_after="coarse")  # an app run: mesh and files of the coarse field

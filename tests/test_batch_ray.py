@@ -47,6 +47,8 @@ def _run_json(folder):
     return json.loads((folder / "run.json").read_text())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_four_prompts_on_two_workers_write_what_the_serial_batch_writes(cluster, tmp_path):
     prompts = _prompts_file(tmp_path, PROMPTS)
     serial, batch = tmp_path / "serial", tmp_path / "ray"
@@ -76,6 +78,8 @@ def test_four_prompts_on_two_workers_write_what_the_serial_batch_writes(cluster,
     assert sum(r["model_loaded"] for r in runs) == 2
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_worker_loses_no_run(cluster, tmp_path):
     plan = new_plan(tmp_path, PROMPTS[:3], _short_config())
     killed = []
@@ -104,6 +108,8 @@ def test_a_killed_worker_loses_no_run(cluster, tmp_path):
         assert (folder / "model.glb").is_file() and (folder / "model.obj").is_file()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_bad_prompts_are_all_reported_before_any_run_starts(cluster, tmp_path, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(ray_runner, "start_workers", lambda *args: started.append(args))
@@ -118,6 +124,8 @@ def test_bad_prompts_are_all_reported_before_any_run_starts(cluster, tmp_path, m
     assert not out.exists()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_resume_runs_only_the_unfinished(cluster, tmp_path):
     plan = new_plan(tmp_path, PROMPTS[:3], _short_config())
     blocker = tmp_path / plan.runs[1].run_dir
@@ -140,6 +148,8 @@ def test_a_failing_run_is_recorded_and_resume_runs_only_the_unfinished(cluster, 
         assert (tmp_path / name / "run.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_cancel_leaves_unstarted_runs_pending_and_resume_finishes_them(cluster, tmp_path):
     plan = new_plan(tmp_path, PROMPTS, _short_config())
     handed = []
@@ -158,6 +168,8 @@ def test_cancel_leaves_unstarted_runs_pending_and_resume_finishes_them(cluster, 
     assert all((tmp_path / r.run_dir / "model.glb").is_file() for r in resumed.runs)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_worker_that_cannot_see_the_output_folder_says_so(cluster, tmp_path):
     with pytest.raises(RuntimeError, match="could not start: .*not visible on .*--out must be on storage"):
         ray_runner.start_workers(cluster, tmp_path / "not-shared", 1)
@@ -175,4 +187,4 @@ def test_resume_counts_a_run_finished_only_when_its_own_run_json_says_so(tmp_pat
     resumed = load_plan(tmp_path)
     assert [r.status for r in resumed.runs] == ["finished", "pending", "pending"]
     assert [r.index for r in resumed.todo()] == [1, 2]
-    assert resumed.config.prior_resolution == 16 and resumed.runs[2].prompt == PROMPTS[2]
+    assert resumed.config.prior.resolution == 16 and resumed.runs[2].prompt == PROMPTS[2]

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from bench import coarse_quality, mesh_level, quality, random_models, refine_gain, speed, uv_fill
-from guidance.primitive_shapes import COLORS, UnknownPromptError, primitive_mesh
+from guidance.primitive_shapes import COLORS, UnknownPromptError, parse_prompt, primitive_mesh
 from stages.export import ExportConfig, export
 from stages.refine import TIMING_PARTS
 from stages.runs import slugify
 
 TINY = [
-    "prior_resolution=16", "prior_renders_per_view=4",
+    "prior.resolution=16", "prior.renders_per_view=4",
     "coarse.iters=3", "coarse.resolution=16", "coarse.volume.num_samples=16",
     "refine.iters=2", "refine.resolution=16", "refine.grid_resolution=16",
     "export.texture_size=64", "export.turntable=false",
@@ -38,7 +38,9 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
             assert 0.0 <= row[key] <= 1.0, (key, row[key])
         assert row["silhouette_iou_min"] <= row["silhouette_iou"]
         assert 0.0 < row["chamfer"] < 4.0 and math.isfinite(row["chamfer"])
-        assert 0.0 <= row["color_error"] <= math.sqrt(3)
+        # The error is the distance from the reported mean texture colour to the prompt's colour.
+        target = np.array(COLORS[parse_prompt(row["prompt"])[0]])
+        assert row["color_error"] == pytest.approx(np.linalg.norm(np.array(row["mean_color"]) - target), abs=1e-3)
         assert len(row["retrieved"]) == 8 and row["retrieval"] == sum(
             r == row["prompt"] for r in row["retrieved"]) / 8
         assert row["faces"] > 0
@@ -47,6 +49,7 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
         assert row["refine_gain"] == pytest.approx(row["iou_refined"] - row["iou_start"])
         assert set(row["stage_seconds"]) == {"coarse", "refine", "export"}
         assert all(v > 0 for v in row["stage_seconds"].values())
+        assert sum(row["stage_seconds"].values()) <= row["total_seconds"] + 0.05  # the stages ran inside the timed run
         run = json.loads((tmp_path / "quality" / f"{slugify(row['prompt'])}-seed0" / "run.json").read_text())
         assert run["config"]["coarse"]["iters"] == 3 and run["stage_stats"]["export"]["faces"] == row["faces"]
     overall = report["summary"]["overall"]
@@ -117,7 +120,7 @@ def test_a_crashing_run_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch
 
 
 def test_coarse_quality_measures_each_run(tmp_path, capsys):
-    sets = _sets(["prior_resolution=16", "prior_renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",
+    sets = _sets(["prior.resolution=16", "prior.renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",
                   "coarse.preview_every=0"])
     code = coarse_quality.main(["--prompts", "a red cube", "--seeds", "0", "1", "--json", str(tmp_path / "c.json"), *sets])
     assert code == 0
@@ -125,7 +128,10 @@ def test_coarse_quality_measures_each_run(tmp_path, capsys):
     assert [(r["prompt"], r["seed"]) for r in rows] == [("a red cube", 0), ("a red cube", 1)]
     for row in rows:
         assert 0.0 <= row["silhouette_iou_min"] <= row["silhouette_iou"] <= 1.0
-        assert 0.0 <= row["color_error"] <= math.sqrt(3) and row["seconds"] > 0
+        albedo = np.array(row["mean_albedo"])
+        assert row["color_error"] == pytest.approx(np.linalg.norm(albedo - np.array(COLORS["red"])), abs=1e-3)
+        # The timed stage holds its 3 steps, each at least the sum of its timed parts.
+        assert row["seconds"] + 0.05 >= 3 * sum(row["step_split_s"].values()) - 1e-3
         assert set(row["step_split_s"]) == {f"{k}_s_per_step" for k in ("render", "guidance", "backward", "optimizer")}
     assert "silhouette IoU" in capsys.readouterr().out
     with pytest.raises(UnknownPromptError, match="does not know the prompt 'a teapot'"):

@@ -29,10 +29,12 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="Chromium and its driver are not installed (apt-get install chromium chromium-driver; .ci/run does it)",
-)
+pytestmark = [
+    pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                       reason="Chromium and its driver are not installed (apt-get install chromium chromium-driver; "
+                              ".ci/run does it)"),
+    pytest.mark.browser, pytest.mark.server, pytest.mark.slow,
+]
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1400,1200"]

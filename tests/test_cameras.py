@@ -13,9 +13,9 @@ from renderers.cameras import (
     orbit_cameras,
     sample_cameras,
     scale_pose_jitter,
-    view_words_of,
     to_clip,
     view_word,
+    view_words_of,
 )
 
 

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from helpers import FakeGuidance, quick_primitives_config
 
+from bench.evaluate import evaluate_field
 from geometry.nerf import FieldConfig
 from guidance.primitive_shapes import COLORS, parse_prompt
 from guidance.sds import SDSConfig
+from helpers import FakeGuidance, quick_primitives_config
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
 from stages import coarse
 from stages.coarse import CoarseConfig
 from stages.common import Cancelled, StageError, StepEvent
 from stages.config import preset
-from bench.evaluate import evaluate_field
 
 PROMPT = "a green cube"
 
@@ -170,6 +170,7 @@ def nearest_color(rgb: list[float]) -> str:
     return min(COLORS, key=lambda name: float(np.linalg.norm(np.array(COLORS[name]) - np.array(rgb))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prompt, seed, max_color_error",
     # The green cube's bound is 0.35: with the prior's tenfold MLP learning rate its coarse albedo is
@@ -185,7 +186,7 @@ def test_quick_settings_recover_the_primitive_shape_and_colour(small_prior, prom
     # The quick preset's coarse stage as a run with the prior gets it, at 32 px (4x cheaper than 64 px).
     config = quick_primitives_config(coarse_iters=400, resolution=32, prompt=prompt)
     config.coarse.seed = seed
-    prior = small_prior.with_background(config.prior_background)
+    prior = small_prior.with_background(config.prior.background)
     color, shape, _ = parse_prompt(prompt)
     result = coarse.run(prior, prompt, config.coarse, config.camera)
     scores = evaluate_field(result.field, shape, color)

@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 
+from guidance import registry
 from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, DARK_BACKGROUND
 from renderers.cameras import CameraConfig
-from guidance import registry
 from stages.config import PRESETS, Config, apply_overrides, from_dict, preset, to_dict
 
 
@@ -48,14 +48,14 @@ def test_overrides_parse_to_the_field_type():
 
 
 def test_float_settings_stay_floats_after_an_integer():
-    # A run folder's config with "prior_elevation_sigma=0" once refused "=0.5" ("expects int").
-    config = apply_overrides(preset("quick"), ["prior_elevation_sigma=0", "refine.threshold=2"])
-    assert config.prior_elevation_sigma == 0.0 and isinstance(config.prior_elevation_sigma, float)
+    # A run folder's config with "prior.elevation_sigma=0" once refused "=0.5" ("expects int").
+    config = apply_overrides(preset("quick"), ["prior.elevation_sigma=0", "refine.threshold=2"])
+    assert config.prior.elevation_sigma == 0.0 and isinstance(config.prior.elevation_sigma, float)
     assert isinstance(config.refine.threshold, float)
-    config = apply_overrides(config, ["prior_elevation_sigma=0.5", "refine.threshold=none"])
-    assert config.prior_elevation_sigma == 0.5 and config.refine.threshold is None
-    with pytest.raises(ValueError, match="'prior_elevation_sigma' expects float, got 'wide'"):
-        apply_overrides(config, ["prior_elevation_sigma=wide"])
+    config = apply_overrides(config, ["prior.elevation_sigma=0.5", "refine.threshold=none"])
+    assert config.prior.elevation_sigma == 0.5 and config.refine.threshold is None
+    with pytest.raises(ValueError, match="'prior.elevation_sigma' expects float, got 'wide'"):
+        apply_overrides(config, ["prior.elevation_sigma=wide"])
 
 
 def test_yes_no_or_none_settings_take_words():
@@ -90,7 +90,7 @@ def test_text_settings_take_plain_strings_without_python_quotes():
         ("seed", "must look like"),
         ("guidance=magic", "guidance must be one of"),
         ("refine.sds.t_max=2", "t_max"),
-        ("prior_flat_share=1.5", "prior_flat_share must be a share"),
+        ("prior.flat_share=1.5", "prior.flat_share must be a share"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
@@ -117,7 +117,7 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
     registry.get("primitives").adapt(config, None)
     assert config.camera.distance_range == (CAMERA_DISTANCE, CAMERA_DISTANCE)
     assert config.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
-    assert config.coarse.background == config.refine.background == "white" and config.prior_background == 1.0
+    assert config.coarse.background == config.refine.background == "white" and config.prior.background == 1.0
     assert config.coarse.sds.guidance_scale is None  # the prior's own default (5)
     assert config.refine.sds.guidance_scale == 10.0
     config.check()
@@ -128,7 +128,7 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
     assert custom.camera.distance_range == (2.5, 3.0) and custom.camera.fovy_range == (CAMERA_FOVY, CAMERA_FOVY)
     white = preset("quick")
     registry.get("primitives").adapt(white, "a white cube")  # white objects train on a dark grey
-    assert white.prior_background == DARK_BACKGROUND
+    assert white.prior.background == DARK_BACKGROUND
     assert white.coarse.background == white.refine.background == (DARK_BACKGROUND,) * 3
     white.check()
     other = preset("standard")
@@ -138,7 +138,7 @@ def test_the_primitives_prior_gets_one_camera_scale_and_white_backgrounds():
 
 def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
     """The regularizer weights suit CFG-100 gradients; with the prior's refine CFG of 10 they are a tenth."""
-    default = preset("quick").refine
+    default = preset("quick").refine.filled()  # what a run takes where nothing sets them
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
     assert config.refine.lambda_normal_consistency == pytest.approx(default.lambda_normal_consistency * 0.1)
@@ -148,11 +148,11 @@ def test_the_primitives_prior_weakens_the_mesh_regularizers_unless_set():
     assert custom.refine.lambda_laplacian == 5.0  # set by hand: kept
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
-    assert other.refine.lambda_laplacian == default.lambda_laplacian
+    assert other.refine.lambda_laplacian is None and other.refine.filled().lambda_laplacian == default.lambda_laplacian
 
 
 def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_on_white_unless_set():
-    default = preset("quick").coarse.lr_network
+    default = preset("quick").coarse.filled().lr_network
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
     assert config.coarse.lr_network == pytest.approx(default * 10)
@@ -163,10 +163,10 @@ def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_on_wh
     assert custom.coarse.lr_network == 0.003  # set by hand: kept
     white = preset("quick")
     registry.get("primitives").adapt(white, "a white cube")  # on the dark background: the default
-    assert white.coarse.lr_network == default
+    assert white.coarse.lr_network is None and white.coarse.filled().lr_network == default
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
-    assert other.coarse.lr_network == default
+    assert other.coarse.filled().lr_network == default
 
 
 def test_the_primitives_prior_refines_without_camera_pose_jitter_unless_set():
@@ -208,10 +208,10 @@ def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_re
     custom = apply_overrides(preset("quick"), ["refine.sds.texture_guidance_scale=6", "refine.prob_albedo=0.5"])
     registry.get("primitives").adapt(custom, "a red cube")
     assert custom.refine.sds.texture_guidance_scale == 6.0  # set by hand: kept
-    assert (custom.refine.prob_albedo, custom.refine.prob_lambertian) == (0.5, 0.8)
+    assert (custom.refine.filled().prob_albedo, custom.refine.filled().prob_lambertian) == (0.5, 0.8)
     white = preset("quick")
     registry.get("primitives").adapt(white, "a white cube")  # on the dark background: the shape's scale
     assert white.refine.sds.texture_guidance_scale is None and white.refine.prob_albedo == 0.0
     other = preset("quick")
     registry.get("stable-diffusion").adapt(other, "a red cube")
-    assert other.refine.sds.texture_guidance_scale is None and other.refine.prob_albedo == 0.2
+    assert other.refine.sds.texture_guidance_scale is None and other.refine.filled().prob_albedo == 0.2

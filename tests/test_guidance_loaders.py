@@ -11,18 +11,8 @@ import torch
 
 from guidance import DEFAULT_SD_MODEL_ID, REMOVED_SD_MODEL_ID, GuidanceLoadError, load
 from guidance.sds import SDSConfig, SDSLoss
-from tiny_pipelines import save_tiny_if, save_tiny_sd
 
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def if_folder(tmp_path_factory):
-    return save_tiny_if(tmp_path_factory.mktemp("tiny-if"))
+# sd_folder, if_folder: the tiny pipelines of tests/tiny_pipelines.py, built once per session (conftest.py).
 
 
 def _sds_step(guidance, size: int):
@@ -78,6 +68,7 @@ def test_fp16_falls_back_to_full_precision_files(sd_folder, monkeypatch):
     assert guidance.unet.dtype == guidance.vae.dtype == guidance.text_encoder.dtype == torch.float16
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sds_step_in_fp16_on_cuda(sd_folder, if_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import trimesh
 
-from helpers import NaNGuidance, tiny_run_config
 from guidance.primitive_shapes import UnknownPromptError
+from helpers import NaNGuidance, tiny_run_config
 from stages import pipeline
 from stages.common import Cancelled, StageError
 from stages.pipeline import PromptError, generate, run_to_completion
@@ -121,9 +120,9 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
 def test_one_prior_library_serves_white_and_coloured_prompts():
     # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
     white, red = pipeline.resolve("a white cube", tiny_run_config()), pipeline.resolve("a red cube", tiny_run_config())
-    assert white.config.prior_background < red.config.prior_background == 1.0
+    assert white.config.prior.background < red.config.prior.background == 1.0
     red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
-    assert (red_prior.background, white_prior.background) == (red.config.prior_background, white.config.prior_background)
+    assert (red_prior.background, white_prior.background) == (red.config.prior.background, white.config.prior.background)
     assert white_prior.lib_u is red_prior.lib_u and pipeline.guidance_for(red) is red_prior
 
 

@@ -10,9 +10,9 @@ from guidance.primitive_shapes import (
     UnknownPromptError,
     _draw_cameras_per_view,
     parse_prompt,
-    render_elevations,
     primitive_mesh,
     prompts,
+    render_elevations,
 )
 from guidance.primitives import DARK_BACKGROUND, ELEVATION_SIGMA, PrimitivesPrior, background_for, elevation_kernel
 from renderers.cameras import CameraConfig

@@ -238,6 +238,7 @@ def test_texture_on_a_2x2_texture():
 
 
 # ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or "nvdiffrast" not in available_backends(),
     reason="needs CUDA and nvdiffrast",

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import generate as cli
+from helpers import TINY_SETTINGS, launch_app
 from stages import pipeline, workers
 from stages.pipeline import generate
-from helpers import TINY_SETTINGS, launch_app
-from tiny_pipelines import save_tiny_if, save_tiny_sd
+
+pytestmark = pytest.mark.slow  # whole runs through every stage with the tiny hub models
 
 OUTPUTS = ("model.obj", "model.mtl", "texture_kd.png", "model.glb", "model.zip", "turntable.mp4", "run.json",
            "coarse.pt", "refine.pt")
@@ -19,9 +20,8 @@ STEPS = [*TINY_SETTINGS, "coarse.iters=3", "refine.iters=2", "refine.resolution=
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {"stable-diffusion": save_tiny_sd(tmp_path_factory.mktemp("tiny-sd")),
-            "deepfloyd-if": save_tiny_if(tmp_path_factory.mktemp("tiny-if"))}
+def folders(sd_folder, if_folder):
+    return {"stable-diffusion": sd_folder, "deepfloyd-if": if_folder}
 
 
 def _argv(prompt, name, folder, out, extra=()):
@@ -92,6 +92,7 @@ def test_pipeline_runs_stable_diffusion_twice_in_a_row_in_one_process(folders, t
         assert torch.isfinite(torch.tensor([e.loss for e in events if e.loss is not None])).all()
 
 
+@pytest.mark.server
 def test_app_runs_stable_diffusion_twice_then_deepfloyd_if_in_one_server(folders, tmp_path):
     """The path every GPU user takes, through the app's API: runs back to back in one server,
     on the model it keeps loaded (the server's --model-id; the page's Model id box for IF)."""

@@ -4,13 +4,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import quick_primitives_config
 
 from geometry.dmtet import extract_mesh
 from geometry.metrics import volumetric_iou
 from geometry.tets import is_watertight
 from guidance.primitive_shapes import primitive_mesh
 from guidance.sds import SDSConfig
+from helpers import quick_primitives_config
 from stages import coarse, refine
 from stages.common import Cancelled, StageError
 
@@ -181,6 +181,7 @@ def _iou(mesh, shape):
     return volumetric_iou(mesh, primitive_mesh(shape), resolution=64)
 
 
+@pytest.mark.slow
 def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
     # The coarse stage's typical mistake: a rounded, too large cylinder. Refinement sharpens and shrinks it.
     field = Blob(radius=0.45, p=3.0, cylinder=True, color=(0.95, 0.85, 0.10))
@@ -195,6 +196,7 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
     assert after > before + 0.04, (before, after)  # observed: 0.49 -> 0.57
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     # At this 32 px / 32-cell size the quick refine settings sharpen the rough cube the coarse MLP at 1e-3 leaves
     # (0.693 -> 0.723). The cylinder starts near what a 32 px prior resolves: from any start the refine stage ends at 0.86-0.87
@@ -208,7 +210,7 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
 def test_coarse_then_refine_recovers_the_primitive(prior, prompt, shape, may_lose):
     quick = quick_primitives_config(coarse_iters=400, resolution=32)
     # A rough start, as the check was written for: the coarse MLP at 1e-3, not the prior's 1e-2.
-    quick.coarse.lr_network = coarse.CoarseConfig().lr_network
+    quick.coarse.lr_network = coarse.CoarseConfig().filled().lr_network
     camera = quick.camera
     field = coarse.run(prior, prompt, quick.coarse, camera).field
     # The quick preset's refine stage as a run with the prior gets it (300 steps, lr_sdf 0.05, regularizers

@@ -76,7 +76,7 @@ def test_resolve_checks_once_and_leaves_the_callers_config_alone():
     config = tiny_run_config()
     plan = resolve("  a white cube ", config)
     assert plan.prompt == "a white cube" and plan.device == torch.device("cpu") and plan.guidance_name == "primitives"
-    assert plan.config.prior_background < 1.0 and config.prior_background == 1.0  # adapted: a copy
+    assert plan.config.prior.background < 1.0 and config.prior.background == 1.0  # adapted: a copy
     assert plan.config.coarse.seed == plan.config.refine.seed == config.seed
     with pytest.raises(AttributeError):
         plan.prompt = "a red cube"  # frozen
@@ -121,7 +121,9 @@ def test_a_process_keeps_both_prior_libraries_of_a_run_and_one_model_of_another_
     assert workers.guidance_loaded(plan) and workers.guidance_loaded(refine)
     assert workers.guidance_for(plan).lib_u is coarse_prior.lib_u
     # A third library (other settings) drops the least recently used one.
-    other = resolve("a red cube", tiny_run_config(prior_renders_per_view=3))
+    smaller = tiny_run_config()
+    smaller.prior.renders_per_view = 3
+    other = resolve("a red cube", smaller)
     workers.guidance_for(other)
     assert workers.guidance_loaded(other) and workers.guidance_loaded(plan) and not workers.guidance_loaded(refine)
     # A model of another kind is kept alone, and its refine stage asks for the same model.

@@ -13,6 +13,7 @@ from stages import pipeline
 from stages.common import StageError
 from stages.pipeline import generate
 
+
 # ---- the pipeline: cancel by closing, faults -------------------------------------------------------
 def test_closing_returns_fast_and_the_next_run_waits_for_the_device(tmp_path, monkeypatch):
     real = pipeline.guidance_for
