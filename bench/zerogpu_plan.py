@@ -9,7 +9,11 @@ call under the cap and the whole run under 120 s.
 from __future__ import annotations
 
 from app_gpu import (
-    ZEROGPU_CALL_CAP, ZEROGPU_PRESET, ZEROGPU_QUOTAS, call_requests, projected_seconds,
+    ZEROGPU_CALL_CAP,
+    ZEROGPU_PRESET,
+    ZEROGPU_QUOTAS,
+    call_requests,
+    projected_seconds,
 )
 from stages.config import PRESETS, preset
 from stages.gpu_cost import CARDS, UNCERTAINTY, run_gpu_seconds

@@ -14,7 +14,15 @@ from PIL import Image
 
 from helpers import ROOT, TINY_SETTINGS, free_port, stop_server
 from test_browser import (  # noqa: F401 - the module's skip (no Chromium) applies here too
-    _answers, _generate, _open, _run_id, _shot, _status, _until, browser, pytestmark,
+    _answers,
+    _generate,
+    _open,
+    _run_id,
+    _shot,
+    _status,
+    _until,
+    browser,
+    pytestmark,
 )
 
 By = pytest.importorskip("selenium.webdriver.common.by").By
@@ -52,7 +60,7 @@ def _viewer_shows_a_model(driver):
     return changed / (image.width * image.height) > 0.02
 
 
-def test_a_run_on_a_zerogpu_space_finishes_in_the_page_and_a_cancel_stops_the_next(zerogpu_url, browser):
+def test_a_run_on_a_zerogpu_space_finishes_in_the_page_and_a_cancel_stops_the_next(zerogpu_url, browser):  # noqa: F811
     url, out, log_path = zerogpu_url
     _open(browser, url)
     shown = _until(lambda: browser.execute_script("const e = document.querySelector('#preset input'); "

@@ -212,6 +212,8 @@ def tiny_sd(tmp_path_factory):
     return str(save_tiny_sd(tmp_path_factory.mktemp("tiny-sd")))
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_app_on_a_zerogpu_space_runs_stable_diffusion_cancels_and_runs_again(tiny_sd, tmp_path):
     """What a Space owner sees with the real host's rules (the stand-in): a tiny SD run start to finish, a run
     over the cap refused at once, a cancel that stops the worker within seconds, and a second run after it."""
