@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -101,6 +103,106 @@ def _progress_bar_toggles() -> list[tuple[Callable, Callable]]:
 
         toggles.append((diffusers_logging.disable_progress_bar, diffusers_logging.enable_progress_bar))
     return toggles
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a loader accepts of a local folder: its pipeline classes and its tokenizer's files."""
+
+    name: str  # how messages name it, e.g. "Stable Diffusion 1.x/2.x"
+    pipelines: tuple[str, ...]  # model_index.json `_class_name`s whose weights this loader can use
+    tokenizer_files: tuple[tuple[str, ...], ...]  # each a set of files that is enough for the tokenizer
+
+
+# model_index.json `_class_name` -> what the folder holds, for the message that refuses it.
+KNOWN_PIPELINES = {
+    "StableDiffusionPipeline": "a Stable Diffusion 1.x/2.x pipeline",
+    "StableDiffusionImg2ImgPipeline": "a Stable Diffusion 1.x/2.x pipeline",
+    "StableDiffusionInpaintPipeline": "a Stable Diffusion inpainting pipeline (its UNet takes 9 channels)",
+    "StableDiffusionUpscalePipeline": "a Stable Diffusion upscaler",
+    "StableDiffusionDepth2ImgPipeline": "a Stable Diffusion depth-to-image pipeline (its UNet takes 5 channels)",
+    "StableDiffusionXLPipeline": "a Stable Diffusion XL pipeline",
+    "StableDiffusionXLImg2ImgPipeline": "a Stable Diffusion XL pipeline",
+    "StableDiffusion3Pipeline": "a Stable Diffusion 3 pipeline",
+    "IFPipeline": "a DeepFloyd IF stage I pipeline",
+    "IFImg2ImgPipeline": "a DeepFloyd IF stage I pipeline",
+    "IFInpaintingPipeline": "a DeepFloyd IF stage I pipeline",
+    "IFSuperResolutionPipeline": "a DeepFloyd IF stage II (super-resolution) pipeline",
+}
+# Which guidance takes a folder of these classes: the advice of a wrong-family error.
+GUIDANCE_FOR_PIPELINE = {
+    "StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion",
+    "IFPipeline": "deepfloyd-if", "IFImg2ImgPipeline": "deepfloyd-if", "IFInpaintingPipeline": "deepfloyd-if",
+}
+
+
+def looks_like_path(model_id: str) -> bool:
+    """Whether `model_id` was meant as a local folder rather than a hub id ('owner/name'):
+    it starts with / . ~, has a drive, or holds more than one path separator."""
+    text = model_id.strip()
+    separators = max(text.count(os.sep), text.count("/"))
+    return text.startswith(("/", ".", "~")) or bool(os.path.splitdrive(text)[0]) or separators > 1
+
+
+def expand_home(model_id: str) -> str:
+    """'~/models/sd' -> the user's folder (from_pretrained does not expand it); anything else as given."""
+    return os.path.expanduser(model_id) if model_id.startswith("~") else model_id
+
+
+def no_such_folder_error(model_id: str, model_name: str) -> GuidanceLoadError:
+    what = "it is a file, not a folder" if os.path.exists(model_id) else "no such folder"
+    return GuidanceLoadError(
+        f"could not load the {model_name} guidance model '{model_id}': {what}: {model_id}. What to do: check "
+        f"the path (a folder saved with `pipeline.save_pretrained`), pass a hub id ('owner/name'), or use "
+        f"`--guidance primitives` (the offline prior, no download)."
+    )
+
+
+def pipeline_class(folder: str) -> str | None:
+    """The `_class_name` of a local folder's model_index.json; None when it has none (components saved one by one)."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise GuidanceLoadError(f"could not read {path}: {exc}") from exc
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def check_family(folder: str, model_name: str, family: Family) -> None:
+    """GuidanceLoadError when the folder's model_index.json names a pipeline of another family."""
+    found = pipeline_class(folder)
+    if found is None or found in family.pipelines:
+        return
+    what = KNOWN_PIPELINES.get(found, f"a {found}")
+    other = GUIDANCE_FOR_PIPELINE.get(found)
+    advice = f"choose the {other} guidance for it" if other else "pass a folder of the expected kind"
+    raise GuidanceLoadError(
+        f"could not load the {model_name} guidance model '{folder}': the folder holds {what} "
+        f"(model_index.json: {found}), expected {family.name} ({' or '.join(family.pipelines)}). "
+        f"What to do: {advice}, or pass another folder or hub id."
+    )
+
+
+def check_tokenizer_folder(folder: str, model_name: str, family: Family) -> None:
+    """GuidanceLoadError when tokenizer/ lacks every set of files its tokenizer can be built from
+    (an empty one loads as a tokenizer without a vocabulary, which fails later with an unrelated message)."""
+    path = os.path.join(folder, "tokenizer")
+    if not os.path.isdir(path):
+        return  # missing_subfolders reports it
+    present = set(os.listdir(path))
+    if any(all(name in present for name in files) for files in family.tokenizer_files):
+        return
+    needed = " or ".join(" and ".join(files) for files in family.tokenizer_files)
+    found = ", ".join(sorted(present)) if present else "nothing"
+    raise GuidanceLoadError(
+        f"could not load the {model_name} guidance model '{folder}': its tokenizer folder {path} has no "
+        f"vocabulary: it needs {needed} (found: {found}). What to do: save the full pipeline there "
+        f"(`pipeline.save_pretrained(folder)`), or pass another folder or hub id."
+    )
 
 
 def missing_subfolders(folder: str, subfolders: tuple[str, ...]) -> list[str]:
@@ -264,15 +366,24 @@ def load_or_explain(
     default_id: str,  # the model's default id, suggested when another id fails
     local_files_only: bool | None,  # None: follow HF_HUB_OFFLINE
     note: str = "",  # an extra sentence for the error (e.g. how to get a gated model)
+    family: Family | None = None,  # checked against a local folder's model_index.json and tokenizer files
 ) -> None:
     """Run `load`, quietly; a failure of any kind becomes one GuidanceLoadError naming the id, cause
-    and fix. A hub id on a machine where the hub does not answer is loaded from the cache at once."""
+    and fix. A local folder is checked first (its family, its subfolders, its tokenizer files); a
+    path that does not exist is not tried as a hub id. A hub id on a machine where the hub does not
+    answer is loaded from the cache at once."""
     offline = resolve_local_files_only(local_files_only)
     unreachable = False
     if os.path.isdir(model_id):
+        if family is not None:
+            check_family(model_id, model_name, family)
         missing = missing_subfolders(model_id, subfolders)
         if missing:
             raise incomplete_folder_error(model_id, model_name, missing)
+        if family is not None:
+            check_tokenizer_folder(model_id, model_name, family)
+    elif looks_like_path(model_id):
+        raise no_such_folder_error(model_id, model_name)
     elif not offline and not hub_reachable():
         offline = unreachable = True
     try:
@@ -282,6 +393,23 @@ def load_or_explain(
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
         raise load_error(model_id, model_name, exc, default_id, note=note, unreachable=unreachable) from exc
+
+
+def model_revision(model_id: str, filename: str) -> str | None:
+    """The hub commit a loaded model's files came from (the snapshot folder of the local cache that
+    holds `filename`); None for a local folder or when the cache does not hold it."""
+    if os.path.isdir(model_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model_id, filename)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects has no revision to report
+        return None
+    if not isinstance(path, str):
+        return None
+    parts = os.path.normpath(path).split(os.sep)
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def free_memory(device: torch.device) -> None:
@@ -294,6 +422,16 @@ def free_memory(device: torch.device) -> None:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPU fp16 is slow or unsupported)."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+MODEL_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # Config.model_dtype
+
+
+def model_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a Config.model_dtype name; None for "auto" (`default_dtype` of the device)."""
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {list(MODEL_DTYPES)}, got {name!r}")
+    return MODEL_DTYPES[name]
 
 
 def freeze(module: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
