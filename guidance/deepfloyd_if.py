@@ -14,8 +14,8 @@ import time
 import torch
 from torch import Tensor
 
-from guidance.hub import DEFAULT_IF_MODEL_ID, Family, default_dtype, expand_home, freeze, load_component, load_or_explain
-from guidance.hub import model_revision
+from guidance.hub import DEFAULT_IF_MODEL_ID, default_dtype, freeze, load_component, load_or_explain, model_revision
+from guidance.model_folders import Family, expand_home
 from guidance.stable_diffusion import PREDICTION_TYPES, epsilon_from_prediction
 from guidance.text_side import EmbeddingCache, Placement
 

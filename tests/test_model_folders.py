@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from guidance import GuidanceLoadError, load, registry
-from guidance.hub import looks_like_path
+from guidance.model_folders import looks_like_path
 from stages.config import preset
 from tiny_pipelines import save_tiny_if, save_tiny_sd
 
