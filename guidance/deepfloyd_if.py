@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from guidance.hub import DEFAULT_IF_MODEL_ID, default_dtype, freeze, load_component, load_or_explain, model_revision
+from guidance.hub import quiet_loading
 from guidance.model_folders import Family, expand_home
 from guidance.stable_diffusion import PREDICTION_TYPES, epsilon_from_prediction
 from guidance.text_side import EmbeddingCache, Placement
@@ -97,7 +98,8 @@ class DeepFloydIFGuidance:
         model.model_id, model.device, model.dtype = model_id, torch.device(device), dtype
         model.offload_text_encoder = model.device.type == "cuda" if offload_text_encoder is None else offload_text_encoder
         model.load_seconds, model.revision = None, None
-        model._setup(unet.to(dtype), cast_as_loaded(text_encoder, dtype), tokenizer, scheduler)
+        with quiet_loading():  # diffusers warns about casting a model it did not load
+            model._setup(unet.to(dtype), cast_as_loaded(text_encoder, dtype), tokenizer, scheduler)
         return model
 
     def _setup(self, unet, text_encoder, tokenizer, scheduler) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from guidance.hub import DEFAULT_SD_MODEL_ID, default_dtype, freeze, load_component, load_or_explain, model_revision
+from guidance.hub import quiet_loading
 from guidance.model_folders import Family, expand_home
 from guidance.text_side import EmbeddingCache, Placement
 
@@ -90,7 +91,8 @@ class StableDiffusionGuidance:
         model = cls.__new__(cls)
         model.model_id, model.device, model.dtype = model_id, torch.device(device), dtype
         model.load_seconds, model.revision = None, None
-        model._setup(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
+        with quiet_loading():  # diffusers warns about casting a model it did not load
+            model._setup(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
         return model
 
     def _setup(self, unet, vae, text_encoder, tokenizer, scheduler) -> None:
