@@ -50,3 +50,16 @@ def test_the_sds_gradient_per_image_does_not_grow_with_the_batch(monkeypatch):
     assert one > 0
     # Summed over the batch, four copies of one image gave 4x its gradient; a mean gives 1x.
     assert 0.8 < four / one < 1.25, (one, four)
+
+
+def test_repeated_non_finite_steps_name_the_precision_setting():
+    import pytest
+
+    from guidance.sds import NonFiniteError
+    from stages.common import NonFiniteSteps, StageError
+
+    steps = NonFiniteSteps("coarse", limit=2)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    steps.skip(1, 5, NonFiniteError("the SDS gradient is not finite"), optimizer, None)
+    with pytest.raises(StageError, match=r"2 steps in a row were not finite .*or set model_dtype=bf16/fp32\)"):
+        steps.skip(2, 5, NonFiniteError("the SDS gradient is not finite"), optimizer, None)
