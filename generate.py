@@ -45,7 +45,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = sum(x is not None for x in (args.prompt, args.prompts, args.resume))
     if given != 1:
         parser.error("give exactly one of: a prompt, --prompts FILE, --resume RUN_DIR")
+    if args.model_id is not None:
+        check_model_id(args)
     return args
+
+
+def check_model_id(args: argparse.Namespace) -> None:
+    """--model-id applies to a guidance model with weights only (the app's Model id box says the same)."""
+    from stages.plan import resolve_device
+
+    args.model_id = args.model_id.strip() or None
+    try:
+        device = resolve_device(args.device)
+    except ValueError:
+        return  # the run reports the device itself
+    name = registry.resolve_name(args.guidance, device)
+    spec = registry.get(name)
+    if args.model_id is None or spec.takes_model_id:
+        return
+    with_ids = " or ".join(f"--guidance {n}" for n in registry.names() if registry.get(n).takes_model_id)
+    picked = f" (--guidance {args.guidance} picks it on {device})" if args.guidance != name else ""
+    _refuse(f"{spec.title}{picked} has no weights, so it takes no model id: drop --model-id, or pass {with_ids}")
 
 
 def build_config(args: argparse.Namespace):

@@ -3,20 +3,24 @@ how fast it is and how much memory it needs, without a network or a download.
 
     python -m bench.gpu_check                      # SD 2.1 base and IF-I-XL architectures, `standard`, 3 steps/stage
     python -m bench.gpu_check --steps 5 --models sd
+    python -m bench.gpu_check --preset fast        # the ZeroGPU default preset, projected against stages.gpu_cost
+    python -m bench.gpu_check --model-dtype bf16   # the precision a run sets with model_dtype=bf16
     python -m bench.gpu_check --tiny               # the dry run: tiny models on the CPU (the test suite runs it)
     python -m bench.gpu_check --zerogpu            # no GPU: each preset's GPU calls on a ZeroGPU Space (bench/zerogpu_plan.py)
 
-For each guidance model it builds the real architecture with random weights in fp16
-(bench/random_models.py), then:
+For each guidance model it builds the real architecture with random weights in fp16 (`--model-dtype`;
+IF's T5 keeps its fp32 `wo` layers as the real loader does) (bench/random_models.py), then:
 1. embeds a prompt (IF: T5 on the GPU, the UNet parked) and times it;
 2. runs a few steps of each stage at the preset's sizes through the stages' own code
    (bench.speed.time_stages): seconds per step split into render / model (UNet) / VAE / backward /
    optimizer for coarse and marching / rasterize / shade / model / VAE / regularize / backward for
-   refine, the share of step time inside the diffusion model, peak GPU memory per stage, and the
-   rasterizer backend used (nvdiffrast when importable, else the PyTorch one);
+   refine, the VAE's forward and its backward (inside "backward") apart, the share of step time inside
+   the diffusion model, the absolute peak GPU memory per stage (allocated and the allocator's reserve,
+   reset per stage), and the rasterizer backend used (nvdiffrast when importable, else the PyTorch one);
 3. checks fp16 overflow: noise predictions over the whole timestep range are finite, and no step was
    skipped as non-finite;
-4. projects the wall time of a full run of the preset: build + steps x seconds per step + export.
+4. projects the wall time of a full run of the preset: build + steps x seconds per step + export, and
+   its GPU seconds of steps beside stages.gpu_cost's estimate (the figures that calibrate that model).
 Each part checks the time budget (`--budget-s`, 8 minutes by default) before it starts, and a part
 that would not fit is skipped and reported as such. Writes JSON (`--out`) and prints a table.
 """
@@ -40,7 +44,9 @@ from bench.random_models import (
 )
 from bench.speed import in_worker_thread, machine_info, time_stages, write_json
 from guidance import registry
+from guidance.hub import MODEL_DTYPES, default_dtype, model_dtype
 from stages.config import PRESETS, apply_overrides, preset
+from stages.run_facts import device_facts, guidance_facts, resolved_raster_backend
 
 PROMPT = "a ceramic teapot"
 MODELS = {"sd": "stable-diffusion", "if": "deepfloyd-if"}
@@ -84,11 +90,41 @@ def _sync(device: torch.device) -> None:
 
 
 def gpu_memory(device: torch.device) -> dict:
-    """Allocated and peak-allocated GPU memory in GB (empty on the CPU)."""
+    """Allocated and reserved GPU memory in GB, now and at their peaks (empty on the CPU)."""
     if device.type != "cuda":
         return {}
     return {"allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
-            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def weights(model) -> dict:
+    """GB of parameters per module and their dtypes: IF's T5 keeps its `wo` layers in fp32, as the real
+    loader does (guidance.deepfloyd_if.cast_as_loaded), which a plain cast would hide."""
+    report = {}
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+        by_dtype: dict[str, float] = {}
+        for p in module.parameters():
+            key = str(p.dtype).removeprefix("torch.")
+            by_dtype[key] = by_dtype.get(key, 0.0) + p.numel() * p.element_size() / 2**30
+        report[name] = {"gb": sum(by_dtype.values()), "gb_by_dtype": by_dtype}
+    return report
+
+
+def cost_model(config, stages: dict, latent: bool) -> dict:
+    """The run's GPU seconds (steps only, as stages.gpu_cost counts them) at the measured rates, beside
+    stages.gpu_cost's estimate for a full H100: the figures that calibrate that model."""
+    from stages import gpu_cost
+
+    measured = {stage: stages[stage]["step_seconds"] * getattr(config, stage).iters for stage in ("coarse", "refine")}
+    estimate = {stage: getattr(config, stage).iters * sum(step(getattr(config, stage), gpu_cost.H100, latent).values())
+                for stage, step in (("coarse", gpu_cost.coarse_step_seconds), ("refine", gpu_cost.refine_step_seconds))}
+    return {"card": gpu_cost.H100.name, "measured_gpu_seconds": measured, "estimated_gpu_seconds": estimate,
+            "measured_total": sum(measured.values()), "estimated_total": sum(estimate.values())}
 
 
 def embed(model, device: torch.device) -> dict:
@@ -131,27 +167,30 @@ def projected_seconds(config, build_s: float, embed_s: float, stages: dict) -> f
 
 def check_model(key: str, args, device: torch.device, dtype: torch.dtype, deadline: float) -> dict:
     report: dict = {"guidance": MODELS[key]}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model, report["build_seconds"] = build(key, device, dtype, args.tiny)
     report["after_build"] = gpu_memory(device)
+    report["weights"] = weights(model)
     report["embedding"] = embed(model, device)
     report["fp16"] = overflow_check(model, device)
     config = preset(args.preset)
     config.guidance, config.device = MODELS[key], str(device)
     registry.get(MODELS[key]).adapt(config, None)
     apply_overrides(config, [*(TINY_SETTINGS if args.tiny else []), *args.overrides])
+    report["guidance_facts"] = guidance_facts(model, config)
     # A stage's steps are cheap next to its set-up on a GPU; give up before the budget would break.
     if time.perf_counter() > deadline:
         report["stages"] = {"skipped": "over the time budget before the stages started"}
         return report
-    from renderers import raster
-
-    report["raster_backend"] = "nvdiffrast" if "nvdiffrast" in raster.available_backends() else "torch"
+    report["raster_backend"] = resolved_raster_backend(config.refine.backend, device)
     stages = in_worker_thread(time_stages, model, copy.deepcopy(config), device, args.steps)
     report["stages"] = stages
     report["nonfinite_steps"] = {s: stages[s]["nonfinite_skipped"] for s in ("coarse", "refine")}
     report["projected_full_run_seconds"] = projected_seconds(
         config, report["build_seconds"], report["embedding"]["seconds"], stages)
     report["preset_steps"] = {"coarse": config.coarse.iters, "refine": config.refine.iters}
+    report["cost_model"] = cost_model(config, stages, latent=model.space == "latent")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -159,29 +198,45 @@ def check_model(key: str, args, device: torch.device, dtype: torch.dtype, deadli
 
 
 def format_report(report: dict) -> str:
-    lines = [f"GPU check on {report['device']} ({report['preset']} preset, {report['steps']} steps/stage, "
+    facts = report["device_facts"]
+    versions = f", CUDA {facts['cuda']}, driver {facts['driver']}" if facts["cuda"] else ""
+    lines = [f"GPU check on {report['device']}{versions}, models in {report['model_dtype']} "
+             f"({report['preset']} preset, {report['steps']} steps/stage, "
              f"{report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget)"]
     for key, r in report["models"].items():
         if "skipped" in r:
             lines.append(f"{key}: skipped ({r['skipped']})")
             continue
         lines.append(f"{r['guidance']}: build {r['build_seconds']:.1f} s, embed {r['embedding']['seconds']:.2f} s, "
-                     f"fp16 predictions finite: {r['fp16']['finite']} (max |eps| {r['fp16']['max_abs_noise_prediction']:.2f})")
+                     f"{r['fp16']['dtype'].removeprefix('torch.')} predictions finite: {r['fp16']['finite']} (max |eps| {r['fp16']['max_abs_noise_prediction']:.2f})")
         if "skipped" in r["stages"]:
             lines.append(f"  stages skipped: {r['stages']['skipped']}")
             continue
-        lines.append(f"  {'stage':<8}{'s/step':>9}{'in model':>10}{'VAE':>8}{'peak mem':>11}  parts (s/step)")
+        held = ", ".join(f"{name} {w['gb']:.2f} GB ({' + '.join(f'{d} {gb:.2f}' for d, gb in w['gb_by_dtype'].items())})"
+                         for name, w in r["weights"].items())
+        lines.append(f"  weights: {held}")
+        lines.append(f"  {'stage':<8}{'s/step':>9}{'in model':>10}{'VAE fwd':>9}{'VAE bwd':>9}{'peak mem':>12}"
+                     f"{'reserved':>10}  parts (s/step; backward includes the VAE's; peak: CUDA allocated, or RSS)")
         for stage in ("coarse", "refine"):
             s = r["stages"][stage]
             parts = ", ".join(f"{k} {v:.4f}" for k, v in s["seconds_per_step"].items())
             lines.append(f"  {stage:<8}{s['step_seconds']:>9.4f}{1 - s['outside_model_share']:>10.0%}"
-                         f"{s['vae_seconds_per_step']:>8.4f}{s['peak_memory_mb'] / 1024:>9.2f}GB  {parts}")
+                         f"{s['vae_seconds_per_step']:>9.4f}{s['vae_backward_seconds_per_step']:>9.4f}"
+                         f"{_gb(s['peak_absolute_mb']):>12}{_gb(s['peak_reserved_mb']):>10}  {parts}")
         e = r["stages"]["export"]
-        lines.append(f"  export   {e['total_seconds']:.1f} s, peak {e['peak_memory_mb'] / 1024:.2f} GB; "
-                     f"raster backend {r['raster_backend']}; skipped non-finite steps {r['nonfinite_steps']}")
+        lines.append(f"  export   {e['total_seconds']:.1f} s, peak {_gb(e['peak_absolute_mb'])} "
+                     f"(reserved {_gb(e['peak_reserved_mb'])}); raster backend {r['raster_backend']}; "
+                     f"skipped non-finite steps {r['nonfinite_steps']}")
+        c = r["cost_model"]
         lines.append(f"  projected full {report['preset']} run: {r['projected_full_run_seconds'] / 60:.1f} min "
-                     f"({r['preset_steps']['coarse']} coarse + {r['preset_steps']['refine']} refine steps)")
+                     f"({r['preset_steps']['coarse']} coarse + {r['preset_steps']['refine']} refine steps); "
+                     f"GPU steps {c['measured_total']:.0f} s measured vs {c['estimated_total']:.0f} s by "
+                     f"stages.gpu_cost ({c['card']})")
     return "\n".join(lines)
+
+
+def _gb(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb / 1024:.2f}GB"
 
 
 def main(argv=None) -> int:
@@ -193,6 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="dry run: tiny models on the CPU")
     parser.add_argument("--zerogpu", action="store_true",
                         help="no GPU needed: the GPU calls of each preset on a ZeroGPU Space, against its cap and quotas")
+    parser.add_argument("--model-dtype", choices=sorted(MODEL_DTYPES), default="auto",
+                        help="the models' precision, as Config.model_dtype (auto: fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu_check.json"))
     args = parser.parse_args(argv)
@@ -206,11 +263,11 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU here; run on a CUDA machine, or `python -m bench.gpu_check --tiny` for the CPU dry run")
         return 1
     device = torch.device("cpu") if args.tiny else torch.device("cuda")
-    dtype = torch.float32 if args.tiny else torch.float16
+    dtype = model_dtype(args.model_dtype) or default_dtype(device)  # "auto": fp16 on CUDA, fp32 for the dry run
     start = time.perf_counter()
     deadline = start + args.budget_s
     report = {"machine": machine_info(), "device": "cpu (tiny dry run)" if args.tiny else torch.cuda.get_device_name(0),
-              "preset": args.preset, "steps": args.steps, "budget_s": args.budget_s, "models": {}}
+              "device_facts": device_facts(device), "model_dtype": str(dtype).removeprefix("torch."), "preset": args.preset, "steps": args.steps, "budget_s": args.budget_s, "models": {}}
     for i, key in enumerate(args.models):
         # Each model needs roughly an equal share: one that cannot start in time is not started.
         share = (deadline - time.perf_counter()) / (len(args.models) - i)

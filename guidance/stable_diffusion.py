@@ -7,15 +7,30 @@ trained: every module is frozen and in eval mode. The SDS loss lives in guidance
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch import Tensor
 
-from guidance.hub import DEFAULT_SD_MODEL_ID, default_dtype, freeze, load_component, load_or_explain
+from guidance.hub import (
+    DEFAULT_SD_MODEL_ID,
+    default_dtype,
+    freeze,
+    load_component,
+    load_or_explain,
+    model_revision,
+    quiet_loading,
+)
+from guidance.model_folders import Family, expand_home
 from guidance.text_side import EmbeddingCache, Placement
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # diffusers layout of the parts we load
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SD_FAMILY = Family(  # SD 1.x/2.x: the img2img pipeline saves the same components
+    name="a Stable Diffusion 1.x/2.x pipeline",
+    pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    tokenizer_files=(("tokenizer.json",), ("vocab.json", "merges.txt")),  # CLIP's BPE
+)
 
 
 def epsilon_from_prediction(
@@ -49,10 +64,14 @@ class StableDiffusionGuidance:
         dtype: torch.dtype | None = None,  # None: fp16 on CUDA, fp32 elsewhere
         local_files_only: bool | None = None,  # None: follow HF_HUB_OFFLINE (and go offline when the hub is unreachable)
     ):
-        self.model_id = str(model_id)
+        self.model_id = expand_home(str(model_id))
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
-        load_or_explain(self._load, self.model_id, "Stable Diffusion", SD_SUBFOLDERS, DEFAULT_SD_MODEL_ID, local_files_only)
+        start = time.perf_counter()
+        load_or_explain(self._load, self.model_id, "Stable Diffusion", SD_SUBFOLDERS, DEFAULT_SD_MODEL_ID,
+                        local_files_only, family=SD_FAMILY)
+        self.load_seconds = time.perf_counter() - start  # reading the files and building the modules (run.json)
+        self.revision = model_revision(self.model_id, "unet/config.json")  # the hub commit; None for a local folder
 
     def _load(self, local_files_only: bool) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -78,7 +97,9 @@ class StableDiffusionGuidance:
         """A model from modules already built (random-weight benchmarks); they are cast to `dtype`."""
         model = cls.__new__(cls)
         model.model_id, model.device, model.dtype = model_id, torch.device(device), dtype
-        model._setup(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
+        model.load_seconds, model.revision = None, None
+        with quiet_loading():  # diffusers warns about casting a model it did not load
+            model._setup(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
         return model
 
     def _setup(self, unet, vae, text_encoder, tokenizer, scheduler) -> None:

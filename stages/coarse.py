@@ -185,9 +185,9 @@ def run(
             loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator,
                                  elevations=cams.elevation, texture_images=out.get("rgb_texture"))
             t2 = clock(device)
-            loss = loss_sds + _regularizers(out, config, step)
+            loss = loss_sds / config.batch_size + _regularizers(out, config, step)  # per image, as in refine
             if info["texture_loss"] is not None:  # the albedo's path gets the texture's CFG scale instead
-                loss = loss + info["texture_loss"]
+                loss = loss + info["texture_loss"] / config.batch_size
             backward_finite(loss, optimizer)
         except NonFiniteError as exc:  # skip the step: no update
             nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)

@@ -111,7 +111,7 @@ class NonFiniteSteps:
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
             raise StageError(self.stage, step, f"{reason}; {self.in_a_row} steps in a row were not finite "
-                                               "(lower the learning rates or the guidance scale)") from reason
+                                               "(lower the learning rates or the guidance scale, or set model_dtype=bf16/fp32)") from reason
         if callback is not None:
             callback(StepEvent(stage=self.stage, step=step, total=total,
                                message=f"{self.stage} step {step}/{total} skipped: {reason}"))
@@ -123,8 +123,8 @@ class NonFiniteSteps:
         """At the end of the stage: StageError when not one of its `total` steps was finite (a stage
         shorter than `limit` would otherwise hand on an untrained result)."""
         if total > 0 and self.skipped == total:
-            raise StageError(self.stage, total, f"all {total} steps were not finite "
-                                                "(lower the learning rates or the guidance scale)")
+            raise StageError(self.stage, total, f"all {total} steps were not finite (lower the learning "
+                                                "rates or the guidance scale, or set model_dtype=bf16/fp32)")
 
 
 def backward_finite(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from geometry.nerf import FieldConfig
 from guidance import registry
+from guidance.hub import MODEL_DTYPES
 from guidance.prior_config import FLAT_KEYS as PRIOR_FLAT_KEYS
 from guidance.prior_config import PriorConfig
 from guidance.sds import SDSConfig
@@ -36,6 +37,7 @@ class Config:
     preset: str = "quick"  # the preset this config started from (recorded in run.json)
     guidance: str = "auto"  # "auto" (Stable Diffusion on CUDA, else primitives) or a name of `guidance.registry`
     model_id: str | None = None  # hub id or local folder of the guidance model; None = the model's default
+    model_dtype: str = "auto"  # precision of a hub guidance model: "auto" (fp16 on CUDA, fp32 elsewhere), "fp16", "bf16", "fp32"
     seed: int = 0  # the run's seed; the pipeline copies it into coarse.seed and refine.seed
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     stop_after: str = "export"  # last stage to train: "coarse" exports the coarse field's mesh, "refine" or "export" do all
@@ -52,6 +54,8 @@ class Config:
             raise ValueError(f"guidance must be one of {list(registry.choices())}, got {self.guidance!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype must be one of {list(MODEL_DTYPES)}, got {self.model_dtype!r}")
         if self.stop_after not in STAGES:
             raise ValueError(f"stop_after must be one of {list(STAGES)}, got {self.stop_after!r}")
         self.prior.check()

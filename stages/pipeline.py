@@ -27,6 +27,7 @@ from stages import coarse as coarse_stage
 from stages import export as export_stage
 from stages import refine as refine_stage
 from stages.common import Cancelled, StageError, StepEvent, check_stop, release_free_memory
+from stages.run_facts import device_facts, guidance_facts, peak_memory, reset_peak_memory
 from stages.config import STAGES, Config, to_dict
 from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
 from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
@@ -150,6 +151,7 @@ def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume:
         )
         if stages != ("export",):  # where it trains (a host's export-only call runs on the CPU: not recorded)
             record["device"] = str(plan.device)
+            record["device_facts"] = device_facts(plan.device, config.refine.backend)
         if stages is None:  # epoch seconds: when the run got the device (a host's later stage calls keep the first)
             record["started_at"] = None
         record.setdefault("started_at", None)
@@ -205,7 +207,9 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
             emit(ProgressEvent(stage="setup" if stage == "coarse" else stage,
                                message=f"loading the {plan.guidance_name} guidance model {why}"))
         model = guidance_for(seen)
+        record.setdefault("guidance_facts", {})[stage] = guidance_facts(model, seen.config)
         check_stop(stopped, "setup", 0)  # loading can take a while; a cancel may have come meanwhile
+        reset_peak_memory(device)
         return model
 
     def not_here(stage: str):
@@ -225,6 +229,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         result = coarse_stage.run(guidance, prompt, config.coarse, config.camera, device, on_step, stopped)
         field = result.field
         save_coarse_checkpoint(field, run_path)
+        record.setdefault("peak_memory", {})["coarse"] = peak_memory(device)
         _finish_stage(record, "coarse", state, run_path, result.stats)
         if not allowed & {"refine", "export"}:
             return None
@@ -252,6 +257,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped)
         mesh, color_field = (result.vertices, result.faces), result.color_field
         save_refine_checkpoint(result.vertices, result.faces, color_field, run_path)
+        record.setdefault("peak_memory", {})["refine"] = peak_memory(device)
         _finish_stage(record, "refine", state, run_path, result.stats)
     if mesh[1].shape[0] == 0:
         raise StageError(state["stage"], 0, "the result has no surface (empty mesh); try another seed or more steps")

