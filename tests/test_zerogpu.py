@@ -157,6 +157,8 @@ def test_a_run_is_a_gpu_call_per_stage_then_the_export_here(hosted, tmp_path):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "finished" and record["finished_stages"] == ["coarse", "refine", "export"]
     assert record["stage_calls"] == 2 and record["device"] == "cpu"
+    assert set(record["guidance_facts"]) == set(record["peak_memory"]) == {"coarse", "refine"}  # each call's own
+    assert record["device_facts"]["gpu"] is None and record["device_facts"]["raster_backend"] == "torch"  # on the CPU
     assert all(Path(p).is_file() for p in events[-1].paths.values())
     elapsed = [e.elapsed for e in events]
     assert elapsed == sorted(elapsed)  # the run's clock across the calls, not each call's own
