@@ -22,10 +22,13 @@ import os
 import time
 from pathlib import Path
 
-from stages.gpu_cost import CARDS, run_gpu_seconds, stage_calls
+from stages.gpu_cost import CARDS, UNCERTAINTY, run_gpu_seconds, stage_calls
 
 ZEROGPU_CALL_CAP = 300  # seconds one ZeroGPU call may ask for (signed-in visitors; anonymous ones get less)
 ZEROGPU_QUOTAS = {"anonymous visitor": 120, "free account": 210, "PRO account": 1500}  # daily GPU seconds (documented)
+CALIBRATION: dict[tuple[str, str], float] = {}  # (guidance, stage) -> this host's measured / modelled s per step
+CALIBRATION_RANGE = (0.5, 4.0)  # a ratio outside is clipped: one odd call does not set the requests
+CALIBRATION_MIN_STEPS = 5  # steps a call must report for its rate to count
 ZEROGPU_PRESET = "fast"  # the default preset on a ZeroGPU Space: sized so that one run fits an anonymous quota
 GPU_PRESETS = ("fast", "standard", "high")  # presets sized for a GPU (hours on a CPU)
 # GPU-cost factors per guidance model against Stable Diffusion 2.1 base: (diffusion model, VAE in the loop).
@@ -45,9 +48,34 @@ def _card(guidance: str):
 
 
 def call_requests(config, guidance: str) -> list[tuple[str, int]]:
-    """(stage, seconds asked for) of each GPU call a run of `config` makes on ZeroGPU."""
+    """(stage, seconds asked for) of each GPU call a run of `config` makes on ZeroGPU: the model's steps times
+    this host's measured ratio (`CALIBRATION`), plus the call's start and model load, times the margin."""
     card, latent = _card(guidance)
-    return [(c.stage, math.ceil(c.high)) for c in stage_calls(config, card, latent)]
+    requests = []
+    for call in stage_calls(config, card, latent):
+        ratio = CALIBRATION.get((guidance, call.stage), 1.0)
+        requests.append((call.stage, math.ceil(UNCERTAINTY * (call.steps * ratio + call.overhead))))
+    return requests
+
+
+def modelled_step_seconds(config, guidance: str, stage: str) -> float:
+    card, latent = _card(guidance)
+    call = next(c for c in stage_calls(config, card, latent) if c.stage == stage)
+    return call.steps / max(getattr(config, stage).iters, 1)
+
+
+def calibrate(guidance: str, stage: str, config, steps: list[tuple[int, float]]) -> float | None:
+    """Learn this host's seconds per step of `stage` against the model's from a call's (step, arrival time)
+    reports (the first two, warm-up, left out); the next requests use the ratio. Returns it, or None when
+    the call reported too few steps to tell."""
+    steps = [(n, t) for n, t in steps if n >= 2]
+    if len(steps) < 2 or steps[-1][0] - steps[0][0] < CALIBRATION_MIN_STEPS:
+        return None
+    measured = (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0])
+    low, high = CALIBRATION_RANGE
+    ratio = min(max(measured / modelled_step_seconds(config, guidance, stage), low), high)
+    CALIBRATION[(guidance, stage)] = ratio
+    return ratio
 
 
 def projected_seconds(config, guidance: str) -> float:
@@ -140,8 +168,11 @@ def hosted_events(plan, run_dir: str, should_stop):
     calls = [stage for stage, _ in call_requests(plan.config, plan.guidance_name)]
     for i, stage in enumerate(calls):
         check_stop(should_stop, stage, 0)
+        steps: list[tuple[int, float]] = []  # (step, arrival) of the call's step reports: its rate on this host
         try:
             for event in gpu_stage_call(payload, run_dir, stage, i == 0):
+                if event.stage == stage and event.total and event.step:
+                    steps.append((event.step, time.perf_counter()))
                 if event.stage == "cancelled":
                     raise Cancelled(event.message)
                 if event.stage == "failed":
@@ -160,6 +191,8 @@ def hosted_events(plan, run_dir: str, should_stop):
             except (OSError, ValueError):
                 pass
             raise RuntimeError(message) from exc
+        finally:
+            calibrate(plan.guidance_name, stage, plan.config, steps)
     check_stop(should_stop, "export", 0)
     for event in run_plan(plan_from_payload(payload, device="cpu"), run_dir=run_dir, resume=True, stages=("export",),
                           should_stop=should_stop):

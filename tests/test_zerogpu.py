@@ -17,6 +17,14 @@ from stages.config import PRESETS, apply_overrides, preset
 STANDIN = Path(__file__).resolve().parent / "zerogpu"
 
 
+@pytest.fixture(autouse=True)
+def uncalibrated(monkeypatch):
+    """Each test starts from the cost model alone (a hosted run teaches app_gpu this machine's rates)."""
+    import app_gpu
+
+    monkeypatch.setattr(app_gpu, "CALIBRATION", {})
+
+
 @pytest.fixture
 def standin(monkeypatch, tmp_path):
     """The stand-in `spaces` module, switched on; its request log."""
@@ -71,6 +79,22 @@ def test_requests_follow_the_settings_and_never_pass_the_cap():
     assert request_seconds(payload, "/tmp/x", "refine", False) == ZEROGPU_CALL_CAP  # clipped (refused before, in the app)
     payload["config"] = to_dict(fast)
     assert request_seconds(payload, "/tmp/x", "coarse", True) == dict(call_requests(fast, "stable-diffusion"))["coarse"]
+
+
+def test_requests_follow_the_rate_measured_on_this_host():
+    import app_gpu
+
+    config = preset("fast")
+    before = dict(app_gpu.call_requests(config, "stable-diffusion"))
+    modelled = app_gpu.modelled_step_seconds(config, "stable-diffusion", "coarse")
+    assert app_gpu.calibrate("stable-diffusion", "coarse", config, [(n, n * modelled) for n in range(1, 5)]) is None
+    reports = [(n, 2.0 * modelled * n) for n in range(1, 40)]  # twice the model's time per step
+    assert app_gpu.calibrate("stable-diffusion", "coarse", config, reports) == pytest.approx(2.0)
+    after = dict(app_gpu.call_requests(config, "stable-diffusion"))
+    assert after["coarse"] > before["coarse"] and after["refine"] == before["refine"]
+    assert app_gpu.calibrate("stable-diffusion", "coarse", config, [(n, 100.0 * n) for n in range(1, 40)]) == 4.0  # clipped
+    with pytest.raises(ValueError, match="coarse stage would ask for"):
+        app_gpu.check_fits(apply_overrides(preset("fast"), ["coarse.iters=1500"]), "stable-diffusion")
 
 
 @pytest.mark.parametrize("name", PRESETS)
