@@ -41,6 +41,7 @@ def hub(tmp_path_factory):
         yield stand_in
 
 
+@pytest.mark.slow
 def test_a_repository_without_fp16_files_loads_its_plain_weights_online_then_offline(hub, tmp_path):
     cache = str(tmp_path / "hf-cache")
     result = _run(["-c", LOAD, "community/tiny-sd", "nobody/no-such-model"], {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": cache})
