@@ -80,6 +80,7 @@ def test_library_shapes_and_content(prior):
     assert centre[0] > centre[1] + 0.3 and centre[0] > centre[2] + 0.3
 
 
+@pytest.mark.slow
 def test_cache_is_reused(tmp_path):
     logs = []
     PrimitivesPrior(resolution=16, renders_per_view=4, cache=str(tmp_path), log=logs.append)
