@@ -60,8 +60,8 @@ def small_prior():
 
 @pytest.fixture(scope="session")
 def tiny_prior():
-    """The primitives prior at 16 px with 4 renders per view word, for the quick preset's cameras (a second
-    or two): for tests of a stage's mechanics, where `small_prior`'s 96 renders would only cost time."""
+    """The primitives prior at 16 px with 4 renders per view word, for the quick preset's cameras: for tests
+    of a stage's mechanics and of the guidance contract, where `small_prior`'s 96 renders would only cost time."""
     from guidance.primitives import PrimitivesPrior
     from helpers import quick_primitives_config
 

@@ -24,7 +24,7 @@ def prior_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prior(prior_cache):  # its library takes about 40 CPU seconds: the tests that use it are marked slow
+def prior(prior_cache):  # building its library is most of this file's time: the tests using it are marked slow
     # A small library (16 renders per view at 32 px) keeps the test fast; the math is the same.
     return PrimitivesPrior(resolution=32, renders_per_view=16, cache=prior_cache, log=lambda *_: None)
 
