@@ -59,6 +59,18 @@ def small_prior():
 
 
 @pytest.fixture(scope="session")
+def tiny_prior():
+    """The primitives prior at 16 px with 4 renders per view word, for the quick preset's cameras: for tests
+    of a stage's mechanics and of the guidance contract, where `small_prior`'s 96 renders would only cost time."""
+    from guidance.primitives import PrimitivesPrior
+    from helpers import quick_primitives_config
+
+    config = quick_primitives_config()
+    return PrimitivesPrior(resolution=16, renders_per_view=4, camera=config.camera,
+                           ambient=config.coarse.volume.ambient, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     """A tiny random Stable Diffusion pipeline saved in the diffusers layout (tests/tiny_pipelines.py), once per session."""
     from tiny_pipelines import save_tiny_sd

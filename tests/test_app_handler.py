@@ -25,6 +25,7 @@ def _fake_run(root: Path, name: str, size: int, age: float, status: str = "finis
     return path
 
 
+@pytest.mark.slow
 def test_app_run_prunes_old_runs_by_count_and_bytes_writes_one_folder_and_runs_no_shell(tmp_path, monkeypatch):
     root = tmp_path / "outputs"
     root.mkdir()

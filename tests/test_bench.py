@@ -25,6 +25,7 @@ def _sets(overrides):
     return [arg for item in overrides for arg in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "CHAMFER_POINTS", 2000)
     monkeypatch.setattr(quality, "VOLUME_RESOLUTION", 32)
@@ -120,6 +121,7 @@ def test_a_crashing_run_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch
     assert report["summary"]["errors"] == 1 and report["summary"]["overall"] == {}
 
 
+@pytest.mark.slow
 def test_coarse_quality_measures_each_run(tmp_path, capsys):
     sets = _sets(["prior.resolution=16", "prior.renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",
                   "coarse.preview_every=0"])
@@ -183,6 +185,7 @@ def test_random_stable_diffusion_builds_a_working_latent_guidance_model():
     assert model.embeddings.encoded_texts == 7
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_measures_both_models_through_every_stage(tmp_path, one_thread):
     from bench import gpu_check
 

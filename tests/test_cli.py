@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_CLI_SETTINGS
 
 
+@pytest.mark.slow
 def test_cli_writes_every_file(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -34,6 +35,7 @@ def test_cli_writes_every_file(tmp_path):
         assert "?step/s" in bars[0] or len(bars) == 1  # no rate out of one step (the warm-up)
 
 
+@pytest.mark.slow
 def test_prompts_file_runs_each_line_into_its_folder(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n\n# a comment\na blue sphere\n")

@@ -112,6 +112,7 @@ def _mean_radius(field):
     return (verts - field.centre).norm(dim=-1).mean().item()
 
 
+@pytest.mark.slow
 def test_the_mesh_level_leaves_out_fog_and_keeps_faint_objects():
     # A dense ball in pale fog (rays just past the ball: opacity ~0.33): the mesh is the ball's.
     clear = _mean_radius(FoggyBall(radius=0.45, peak=100.0, softness=0.02, fog=0.0))
@@ -171,6 +172,7 @@ def test_occupied_box_fits_the_object_with_margin_and_falls_back_when_empty():
     assert verts.shape == (0, 3) and faces.shape == (0, 3)
 
 
+@pytest.mark.slow
 def test_surface_does_not_depend_on_the_grid_resolution():
     ball = SoftBall(radius=0.4, peak=30.0, softness=0.05)
     volumes = [mesh_volume(*extract_mesh(ball, r)).item() for r in (24, 48)]

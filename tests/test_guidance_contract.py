@@ -3,7 +3,7 @@ its attributes, prompt encoding (deterministic, cached where the model caches), 
 (shape, dtype, finite) and one SDS step whose gradient is finite and reaches the image.
 
 The hub models run as the tiny random pipelines of tests/tiny_pipelines.py; the primitives prior as
-the session's small prior (conftest.py). A newly registered model fails here until it has a tiny build.
+the session's tiny prior (conftest.py). A newly registered model fails here until it has a tiny build.
 """
 import pytest
 import torch
@@ -23,7 +23,7 @@ def models(request):
     def build(name):
         if name not in built:
             if name == "primitives":
-                built[name] = request.getfixturevalue("small_prior")
+                built[name] = request.getfixturevalue("tiny_prior")
             elif name == "stable-diffusion":
                 built[name] = load(name, device="cpu", model_id=str(request.getfixturevalue("sd_folder")))
             elif name == "deepfloyd-if":

@@ -41,6 +41,7 @@ def hub(tmp_path_factory):
         yield stand_in
 
 
+@pytest.mark.slow
 def test_a_repository_without_fp16_files_loads_its_plain_weights_online_then_offline(hub, tmp_path):
     cache = str(tmp_path / "hf-cache")
     result = _run(["-c", LOAD, "community/tiny-sd", "nobody/no-such-model"], {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": cache})
@@ -63,6 +64,7 @@ def test_a_repository_without_fp16_files_loads_its_plain_weights_online_then_off
     assert len(hub.requests) == seen  # nothing was asked of the hub
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_at_once_with_one_clean_line(tmp_path):
     with socket.socket() as s:  # a port nobody listens on: connections are refused
         s.bind(("127.0.0.1", 0))

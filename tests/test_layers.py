@@ -12,6 +12,7 @@ Low to high:
 Imports inside functions count as much as those at the top of a file.
 """
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,13 @@ def test_the_check_sees_imports_at_the_top_and_inside_functions(tmp_path, source
     path.write_text(source + "\n")
     higher = {unit for unit, _ in _imported_units(path) if LAYERS[unit] > LAYERS["guidance"]}
     assert (not higher) == ok
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+@pytest.mark.parametrize("name", [_module_name(path) for path in _product_files()])
+def test_every_product_module_imports(name):
+    # The fast tier (-m "not slow") leaves out whole runs; this keeps every module imported by it.
+    importlib.import_module(name)

@@ -15,6 +15,7 @@ def _drain(prompt, config, **kwargs):
     return list(generate(prompt, config, **kwargs))
 
 
+@pytest.mark.slow
 def test_full_run_streams_both_stages_and_writes_every_file(tmp_path):
     events = _drain("a red cube", tiny_run_config(), out_root=tmp_path)
     stages = [e.stage for e in events]
@@ -86,6 +87,7 @@ def test_non_finite_guidance_stops_with_stage_and_step(tmp_path, monkeypatch):
     assert record["status"] == "failed" and "coarse" in record["error"]
 
 
+@pytest.mark.slow
 def test_crash_in_refine_keeps_the_coarse_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
@@ -126,6 +128,7 @@ def test_one_prior_library_serves_white_and_coloured_prompts():
     assert white_prior.lib_u is red_prior.lib_u and pipeline.guidance_for(red) is red_prior
 
 
+@pytest.mark.slow
 def test_the_refine_stage_gets_cameras_without_pose_jitter_and_a_prior_drawn_from_them(tmp_path, monkeypatch):
     seen = {}
     real_coarse, real_refine = pipeline.coarse_stage.run, pipeline.refine_stage.run

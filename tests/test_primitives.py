@@ -24,7 +24,7 @@ def prior_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prior(prior_cache):
+def prior(prior_cache):  # building its library is most of this file's time: the tests using it are marked slow
     # A small library (16 renders per view at 32 px) keeps the test fast; the math is the same.
     return PrimitivesPrior(resolution=32, renders_per_view=16, cache=prior_cache, log=lambda *_: None)
 
@@ -68,6 +68,7 @@ def test_canonical_meshes(shape, extent):
     assert abs(centre).max() < 1e-6  # centred at the origin (the cone: base -0.45, apex +0.45)
 
 
+@pytest.mark.slow
 def test_library_shapes_and_content(prior):
     v, s, k, p = prior.lib_u.shape
     assert prior.lib_a.shape == prior.lib_b.shape == (v, s, k, p)
@@ -79,6 +80,7 @@ def test_library_shapes_and_content(prior):
     assert centre[0] > centre[1] + 0.3 and centre[0] > centre[2] + 0.3
 
 
+@pytest.mark.slow
 def test_cache_is_reused(tmp_path):
     logs = []
     PrimitivesPrior(resolution=16, renders_per_view=4, cache=str(tmp_path), log=logs.append)
@@ -102,6 +104,7 @@ def test_flat_share_leaves_the_last_renders_unshaded():
         LibraryConfig(flat_share=1.5).check()
 
 
+@pytest.mark.slow
 def test_posterior_mean_small_t_returns_the_image(prior):
     x0 = _library_image(prior, "torus", "blue", "side", 3)[None]
     cond = prior.encode_prompt(["a blue torus, side view"])
@@ -116,6 +119,7 @@ def test_posterior_mean_small_t_returns_the_image(prior):
     torch.testing.assert_close(x0_hat_u, x0, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_posterior_mean_large_t_tends_to_library_mean(prior):
     cond = prior.encode_prompt(["a green capsule, front view"])
     t = torch.tensor([999])
@@ -125,6 +129,7 @@ def test_posterior_mean_large_t_tends_to_library_mean(prior):
     torch.testing.assert_close(x0_hat[0], lib.mean(0), atol=0.05, rtol=0)
 
 
+@pytest.mark.slow
 def test_predict_noise_is_consistent_with_x_t(prior):
     cond = prior.encode_prompt(["a yellow cone, back view", ", overhead view"])
     t = torch.tensor([300, 700])
@@ -136,6 +141,7 @@ def test_predict_noise_is_consistent_with_x_t(prior):
     assert torch.isfinite(eps).all()
 
 
+@pytest.mark.slow
 def test_prompt_changes_the_prediction(prior):
     x_t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([400])
@@ -146,6 +152,7 @@ def test_prompt_changes_the_prediction(prior):
     assert blue[0, 2, 12:20, 12:20].mean() > blue[0, 0, 12:20, 12:20].mean() + 0.3
 
 
+@pytest.mark.slow
 def test_classify_recognises_library_renders(prior):
     imgs = torch.stack([
         _library_image(prior, "cylinder", "purple", "side", 5),
@@ -154,6 +161,7 @@ def test_classify_recognises_library_renders(prior):
     assert prior.classify(imgs, ["side", "front"]) == ["a purple cylinder", "an orange sphere"]
 
 
+@pytest.mark.slow
 def test_unknown_words_and_bad_shapes_raise(prior):
     with pytest.raises(UnknownPromptError, match="torus"):
         prior.encode_prompt(["a ceramic teapot"])
@@ -171,6 +179,7 @@ def _brute_force_posterior_mean(prior, x_t, t, shapes, colors, view):
     return (w[:, None, None, None] * images).sum(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", [1.0, DARK_BACKGROUND, 0.5])
 def test_posterior_mean_matches_brute_force_at_any_background(prior, level):
     dark = prior.with_background(level)
@@ -213,6 +222,7 @@ def _camera_elevations(cameras) -> torch.Tensor:
     return torch.rad2deg(torch.asin(centre[:, 2] / centre.norm(dim=1)))
 
 
+@pytest.mark.slow
 def test_the_library_draws_each_view_word_from_cameras_in_its_elevation_band():
     still = CameraConfig(position_jitter=0.0, target_jitter=0.0, up_jitter=0.0)  # the refine stage's cameras
     chosen = _draw_cameras_per_view(LibraryConfig(resolution=16, renders_per_view=32, camera=still))
@@ -256,6 +266,7 @@ def test_render_elevations_are_the_librarys_cameras():
     assert elevations[PRIOR_VIEW_WORDS.index("side")].max() < high <= elevations[PRIOR_VIEW_WORDS.index("high side")].min()
 
 
+@pytest.mark.slow
 def test_the_cameras_elevation_picks_the_renders_seen_from_it(prior, prior_cache):
     """At t near T the image says almost nothing: the elevation kernel decides which renders the posterior weighs."""
     cond = prior.encode_prompt(["a red cube, front view"])[0]

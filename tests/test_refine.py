@@ -75,12 +75,12 @@ def test_config_check_names_the_field():
             config.check()
 
 
-def test_the_texture_is_the_mean_of_the_colour_fields_last_steps(prior):
+def test_the_texture_is_the_mean_of_the_colour_fields_last_steps(tiny_prior):
     """color_average_from=0.5 over 4 steps: the colour field handed on is the mean of its state after
     steps 3 and 4, which runs of 3 and 4 steps without averaging end at (same seed, same draws)."""
     def final_color(**changes):
         config = tiny_refine_config(preview_every=0, lr_color=0.05, lr_sdf=0.0, lr_deform=0.0, **changes)
-        return torch.sigmoid(refine.run(Blob(), prior, "a green cube", config, CAMERA).color_field.color_logit)
+        return torch.sigmoid(refine.run(Blob(), tiny_prior, "a green cube", config, CAMERA).color_field.color_logit)
 
     after3, after4 = final_color(iters=3), final_color(iters=4)
     averaged = final_color(iters=4, color_average_from=0.5)
@@ -89,13 +89,13 @@ def test_the_texture_is_the_mean_of_the_colour_fields_last_steps(prior):
     torch.testing.assert_close(averaged, expected)
 
 
-def test_the_texture_gets_its_own_guidance_scale(prior):
+def test_the_texture_gets_its_own_guidance_scale(tiny_prior):
     """refine.sds.texture_guidance_scale routes the SDS gradient at that scale to the colour field
     only: the texture follows a run at the texture's scale, the surface a run without the setting."""
     def run(iters, lr_sdf, **sds):
         config = tiny_refine_config(iters=iters, preview_every=0, lr_color=0.05, lr_sdf=lr_sdf, lr_deform=lr_sdf,
                                     sds=SDSConfig(**sds))
-        result = refine.run(Blob(), prior, "a green cube", config, CAMERA)
+        result = refine.run(Blob(), tiny_prior, "a green cube", config, CAMERA)
         return result.vertices, torch.sigmoid(result.color_field.color_logit)
 
     # A fixed surface, 3 steps: the texture is that of plain CFG at the texture's scale.
@@ -112,11 +112,11 @@ def test_the_texture_gets_its_own_guidance_scale(prior):
     assert not torch.allclose(split_verts, texture_verts, atol=1e-5)
 
 
-def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
+def test_run_reports_progress_and_leaves_the_coarse_field_alone(tiny_prior):
     field = Blob(radius=0.4)
     before = copy.deepcopy(field.state_dict())
     events = []
-    result = refine.run(field, prior, "a green cube", tiny_refine_config(), CAMERA, callback=events.append)
+    result = refine.run(field, tiny_prior, "a green cube", tiny_refine_config(), CAMERA, callback=events.append)
 
     assert [e.step for e in events] == [1, 2, 3, 4] and all(e.stage == "refine" and e.total == 4 for e in events)
     previews = [e.preview for e in events if e.preview is not None]
@@ -137,10 +137,10 @@ def test_run_reports_progress_and_leaves_the_coarse_field_alone(prior):
     assert any(not torch.equal(a, b) for a, b in zip(result.color_field.state_dict().values(), before.values()))
 
 
-def test_run_is_reproducible_and_can_be_cancelled(prior):
+def test_run_is_reproducible_and_can_be_cancelled(tiny_prior):
     config = tiny_refine_config(iters=3, preview_every=0)
-    first = refine.run(Blob(), prior, "a green cube", config, CAMERA)
-    second = refine.run(Blob(), prior, "a green cube", config, CAMERA)
+    first = refine.run(Blob(), tiny_prior, "a green cube", config, CAMERA)
+    second = refine.run(Blob(), tiny_prior, "a green cube", config, CAMERA)
     assert torch.equal(first.faces, second.faces)
     torch.testing.assert_close(first.vertices, second.vertices, rtol=0, atol=0)
 
@@ -151,7 +151,7 @@ def test_run_is_reproducible_and_can_be_cancelled(prior):
         return len(calls) > 2
 
     with pytest.raises(Cancelled, match="step 2"):
-        refine.run(Blob(), prior, "a green cube", config, CAMERA, should_stop=stop)
+        refine.run(Blob(), tiny_prior, "a green cube", config, CAMERA, should_stop=stop)
 
 
 class BrokenPrior:
@@ -169,12 +169,12 @@ class BrokenPrior:
         return torch.full_like(x_t, float("nan"))
 
 
-def test_non_finite_guidance_is_a_stage_error(prior):
+def test_non_finite_guidance_is_a_stage_error(tiny_prior):
     with pytest.raises(StageError, match="refine stage failed at step 1") as err:
-        refine.run(Blob(), BrokenPrior(prior), "a green cube", tiny_refine_config(max_nonfinite_steps=1), CAMERA)
+        refine.run(Blob(), BrokenPrior(tiny_prior), "a green cube", tiny_refine_config(max_nonfinite_steps=1), CAMERA)
     assert err.value.stage == "refine"
     with pytest.raises(StageError, match="no surface"):
-        refine.run(Blob(peak=0.0), prior, "a green cube", tiny_refine_config(), CAMERA)
+        refine.run(Blob(peak=0.0), tiny_prior, "a green cube", tiny_refine_config(), CAMERA)
 
 
 def _iou(mesh, shape):

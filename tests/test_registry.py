@@ -110,6 +110,7 @@ def test_the_command_line_the_app_and_the_batch_offer_the_new_model(still_model,
         check_prompts(tmp_path / "prompts.txt", lines, tiny_run_config(guidance="still"), "cpu")
 
 
+@pytest.mark.slow
 def test_a_process_keeps_both_prior_libraries_of_a_run_and_one_model_of_another_kind(still_model):
     workers.forget_guidance()
     plan = resolve("a red cube", tiny_run_config())

@@ -15,6 +15,7 @@ from stages.pipeline import generate
 
 
 # ---- the pipeline: cancel by closing, faults -------------------------------------------------------
+@pytest.mark.slow
 def test_closing_returns_fast_and_the_next_run_waits_for_the_device(tmp_path, monkeypatch):
     real = pipeline.guidance_for
     slow = {"first": True}
@@ -53,6 +54,7 @@ def _frames(exc: BaseException) -> list[str]:
     return files
 
 
+@pytest.mark.slow
 def test_non_finite_loss_in_refine_names_the_stage_and_step_and_frees_the_frames(tmp_path, monkeypatch):
     on = {"nan": False}
     real_guidance, real_refine = pipeline.guidance_for, pipeline.refine_stage.run
@@ -75,6 +77,7 @@ def test_non_finite_loss_in_refine_names_the_stage_and_step_and_frees_the_frames
     assert (tmp_path / "run" / "coarse.pt").is_file() and not (tmp_path / "run" / "refine.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_now_and_then_is_skipped_counted_and_the_run_finishes(tmp_path, monkeypatch):
     """fp16 overflows: NaN noise predictions at two separate coarse steps are skipped, not fatal."""
     calls = {"n": 0}
@@ -112,6 +115,7 @@ def test_out_of_memory_is_caught_and_names_the_setting_to_lower(tmp_path, monkey
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_cli_resume_finishes_a_run_whose_refine_crashed(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     argv = ["a green cube", "--guidance", "primitives", "--out", str(out), "--set", "export.turntable=false"]
