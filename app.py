@@ -117,7 +117,7 @@ def view(snap: Snapshot | None) -> tuple:
     button = gr.update(value="Generate" if snap.done else "Running…", interactive=snap.done)
     model, status = paths.get("glb"), snap.status
     if model is None and not snap.done and snap.model and os.path.isfile(snap.model):  # the export deletes it
-        model, status = snap.model, f"{status}\n\nIn the viewer: {snap.model_label} (the textured model replaces it at the end)."
+        model, status = snap.model, f"{status}\n\nIn the viewer: {snap.model_label}; the textured model replaces it at the end."
     return gallery, status, model, files, latest, snap.run_id, button
 
 

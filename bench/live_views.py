@@ -7,8 +7,12 @@ again on its own (median of `--repeats`): the coarse surface GLB, one refine-mes
 preview and one refine preview. The issue's bounds: a preview budget of 5 % of its stage's time
 (all its previews together), an intermediate model at most 2 % of its stage's time (each).
 
+Shorter runs (`--set coarse.iters=100`) are projected to the preset's step counts: the training
+seconds per step of the run, times the preset's steps, plus the preset's previews and models at the
+seconds they took in the run.
+
     python -m bench.live_views                  # writes bench/out/live_views.json
-    python -m bench.live_views --set refine.iters=150 --repeats 3
+    python -m bench.live_views --set coarse.iters=100 --set refine.iters=100 --repeats 3 --threads 1
 """
 from __future__ import annotations
 
@@ -71,6 +75,18 @@ def measure(overrides: list[str], repeats: int) -> dict:
                                                                          device), repeats),
         }
     stats, seconds = record["stage_stats"], record["stage_seconds"]
+    full = preset("quick")
+    projected = {}
+    for s in ("coarse", "refine"):
+        run_models = sum(m[0] == s for m in models)
+        extras = stats[s]["preview_seconds"] + stats[s].get("model_seconds", 0.0)
+        per_step = (seconds[s] - extras) / getattr(config, s).iters
+        one_preview = stats[s]["preview_seconds"] / previews_of(config, s)
+        one_model = stats[s].get("model_seconds", 0.0) / max(run_models, 1)
+        full_models = 1 if s == "coarse" else len([k for k in range(1, full.refine.iters) if k % full.refine.model_every == 0])
+        stage = per_step * getattr(full, s).iters + one_preview * previews_of(full, s) + one_model * full_models
+        projected[s] = {"stage_seconds": stage, "previews": previews_of(full, s), "models": full_models,
+                        "preview_share": one_preview * previews_of(full, s) / stage, "model_share_each": one_model / stage}
     return {
         "prompt": PROMPT, "preset": "quick", "overrides": overrides, "total_seconds": total,
         "stage_seconds": seconds, "torch_threads": torch.get_num_threads(),
@@ -86,6 +102,7 @@ def measure(overrides: list[str], repeats: int) -> dict:
         },
         "alone_seconds": alone,
         "left_over_after_export": left_over,
+        "projected_to_quick": projected,
     }
 
 
@@ -100,8 +117,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repeats", type=int, default=5, help="calls per live view timed on its own (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--out", default="bench/out/live_views.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = measure(args.overrides, args.repeats)
     for stage in ("coarse", "refine"):
         p = report["previews"][stage]
@@ -110,6 +130,9 @@ def main(argv=None) -> int:
         print(f"{stage}: intermediate models {report['model_seconds'][stage]:.2f} s in the run, "
               f"{100 * report['model_share_each'][stage]:.2f} % of the stage each (2 % allowed); "
               f"one alone {report['alone_seconds'][stage + '_model']:.3f} s")
+    for stage, p in report["projected_to_quick"].items():
+        print(f"{stage} projected to the quick preset's steps: stage {p['stage_seconds']:.1f} s, {p['previews']} previews "
+              f"{100 * p['preview_share']:.1f} %, {p['models']} models {100 * p['model_share_each']:.2f} % each")
     print("models: " + ", ".join(f"{m['stage']} step {m['step']} ({m['bytes'] / 1e3:.0f} kB)" for m in report["models"]))
     print(f"whole run {report['total_seconds']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in
                                                              report["stage_seconds"].items())
