@@ -21,7 +21,7 @@ from torch import Tensor
 
 from geometry.nerf import FieldConfig, NeRFField
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
-from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
+from renderers.cameras import CameraConfig, get_rays, orbit_cameras, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
 from stages.common import (
     Callback, NonFiniteSteps, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock, colour_and_shape,
@@ -109,23 +109,35 @@ class Background(torch.nn.Module):
         return torch.sigmoid(self.logit).expand(batch, 3)
 
 
-PREVIEW_CHUNK = 16384  # rays per pass of a preview render (its normals keep a graph per pass)
+PREVIEW_CHUNK = 16384  # rays per pass of a preview render
 
 
 def render_previews(
     field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor, ambient: float | None = None,
     occupancy: OccupancyGrid | None = None,
 ) -> np.ndarray:
-    """`views` Lambertian orbit renders, colour above normals: [2 * resolution, views * resolution, 3] uint8.
-    With the training's occupancy grid, empty space is skipped (the preview costs a fraction of a render)."""
+    """`views` orbit renders, albedo above normals: [2 * resolution, views * resolution, 3] uint8.
+
+    Forward only (the field's own normals need a gradient per sample, about 3x the cost): the normals
+    are those of the rendered depth map's surface. With the training's occupancy grid, empty space is
+    skipped. (`ambient` is unused by albedo shading; kept for callers.)"""
     device = next(field.parameters()).device
     cams = orbit_cameras(views, (resolution, resolution), device=device)
-    config = volume if ambient is None else dataclasses.replace(volume, ambient=ambient)
-    config = dataclasses.replace(config, chunk_size=min(config.chunk_size or PREVIEW_CHUNK, PREVIEW_CHUNK))
+    config = dataclasses.replace(volume, chunk_size=min(volume.chunk_size or PREVIEW_CHUNK, PREVIEW_CHUNK))
     with torch.no_grad():
-        out = render_volume(field, cams, config, shading="lambertian", background=background.expand(views, 3),
+        out = render_volume(field, cams, config, shading="albedo", background=background.expand(views, 3),
                             occupancy=occupancy)
-    return colour_and_shape(out["rgb"], out["normal"], out["alpha"])
+        normal = _depth_normals(cams, out["depth"])
+    return colour_and_shape(out["rgb"], normal, out["alpha"])
+
+
+def _depth_normals(cams, depth: Tensor) -> Tensor:  # depth [V, H, W, 1] -> world normals [V, H, W, 3]
+    """Normals of the surface a depth map sees (central differences of its points), facing the camera."""
+    origins, dirs = get_rays(cams)  # [V, H, W, 3] each
+    points = origins + dirs * depth
+    d_row, d_col = torch.gradient(points, dim=(1, 2))
+    normal = torch.nn.functional.normalize(torch.cross(d_col, d_row, dim=-1), dim=-1)
+    return torch.where((normal * dirs).sum(-1, keepdim=True) > 0, -normal, normal)
 
 
 def run(
