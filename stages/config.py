@@ -78,7 +78,7 @@ def _quick() -> Config:
         preset="quick",
         coarse=CoarseConfig(
             iters=500, batch_size=1, resolution=64, albedo_warmup=100, prob_albedo=0.2, prob_lambertian=0.8,
-            prob_textureless=0.0, lambda_entropy=1e-2, preview_every=250, preview_resolution=256,
+            prob_textureless=0.0, lambda_entropy=1e-2, preview_every=0, preview_resolution=256,
             field=FieldConfig(num_levels=8, log2_table_size=15, max_resolution=256, hidden_dim=32, num_layers=1),
             volume=VolumeConfig(num_samples=32, occupancy_threshold=1.0, occupancy_warmup_steps=64),
             sds=SDSConfig(t_anneal="linear", t_max_end=0.5),
