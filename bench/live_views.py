@@ -69,8 +69,8 @@ def measure(overrides: list[str], repeats: int) -> dict:
             "coarse_model": timed(lambda: live.coarse_surface(field, device), repeats),
             "refine_model": timed(lambda: live.refine_mesh(verts, faces, color_field, 1), repeats),
             "coarse_preview": timed(lambda: coarse_stage.render_previews(
-                field, config.coarse.volume, config.coarse.preview_views, config.coarse.preview_resolution, white,
-                ambient=config.refine.ambient), repeats),
+                field, config.coarse.volume, config.coarse.preview_views, config.coarse.preview_resolution, white),
+                repeats),
             "refine_preview": timed(lambda: refine_stage.render_previews((verts, faces), color_field, config.refine,
                                                                          device), repeats),
         }

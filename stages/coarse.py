@@ -113,14 +113,14 @@ PREVIEW_CHUNK = 16384  # rays per pass of a preview render
 
 
 def render_previews(
-    field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor, ambient: float | None = None,
+    field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor,
     occupancy: OccupancyGrid | None = None,
 ) -> np.ndarray:
     """`views` orbit renders, albedo above normals: [2 * resolution, views * resolution, 3] uint8.
 
-    Forward only (the field's own normals need a gradient per sample, about 3x the cost): the normals
-    are those of the rendered depth map's surface. With the training's occupancy grid, empty space is
-    skipped. (`ambient` is unused by albedo shading; kept for callers.)"""
+    Forward only (the field's own normals need a gradient per sample, twice the cost or more): the
+    normals are those of the rendered depth map's surface. With the training's occupancy grid, empty
+    space is skipped."""
     device = next(field.parameters()).device
     cams = orbit_cameras(views, (resolution, resolution), device=device)
     config = dataclasses.replace(volume, chunk_size=min(volume.chunk_size or PREVIEW_CHUNK, PREVIEW_CHUNK))
