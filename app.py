@@ -161,7 +161,10 @@ def view(snap: Snapshot | None) -> tuple:
     gallery = [(image, caption) for image, caption in reversed(snap.previews)]
     latest = enlarge(snap.previews[-1][0]) if snap.previews else None
     button = gr.update(value="Generate" if snap.done else "Running…", interactive=snap.done)
-    return gallery, snap.status, paths.get("glb"), files, latest, snap.run_id, button
+    model, status = paths.get("glb"), snap.status
+    if model is None and not snap.done and snap.model and os.path.isfile(snap.model):  # the export deletes it
+        model, status = snap.model, f"{status}\n\nIn the viewer: {snap.model_label}; the textured model replaces it at the end."
+    return gallery, status, model, files, latest, snap.run_id, button
 
 
 def generate(prompt: str, preset: str = "quick", seed: int = 0, guidance: str = "auto", coarse_iters: int | None = None,
@@ -262,10 +265,13 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
             with gr.Column(scale=2):
                 status = gr.Markdown("Ready.", elem_id="status")
                 run_id = gr.Textbox(visible="hidden", elem_id="run-id")  # the run this page shows, mirrored in ?run=
-                latest = gr.Image(label="Latest preview", height=300, interactive=False, elem_id="latest-preview")
+                latest = gr.Image(label="Latest preview (colour above normals)", height=460, interactive=False,
+                                  elem_id="latest-preview")
                 # Gradio 6.31's Model3D does not mount its 3D canvas when a streaming (generator) event
-                # sets it, so the runs fill a hidden one and a plain follow-up event shows it.
-                model = gr.Model3D(label="Model (GLB)", visible=False)
+                # sets it, so the runs fill a hidden one and a plain event shows it: on each change (the
+                # intermediate models while it trains) and after the run. Hidden but mounted ("hidden", not
+                # False): an unmounted one fired its .change for the first model only (checked in Chromium).
+                model = gr.Model3D(label="Model (GLB)", visible="hidden")
                 viewer = gr.Model3D(label="Model (GLB)", height=380, clear_color=(1.0, 1.0, 1.0, 1.0), elem_id="viewer")
                 files = gr.File(label="Downloads: model.zip (OBJ + MTL + PNG), model.glb", file_count="multiple",
                                 interactive=False, elem_id="downloads")
@@ -299,6 +305,8 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         event = check.success(generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_limit=1,
                               show_progress="hidden")
         check.success(queued, outputs=[viewer, status, run_btn], queue=False, api_visibility="undocumented")
+        model.change(lambda path: path, inputs=[model], outputs=[viewer], queue=False, show_progress="hidden",
+                     api_visibility="undocumented")
         event.success(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
         # A reload (or a second tab) with ?run=ID follows that run: still going, or its result.
         load = demo.load(follow, outputs=outputs, concurrency_limit=None, show_progress="hidden",

@@ -77,6 +77,8 @@ class Snapshot:
     status: str
     previews: list = field(default_factory=list)  # [(image [H, W, 3] uint8, caption)], oldest first
     paths: dict | None = None  # the output files once done
+    model: str | None = None  # the latest intermediate GLB (coarse surface, refine mesh) until the export's replaces it
+    model_label: str = ""  # what that model is: "coarse surface", "refine step 200 (vertex colours)"
     error: str | None = None  # set when the run failed or was cancelled
     done: bool = False
     version: int = 0
@@ -125,6 +127,8 @@ class RunJob:
                 if event.preview is not None:
                     caption = f"{event.stage} step {event.step}"
                     changes["previews"] = (self.snapshot.previews + [(event.preview, caption)])[-MAX_PREVIEWS:]
+                if getattr(event, "model", None):
+                    changes.update(model=event.model, model_label=event.model_label)
                 if event.stage == "done":
                     changes.update(paths=event.paths or {}, done=True)
                 self._update(**changes)

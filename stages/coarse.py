@@ -21,11 +21,12 @@ from torch import Tensor
 
 from geometry.nerf import FieldConfig, NeRFField
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
-from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
+from renderers.cameras import CameraConfig, get_rays, orbit_cameras, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
 from stages.common import (
-    Callback, NonFiniteSteps, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock, image_grid,
+    Callback, NonFiniteSteps, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock, colour_and_shape,
 )
+from stages.live_models import COARSE_LABEL, LiveModels
 
 BACKGROUNDS = ("white", "random", "learned")
 
@@ -52,7 +53,7 @@ class CoarseConfig:
     lambda_entropy: float = 1e-3  # weight of the opacity entropy (pushes opacity to 0 or 1)
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
-    preview_resolution: int = 64  # preview image side, px
+    preview_resolution: int = 256  # preview image side, px (colour and normals of each view; training keeps `resolution`)
     seed: int = 0  # seeds the field, cameras, ray jitter and timesteps
     max_nonfinite_steps: int = 10  # steps with a NaN/inf loss or gradient are skipped; this many in a row end the stage
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)  # the NeRF's encoding and MLP
@@ -119,16 +120,35 @@ class Background(torch.nn.Module):
         return torch.sigmoid(self.logit).expand(batch, 3)
 
 
+PREVIEW_CHUNK = 16384  # rays per pass of a preview render
+
+
 def render_previews(
-    field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor, ambient: float | None = None
+    field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor,
+    occupancy: OccupancyGrid | None = None,
 ) -> np.ndarray:
-    """A mosaic of `views` Lambertian orbit renders: [resolution, views * resolution, 3] uint8."""
+    """`views` orbit renders, albedo above normals: [2 * resolution, views * resolution, 3] uint8.
+
+    Forward only (the field's own normals need a gradient per sample, twice the cost or more): the
+    normals are those of the rendered depth map's surface. With the training's occupancy grid, empty
+    space is skipped."""
     device = next(field.parameters()).device
     cams = orbit_cameras(views, (resolution, resolution), device=device)
-    config = volume if ambient is None else dataclasses.replace(volume, ambient=ambient)
+    config = dataclasses.replace(volume, chunk_size=min(volume.chunk_size or PREVIEW_CHUNK, PREVIEW_CHUNK))
     with torch.no_grad():
-        out = render_volume(field, cams, config, shading="lambertian", background=background.expand(views, 3))
-    return image_grid(out["rgb"])
+        out = render_volume(field, cams, config, shading="albedo", background=background.expand(views, 3),
+                            occupancy=occupancy)
+        normal = _depth_normals(cams, out["depth"])
+    return colour_and_shape(out["rgb"], normal, out["alpha"])
+
+
+def _depth_normals(cams, depth: Tensor) -> Tensor:  # depth [V, H, W, 1] -> world normals [V, H, W, 3]
+    """Normals of the surface a depth map sees (central differences of its points), facing the camera."""
+    origins, dirs = get_rays(cams)  # [V, H, W, 3] each
+    points = origins + dirs * depth
+    d_row, d_col = torch.gradient(points, dim=(1, 2))
+    normal = torch.nn.functional.normalize(torch.cross(d_col, d_row, dim=-1), dim=-1)
+    return torch.where((normal * dirs).sum(-1, keepdim=True) > 0, -normal, normal)
 
 
 def run(
@@ -139,6 +159,7 @@ def run(
     device: torch.device | str = "cpu",
     callback: Callback | None = None,
     should_stop: StopCheck | None = None,
+    live: LiveModels | None = None,  # where to write the coarse surface for the viewer at the end; None = nowhere
 ) -> CoarseResult:
     """Train the coarse NeRF for `prompt` with SDS from `guidance`; see the module docstring."""
     # 1. Check inputs and prepare the field, optimizer, loss and random streams.
@@ -160,6 +181,7 @@ def run(
     size = (config.resolution, config.resolution)
     timings = {"render": 0.0, "guidance": 0.0, "backward": 0.0, "optimizer": 0.0}
     previews: list[np.ndarray] = []
+    preview_seconds = 0.0
     loss_value = float("nan")
     nonfinite = NonFiniteSteps("coarse", config.max_nonfinite_steps)
 
@@ -206,10 +228,12 @@ def run(
         if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
             field_.eval()
             background.eval()
+            t5 = clock(device)
             preview = render_previews(
                 field_, config.volume, config.preview_views, config.preview_resolution,
-                background(1, None, device).detach(),
+                background(1, None, device).detach(), occupancy=occupancy,
             )
+            preview_seconds += clock(device) - t5
             previews.append(preview)
         if callback is not None:
             callback(StepEvent(
@@ -224,9 +248,18 @@ def run(
     for p in field_.parameters():
         p.requires_grad_(False)
     stats = {f"{k}_s_per_step": v / config.iters for k, v in timings.items()}
-    stats.update(final_loss=loss_value, steps=config.iters, nonfinite_skipped=nonfinite.skipped)
+    stats.update(final_loss=loss_value, steps=config.iters, nonfinite_skipped=nonfinite.skipped,
+                 preview_seconds=preview_seconds)
     if occupancy is not None:
         stats["occupied_fraction"] = occupancy.occupied_fraction
+    if live is not None:  # the shape in the viewer while the refine stage starts
+        t0 = clock(device)
+        model = live.coarse_surface(field_, device)
+        stats["model_seconds"] = clock(device) - t0
+        if callback is not None and model is not None:
+            callback(StepEvent(stage="coarse", step=config.iters, total=config.iters, loss=loss_value,
+                               message="coarse stage done: its surface is in the viewer", model=model,
+                               model_label=COARSE_LABEL))
     return CoarseResult(field=field_, previews=previews, stats=stats)
 
 

@@ -23,6 +23,8 @@ class StepEvent:
     preview: np.ndarray | None = None  # [H, W, 3] uint8 image, when one was rendered this step
     message: str = ""  # a short human-readable line
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent per part of the step
+    model: str | None = None  # path of an intermediate GLB written this step (`stages.live_models`), for the viewer
+    model_label: str = ""  # what that model is: "coarse surface", "refine step 200 (vertex colours)"
 
 
 Callback = Callable[[StepEvent], None]
@@ -62,6 +64,18 @@ def image_grid(images: Tensor, columns: int | None = None) -> np.ndarray:
         r, col = divmod(i, columns)
         canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = images[i]
     return to_uint8(canvas)
+
+
+def colour_and_shape(
+    rgb: Tensor,  # [V, H, W, 3] in [0, 1]
+    normal: Tensor,  # [V, H, W, 3] world normals, any length (0 off the object)
+    alpha: Tensor,  # [V, H, W, 1] coverage in [0, 1]
+) -> np.ndarray:  # [2H, V*W, 3] uint8
+    """Orbit views as a person judges them: colour in the top row, shape below it (normals as colours,
+    (n + 1) / 2, over white, as the reference implementations' validation images show them)."""
+    n = torch.nn.functional.normalize(normal.to(rgb.dtype), dim=-1)
+    shape = (n + 1) / 2 * alpha + (1 - alpha)
+    return image_grid(torch.cat([rgb, shape]), columns=rgb.shape[0])
 
 
 def clock(device: torch.device) -> float:

@@ -75,14 +75,14 @@ def _quick() -> Config:
         preset="quick",
         coarse=CoarseConfig(
             iters=500, batch_size=1, resolution=64, albedo_warmup=100, prob_albedo=0.2, prob_lambertian=0.8,
-            prob_textureless=0.0, lambda_entropy=1e-2, preview_every=100, preview_resolution=64,
+            prob_textureless=0.0, lambda_entropy=1e-2, preview_every=0, preview_resolution=256,
             field=FieldConfig(num_levels=8, log2_table_size=15, max_resolution=256, hidden_dim=32, num_layers=1),
             volume=VolumeConfig(num_samples=32, occupancy_threshold=1.0, occupancy_warmup_steps=64),
             sds=SDSConfig(t_anneal="linear", t_max_end=0.5),
         ),
         refine=RefineConfig(
             iters=300, batch_size=1, resolution=64, grid_resolution=48, lr_sdf=5e-2, preview_every=100,
-            preview_resolution=64,
+            preview_resolution=256, model_every=100,
         ),
         export=ExportConfig(texture_size=512, target_faces=20_000, turntable_resolution=256, turntable_frames=48),
     )
@@ -104,7 +104,7 @@ def _standard() -> Config:
     return Config(
         preset="standard",
         coarse=CoarseConfig(
-            iters=5000, batch_size=1, resolution=64, albedo_warmup=1000, preview_every=250, preview_resolution=128,
+            iters=5000, batch_size=1, resolution=64, albedo_warmup=1000, preview_every=250, preview_resolution=256,
             field=FieldConfig(), volume=VolumeConfig(num_samples=64), sds=SDSConfig(t_anneal="linear", t_max_end=0.5),
         ),
         refine=RefineConfig(iters=3000, batch_size=4, resolution=512, grid_resolution=128, preview_every=250),

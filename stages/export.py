@@ -35,6 +35,7 @@ from renderers.raster import antialias, interpolate, rasterize, texture
 from stages.common import Callback, StepEvent, StopCheck, check_stop
 from stages.export_files import MTL_NAME, OBJ_NAME, TEXTURE_NAME, glb_bytes, mtl_text, obj_text, zip_bytes
 from stages.export_files import write_video as _write_video
+from stages.live_models import clear as clear_live_models
 
 FILE_NAMES = {  # ExportResult.paths keys -> fixed file names
     "obj": OBJ_NAME, "mtl": MTL_NAME, "texture": TEXTURE_NAME,
@@ -357,6 +358,7 @@ def export(
                 continue
             paths[key] = os.path.join(out_dir, name)
             os.replace(temps[key], paths[key])
+        clear_live_models(out_dir)  # the textured GLB replaces the intermediate ones the viewer showed
     except BaseException:
         for path in temps.values():
             if os.path.exists(path):

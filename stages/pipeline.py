@@ -27,8 +27,9 @@ from stages import coarse as coarse_stage
 from stages import export as export_stage
 from stages import refine as refine_stage
 from stages.common import Cancelled, StageError, StepEvent, check_stop, release_free_memory
-from stages.run_facts import device_facts, guidance_facts, peak_memory, reset_peak_memory
 from stages.config import STAGES, Config, to_dict
+from stages.live_models import LiveModels
+from stages.run_facts import device_facts, guidance_facts, peak_memory, reset_peak_memory
 from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
 from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
     CHECKPOINTS, RUN_FILE, fail_record, finish_stage, has_checkpoint, load_coarse_checkpoint, load_record,
@@ -50,6 +51,8 @@ class ProgressEvent:
     stage_eta: float | None = None  # estimated seconds left in this stage
     run_dir: str = ""  # the run's folder
     paths: dict | None = None  # the output files, in the final "done" event
+    model: str | None = None  # an intermediate GLB for the viewer (coarse surface, refine mesh), when one was written
+    model_label: str = ""  # what that model is, e.g. "coarse surface"
 
 
 def generate(
@@ -199,7 +202,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         spent = time.perf_counter() - state["stage_start"]
         eta = spent / e.step * (e.total - e.step) if e.step else None
         emit(ProgressEvent(stage=e.stage, step=e.step, total=e.total, loss=e.loss, preview=e.preview,
-                           message=e.message, stage_eta=eta))
+                           message=e.message, stage_eta=eta, model=e.model, model_label=e.model_label))
 
     def guidance_model(seen: RunPlan, stage: str):
         if stage == "coarse" or not guidance_loaded(seen):
@@ -226,7 +229,8 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
     else:
         guidance = guidance_model(plan, "coarse")
         state.update(stage="coarse", stage_start=time.perf_counter())
-        result = coarse_stage.run(guidance, prompt, config.coarse, config.camera, device, on_step, stopped)
+        result = coarse_stage.run(guidance, prompt, config.coarse, config.camera, device, on_step, stopped,
+                                  live=LiveModels.for_run(run_path, config.refine))
         field = result.field
         save_coarse_checkpoint(field, run_path)
         record.setdefault("peak_memory", {})["coarse"] = peak_memory(device)
@@ -254,7 +258,8 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         guidance = guidance_model(seen, "refine")
         state.update(stage="refine", stage_start=time.perf_counter())
         check_stop(stopped, "refine", 0)
-        result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped)
+        result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped,
+                                  live=LiveModels.for_run(run_path, config.refine))
         mesh, color_field = (result.vertices, result.faces), result.color_field
         save_refine_checkpoint(result.vertices, result.faces, color_field, run_path)
         record.setdefault("peak_memory", {})["refine"] = peak_memory(device)

@@ -30,8 +30,9 @@ from renderers.mesh import rasterize_mesh, render_mesh, shade_mesh
 from renderers.volume import sample_shading
 from stages.common import (
     Callback, NonFiniteSteps, StageError, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock,
-    image_grid,
+    colour_and_shape,
 )
+from stages.live_models import LiveModels, refine_label
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
@@ -72,7 +73,8 @@ class RefineConfig:
     camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_plan`); None = 1, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
-    preview_resolution: int = 96  # preview image side, px
+    preview_resolution: int = 256  # preview image side, px (colour and normals of each view)
+    model_every: int = 500  # steps between the intermediate GLBs of the current mesh for the viewer (0 = none; needs `live`)
     seed: int = 0  # seeds cameras, shading draws, backgrounds and timesteps
     max_nonfinite_steps: int = 10  # steps with a NaN/inf loss or gradient are skipped; this many in a row end the stage
     chunk_size: int = 0  # triangles per visibility pass of the torch rasterizer (0 = all): the memory knob
@@ -106,7 +108,7 @@ class RefineConfig:
         if not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"refine.ambient must be in [0, 1], got {self.ambient!r}")
         for name in ("lr_sdf", "lr_deform", "lr_color", "sdf_smoothing", "update_smoothing", "grid_margin", "albedo_warmup",
-                     "preview_every", "chunk_size"):
+                     "preview_every", "chunk_size", "model_every"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.camera_jitter is not None and not self.camera_jitter >= 0:
@@ -164,6 +166,7 @@ def run(
     device: torch.device | str = "cpu",
     callback: Callback | None = None,
     should_stop: StopCheck | None = None,
+    live: LiveModels | None = None,  # where to write the current mesh every `model_every` steps; None = nowhere
 ) -> RefineResult:
     """Refine the coarse field's surface and texture as a mesh with SDS; see the module docstring."""
     # 1. Check inputs; build the DMTet, the colour field copy, the optimizer and the loss.
@@ -195,6 +198,7 @@ def run(
     size = (config.resolution, config.resolution)
     totals = dict.fromkeys(TIMING_PARTS, 0.0)
     previews: list[np.ndarray] = []
+    seconds = {"preview": 0.0, "model": 0.0}  # spent on previews and intermediate GLBs, not training
     loss_value = float("nan")
     nonfinite = NonFiniteSteps("refine", config.max_nonfinite_steps)
     with torch.no_grad():
@@ -262,15 +266,21 @@ def run(
         last = step == config.iters - 1
         if last:
             _use_mean(color_params, color_mean, count)  # the last preview shows the texture that is handed on
-        preview = None
+        preview = model = None
         if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
+            t7 = clock(device)
             preview = render_previews((verts.detach(), faces), color_field, config, device)
+            seconds["preview"] += clock(device) - t7
             previews.append(preview)
+        if live is not None and not last and config.model_every > 0 and (step + 1) % config.model_every == 0:
+            t7 = clock(device)  # the last step's mesh is exported (textured) right after: no GLB of it here
+            model = live.refine_mesh(verts, faces, color_field, step + 1)
+            seconds["model"] += clock(device) - t7
         if callback is not None:
             callback(StepEvent(
                 stage="refine", step=step + 1, total=config.iters, loss=loss_value, preview=preview,
                 message=f"refine mesh step {step + 1}/{config.iters}, {faces.shape[0]} faces, loss {loss_value:.4g}",
-                timings=parts,
+                timings=parts, model=model, model_label=refine_label(step + 1) if model else "",
             ))
 
     # 4. Hand off the final mesh and the colour field.
@@ -286,7 +296,7 @@ def run(
     stats = {key: value / steps for key, value in totals.items()}
     stats.update(faces=int(faces.shape[0]), vertices=int(verts.shape[0]), initial_faces=int(initial_faces),
                  threshold=float(threshold), final_loss=loss_value, steps=config.iters,
-                 nonfinite_skipped=nonfinite.skipped)
+                 nonfinite_skipped=nonfinite.skipped, preview_seconds=seconds["preview"], model_seconds=seconds["model"])
     return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=previews, stats=stats)
 
 
@@ -321,9 +331,10 @@ def _use_mean(params: list[Tensor], means: list[Tensor], count: int) -> None:
 
 
 def render_previews(mesh: tuple[Tensor, Tensor], color_field, config: RefineConfig, device) -> np.ndarray:
-    """A mosaic of `preview_views` Lambertian orbit renders of a mesh (verts [V, 3], faces [F, 3])."""
+    """`preview_views` Lambertian orbit renders of a mesh (verts [V, 3], faces [F, 3]), colour above normals:
+    [2 * preview_resolution, preview_views * preview_resolution, 3] uint8."""
     verts, faces = mesh
     cams = orbit_cameras(config.preview_views, (config.preview_resolution,) * 2, device=device)
     with torch.no_grad():
         out = render_mesh(verts, faces, color_field, cams, "lambertian", config.ambient, backend=config.backend)
-    return image_grid(out["rgb"])
+    return colour_and_shape(out["rgb"], out["normal"], out["alpha"])

@@ -93,3 +93,22 @@ def test_app_names_a_bad_menu_value_once_checked_by_resolve(preset, guidance, st
     with pytest.raises(gr.Error) as err:
         app.build_plan("a red cube", preset, "0", guidance, 0, 0, 0, stop_after)
     assert err.value.message == message
+
+
+def test_the_viewer_shows_the_shape_while_it_trains_then_the_textured_model(tmp_path, monkeypatch):
+    """Issue 30: the coarse surface and the refine stage's meshes go to the viewer (labelled in the status
+    line) while the run trains; the export's model.glb replaces them."""
+    root = tmp_path / "outputs"
+    root.mkdir()
+    monkeypatch.setattr(app, "OUTPUT_ROOT", root)
+    monkeypatch.setattr(app, "SERVER_OVERRIDES", list(TINY_SETTINGS) + ["refine.iters=6", "refine.model_every=2"])
+    shown = []  # (file name, it exists, the status names it) of each view with a model
+    for _, status, model, *_ in app.generate("a red cube", "quick", "0", "primitives", 0, 0, 0, "export"):
+        if model:
+            shown.append((Path(model).name, Path(model).is_file(), "In the viewer:" in status))
+    names = [name for name, _, _ in shown]
+    assert names[-1] == "model.glb" and not shown[-1][2]  # the final model, with no intermediate label
+    live = [s for s in shown if s[0].startswith("preview-")]
+    assert live and all(exists and labelled for _, exists, labelled in live), shown
+    assert set(names) <= {"preview-coarse.glb", "preview-refine-2.glb", "preview-refine-4.glb", "model.glb"}, names
+    assert names.index("model.glb") > max(names.index(n) for n, _, _ in live)  # the intermediates came first

@@ -110,9 +110,24 @@ def test_callback_receives_progress_and_previews():
     with_preview = [e.step for e in events if e.preview is not None]
     assert with_preview == [2, 4, 5]  # every preview_every steps, and at the end
     preview = events[1].preview
-    assert preview.dtype == np.uint8 and preview.shape == (16, 2 * 16, 3)
+    assert preview.dtype == np.uint8 and preview.shape == (2 * 16, 2 * 16, 3)  # colour row above the normals row
     assert len(result.previews) == 3 and np.array_equal(result.previews[-1], events[-1].preview)
     assert not any(p.requires_grad for p in result.field.parameters()) and not result.field.training
+
+
+def test_previews_are_rendered_at_256_px_with_colour_and_normals(small_prior):
+    """The NeRF's preview: each view rendered at 256 px (not enlarged), its colour above its normals."""
+    config = quick_primitives_config(coarse_iters=30, resolution=16)
+    config.coarse.preview_views, config.coarse.preview_resolution = 2, 256
+    events: list[StepEvent] = []
+    coarse.run(small_prior, "a red cube", config.coarse, config.camera, callback=events.append)
+    preview = events[-1].preview
+    assert preview.shape == (2 * 256, 2 * 256, 3)
+    colour, shape = preview[:256].astype(int), preview[256:].astype(int)
+    on_object = (shape < 250).any(-1)  # the normals panel over a white background
+    assert 0.02 < on_object.mean() < 0.9, on_object.mean()
+    assert len(np.unique(shape[on_object] // 32, axis=0)) >= 3  # normals turn: several colours, not a silhouette
+    assert np.abs(colour - shape)[on_object].mean() > 20  # the normals panel is not the colour panel again
 
 
 def test_runs_are_reproducible_with_the_same_seed():

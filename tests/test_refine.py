@@ -121,8 +121,8 @@ def test_run_reports_progress_and_leaves_the_coarse_field_alone(tiny_prior):
     assert [e.step for e in events] == [1, 2, 3, 4] and all(e.stage == "refine" and e.total == 4 for e in events)
     previews = [e.preview for e in events if e.preview is not None]
     assert len(previews) == 2 and len(result.previews) == 2
-    assert previews[0].dtype == np.uint8 and previews[0].shape == (24, 48, 3)
-    assert previews[0].min() < 200  # the object is in the picture, not just the white background
+    assert previews[0].dtype == np.uint8 and previews[0].shape == (2 * 24, 48, 3)  # colour above normals
+    assert previews[0][:24].min() < 200  # the object is in the picture, not just the white background
     assert set(refine.TIMING_PARTS) <= set(events[0].timings) and all(np.isfinite(e.loss) for e in events)
 
     assert is_watertight(result.faces) and not result.vertices.requires_grad
@@ -135,6 +135,21 @@ def test_run_reports_progress_and_leaves_the_coarse_field_alone(tiny_prior):
     for key, value in field.state_dict().items():
         torch.testing.assert_close(value, before[key])
     assert any(not torch.equal(a, b) for a, b in zip(result.color_field.state_dict().values(), before.values()))
+
+
+def test_previews_are_rendered_at_256_px_with_colour_and_normals(tiny_prior):
+    """The mesh's preview: each view rendered at 256 px (not enlarged), its colour above its normals."""
+    events = []
+    config = tiny_refine_config(iters=1, preview_resolution=256)
+    refine.run(Blob(radius=0.4, color=(0.8, 0.1, 0.1)), tiny_prior, "a red cube", config, CAMERA, callback=events.append)
+    preview = events[-1].preview
+    assert preview.shape == (2 * 256, 2 * 256, 3)
+    colour, shape = preview[:256].astype(int), preview[256:].astype(int)
+    on_object = (shape < 250).any(-1)
+    assert 0.02 < on_object.mean() < 0.9, on_object.mean()
+    assert (colour[on_object][:, 0] > colour[on_object][:, 2] + 30).mean() > 0.9  # the colour row is red
+    assert len(np.unique(shape[on_object] // 32, axis=0)) >= 3  # the normals row shows the faces turning
+    assert np.abs(colour - shape)[on_object].mean() > 20
 
 
 def test_run_is_reproducible_and_can_be_cancelled(tiny_prior):
