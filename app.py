@@ -19,8 +19,9 @@ import torch
 
 from guidance import registry
 from stages.config import MAX_SEED, PRESETS, STAGES, apply_overrides, preset
-from app_gpu import GPU_PRESETS, ZEROGPU_CALL_CAP, ZEROGPU_PRESET, check_fits, hosted_events, on_zerogpu, preset_label
+from app_gpu import hosted_events, on_zerogpu
 from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, int_setting, wait_until, web_message
+from stages.gpu_budget import GPU_PRESETS, ZEROGPU_CALL_CAP, ZEROGPU_PRESET, check_fits, preset_label
 from stages.plan import resolve_device
 from stages.runs import new_run_dir, prune_runs
 

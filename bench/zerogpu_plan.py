@@ -8,14 +8,14 @@ call under the cap and the whole run under 120 s.
 """
 from __future__ import annotations
 
-from app_gpu import (
+from stages.config import PRESETS, preset
+from stages.gpu_budget import (
     ZEROGPU_CALL_CAP,
     ZEROGPU_PRESET,
     ZEROGPU_QUOTAS,
     call_requests,
     projected_seconds,
 )
-from stages.config import PRESETS, preset
 from stages.gpu_cost import CARDS, UNCERTAINTY, run_gpu_seconds
 
 RUN_TARGET_SECONDS = 120  # a whole run of the default preset on ZeroGPU: one anonymous visitor's daily quota

@@ -19,10 +19,10 @@ STANDIN = Path(__file__).resolve().parent / "zerogpu"
 
 @pytest.fixture(autouse=True)
 def uncalibrated(monkeypatch):
-    """Each test starts from the cost model alone (a hosted run teaches app_gpu this machine's rates)."""
-    import app_gpu
+    """Each test starts from the cost model alone (a hosted run teaches gpu_budget this machine's rates)."""
+    from stages import gpu_budget
 
-    monkeypatch.setattr(app_gpu, "CALIBRATION", {})
+    monkeypatch.setattr(gpu_budget, "CALIBRATION", {})
 
 
 @pytest.fixture
@@ -44,7 +44,14 @@ def _requests(log: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- the cost model
 def test_the_zerogpu_default_preset_fits_every_call_and_an_anonymous_quota():
-    from app_gpu import ZEROGPU_CALL_CAP, ZEROGPU_PRESET, ZEROGPU_QUOTAS, call_requests, check_fits, projected_seconds
+    from stages.gpu_budget import (
+        ZEROGPU_CALL_CAP,
+        ZEROGPU_PRESET,
+        ZEROGPU_QUOTAS,
+        call_requests,
+        check_fits,
+        projected_seconds,
+    )
 
     config = preset(ZEROGPU_PRESET)
     requests = call_requests(config, "stable-diffusion")
@@ -56,7 +63,7 @@ def test_the_zerogpu_default_preset_fits_every_call_and_an_anonymous_quota():
 
 
 def test_a_run_over_the_cap_is_refused_naming_the_preset_that_fits():
-    from app_gpu import check_fits
+    from stages.gpu_budget import check_fits
 
     with pytest.raises(ValueError, match=r"refine stage would ask for \d+ s .* choose the 'fast' preset"):
         check_fits(preset("standard"), "stable-diffusion")
@@ -66,8 +73,8 @@ def test_a_run_over_the_cap_is_refused_naming_the_preset_that_fits():
 
 
 def test_requests_follow_the_settings_and_never_pass_the_cap():
-    from app_gpu import ZEROGPU_CALL_CAP, call_requests, request_seconds
     from stages.config import to_dict
+    from stages.gpu_budget import ZEROGPU_CALL_CAP, call_requests, request_seconds
 
     fast = preset("fast")
     longer = apply_overrides(preset("fast"), ["refine.iters=400"])
@@ -82,19 +89,19 @@ def test_requests_follow_the_settings_and_never_pass_the_cap():
 
 
 def test_requests_follow_the_rate_measured_on_this_host():
-    import app_gpu
+    from stages import gpu_budget
 
     config = preset("fast")
-    before = dict(app_gpu.call_requests(config, "stable-diffusion"))
-    modelled = app_gpu.modelled_step_seconds(config, "stable-diffusion", "coarse")
-    assert app_gpu.calibrate("stable-diffusion", "coarse", config, [(n, n * modelled) for n in range(1, 5)]) is None
+    before = dict(gpu_budget.call_requests(config, "stable-diffusion"))
+    modelled = gpu_budget.modelled_step_seconds(config, "stable-diffusion", "coarse")
+    assert gpu_budget.calibrate("stable-diffusion", "coarse", config, [(n, n * modelled) for n in range(1, 5)]) is None
     reports = [(n, 2.0 * modelled * n) for n in range(1, 40)]  # twice the model's time per step
-    assert app_gpu.calibrate("stable-diffusion", "coarse", config, reports) == pytest.approx(2.0)
-    after = dict(app_gpu.call_requests(config, "stable-diffusion"))
+    assert gpu_budget.calibrate("stable-diffusion", "coarse", config, reports) == pytest.approx(2.0)
+    after = dict(gpu_budget.call_requests(config, "stable-diffusion"))
     assert after["coarse"] > before["coarse"] and after["refine"] == before["refine"]
-    assert app_gpu.calibrate("stable-diffusion", "coarse", config, [(n, 100.0 * n) for n in range(1, 40)]) == 4.0  # clipped
+    assert gpu_budget.calibrate("stable-diffusion", "coarse", config, [(n, 100.0 * n) for n in range(1, 40)]) == 4.0  # clipped
     with pytest.raises(ValueError, match="coarse stage would ask for"):
-        app_gpu.check_fits(apply_overrides(preset("fast"), ["coarse.iters=1500"]), "stable-diffusion")
+        gpu_budget.check_fits(apply_overrides(preset("fast"), ["coarse.iters=1500"]), "stable-diffusion")
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -162,10 +169,11 @@ def _tiny_plan(prompt="a red cube"):
 def hosted(standin, monkeypatch):
     """app_gpu's stage call wrapped by the stand-in host (as `spaces.GPU` wraps it on a Space)."""
     import app_gpu
+    from stages import gpu_budget
 
     monkeypatch.setenv("ZEROGPU_STANDIN_TIME_SCALE", "20")  # tiny CPU runs on a busy machine, not a GPU
     monkeypatch.setattr(standin, "TIME_SCALE", 20.0)
-    monkeypatch.setattr(app_gpu, "gpu_stage_call", standin.GPU(duration=app_gpu.request_seconds)(app_gpu.stage_call))
+    monkeypatch.setattr(app_gpu, "gpu_stage_call", standin.GPU(duration=gpu_budget.request_seconds)(app_gpu.stage_call))
     return app_gpu
 
 
@@ -187,7 +195,9 @@ def test_a_run_is_a_gpu_call_per_stage_then_the_export_here(hosted, tmp_path):
     elapsed = [e.elapsed for e in events]
     assert elapsed == sorted(elapsed)  # the run's clock across the calls, not each call's own
     requests = _requests(tmp_path / "requests.jsonl")
-    assert [r["seconds"] for r in requests] == [s for _, s in hosted.call_requests(plan.config, "primitives")]
+    from stages.gpu_budget import call_requests
+
+    assert [r["seconds"] for r in requests] == [s for _, s in call_requests(plan.config, "primitives")]
 
 
 def test_a_cancel_reaches_the_worker_through_the_run_folder(hosted, tmp_path):
