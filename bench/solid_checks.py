@@ -36,25 +36,12 @@ def measure_run(run_dir: Path) -> dict:
     prompt = record["prompt"]
     color, shape, _ = parse_prompt(prompt)
     mesh = load_export(run_dir / "model.obj")
-    export_stats = record.get("stages", {}).get("export", {}) if isinstance(record.get("stages"), dict) else {}
     return {
         "run": str(run_dir), "prompt": prompt, "shape": shape, **solid_checks(mesh, shape),
         "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape, VOLUME_RESOLUTION),
         "color_error": color_error(torch.tensor(mean_texture_color(mesh)), color),
-        "dropped_shells": _find(export_stats, "dropped_shells"),
+        "dropped_shells": record.get("stage_stats", {}).get("export", {}).get("dropped_shells"),  # None before issue 31
     }
-
-
-def _find(stats, key):
-    """`key` anywhere in a nested dict of run.json (None when absent, as in runs before issue 31)."""
-    if isinstance(stats, dict):
-        if key in stats:
-            return stats[key]
-        for value in stats.values():
-            found = _find(value, key)
-            if found is not None:
-                return found
-    return None
 
 
 def format_table(rows: list[dict]) -> str:

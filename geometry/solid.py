@@ -78,6 +78,19 @@ def floaters(
     return inside & ~np.isin(labels, kept)
 
 
+def isolated(
+    inside: np.ndarray,  # [X, Y, Z] bool
+    max_same: int = 1,  # a vertex with at most this many of its 14 neighbours on its own side is isolated
+) -> np.ndarray:  # [X, Y, Z] bool
+    """Vertices whose side of the surface (in or out) almost none of their tet-edge neighbours share:
+    the tip of a one-vertex spike or pit, or a one-vertex bubble. Beyond the box counts as outside."""
+    weights = KUHN_STRUCTURE.astype(np.int16)
+    weights[1, 1, 1] = 0
+    inside_around = ndimage.convolve(inside.astype(np.int16), weights, mode="constant", cval=0)
+    same = np.where(inside, inside_around, int(weights.sum()) - inside_around)
+    return same <= max_same
+
+
 # --------------------------------------------------------------------------- meshes
 def winding_numbers(
     points: np.ndarray,  # [P, 3]
