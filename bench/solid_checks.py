@@ -1,10 +1,13 @@
 """The solid checks of `bench.solid_metrics` for finished run folders, as one table (issue 31).
 
     python -m bench.solid_checks RUN_DIR [RUN_DIR ...] [--json OUT.json]
+    python -m bench.solid_checks RUN_DIR --initial 0 2   # the refine stage's starting surface, per fill_tunnel
 
 Each folder needs model.obj (+ its texture) and run.json (for the prompt, hence the shape and colour).
 Also printed: the volumetric IoU against the primitive (at its best heading) and the colour error of the
-baked texture, so that a cleaner solid can be checked for not costing shape or colour.
+baked texture, so that a cleaner solid can be checked for not costing shape or colour. With `--initial`,
+the surface the refine stage starts from (marching tets on the DMTet made from the run's coarse.pt, with
+the run's grid, no deformation) is measured instead, once per `refine.fill_tunnel` value given.
 """
 from __future__ import annotations
 
@@ -44,6 +47,23 @@ def measure_run(run_dir: Path) -> dict:
     }
 
 
+def measure_initial(run_dir: Path, tunnel: int) -> dict:
+    """The solid checks of the refine stage's starting surface from the run's coarse checkpoint."""
+    from geometry.dmtet import extract_mesh
+    from stages.runs import load_coarse_checkpoint
+
+    record = json.loads((run_dir / "run.json").read_text())
+    refine = record["config"]["refine"]
+    _, shape, _ = parse_prompt(record["prompt"])
+    field = load_coarse_checkpoint(run_dir / "coarse.pt", torch.device("cpu"))
+    verts, faces = extract_mesh(field, refine["grid_resolution"], refine["threshold"], refine["grid_margin"],
+                                refine["sdf_smoothing"], opacity=refine["surface_opacity"], tunnel=tunnel)
+    mesh = {"vertices": verts.double().numpy(), "faces": faces.numpy()}
+    return {"run": f"{run_dir.name} tunnel {tunnel}", "prompt": record["prompt"], "shape": shape,
+            **solid_checks(mesh, shape), "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape,
+                                                                          VOLUME_RESOLUTION)}
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'run':<28}" + "".join(f"{h:>9}" for _, h, _ in COLUMNS)
     lines = [head, "-" * len(head)]
@@ -57,12 +77,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run folders")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--initial", type=int, nargs="+", default=None, metavar="TUNNEL",
+                        help="measure the refine stage's starting surface from coarse.pt, per refine.fill_tunnel value")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "model.obj").exists() or not (r / "run.json").exists()]
+    needed = ("coarse.pt", "run.json") if args.initial else ("model.obj", "run.json")
+    missing = [str(r) for r in args.runs if not all((r / name).exists() for name in needed)]
     if missing:
-        print(f"error: no model.obj or run.json in {', '.join(missing)}", file=sys.stderr)
+        print(f"error: no {' or '.join(needed)} in {', '.join(missing)}", file=sys.stderr)
         return 2
-    rows = [measure_run(r) for r in args.runs]
+    if args.initial:
+        rows = [measure_initial(r, t) for r in args.runs for t in args.initial]
+    else:
+        rows = [measure_run(r) for r in args.runs]
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor, nn
 
-from geometry import solid
+from geometry.solid import FILL_TUNNEL, clean_sdf  # noqa: F401 (clean_sdf stays importable from here)
 from geometry.silhouettes import axis_opacity, silhouette_holes
 from geometry.tets import MarchingResult, make_tet_grid, marching_tets_full
 
@@ -49,9 +47,9 @@ TIE_TOLERANCE = 0.01  # silhouette IoUs this close to the best count as ties
 OPACITY_FLOOR = 0.05  # rays below this opacity miss the field: left out of the opacity histogram
 OPACITY_RANGE = (0.25, 0.9)  # the opacity that outlines the object is clamped to this range
 SDF_BAND = 2.0  # grid cells from the surface to where the initial SDF saturates at +-1
-MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
-FILL_TUNNEL = 2  # cavities joined to the outside only through passages about 2 * this + 1 vertices wide count as inside
-ISOLATED_SAME = 1  # a vertex with at most this many of its 14 tet-edge neighbours on its side is flipped (a spike's tip)
+# A Kuhn tet's smallest height is 1 / sqrt(2) cells, along (1, -1, 0) / sqrt(2): two vertices moving s cells per
+# axis close it by up to 2 sqrt(2) s, so s = 1/8 keeps every tet at half its height or more (larger ones fold the surface).
+MAX_SAFE_DEFORM = 0.125
 
 
 def opacity_maps(density: Tensor, cell: float) -> list[Tensor]:
@@ -243,34 +241,6 @@ def smooth_grid(
     return out[0, 0]
 
 
-def clean_sdf(
-    sdf: Tensor,  # [X, Y, Z], < 0 inside
-    min_component: float | None = MIN_COMPONENT,  # inside parts smaller than this fraction of the largest are dropped; None = keep all
-    tunnel: int = FILL_TUNNEL,  # cavities joined to the outside only through passages this narrow are filled too (grid cells)
-    keep_open: Tensor | None = None,  # [X, Y, Z] bool, outside vertices the tunnel rule never fills (carved holes, open space)
-) -> Tensor:  # [X, Y, Z]
-    """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to -1,
-    `geometry.solid.enclosed`) and flip the sign of isolated vertices (`geometry.solid.isolated`:
-    one-vertex spikes, pits and bubbles, set to -sdf / 2).
-
-    Components use the tets' own connectivity (`geometry.solid.KUHN_STRUCTURE`), so what is
-    dropped or filled is exactly a part or a cavity of the extracted surface.
-    """
-    inside = (sdf < 0).cpu().numpy()
-    drop = solid.floaters(inside, min_component) if min_component is not None else np.zeros_like(inside)
-    inside = inside & ~drop
-    fill = solid.enclosed(inside)
-    if tunnel:
-        behind_tunnels = solid.enclosed(inside, tunnel)
-        fill |= behind_tunnels if keep_open is None else behind_tunnels & ~keep_open.cpu().numpy()
-    inside = inside | fill
-    flip = solid.isolated(inside, ISOLATED_SAME)
-    drop, fill, flip = (torch.from_numpy(mask).to(sdf.device) for mask in (drop, fill, flip))
-    sdf = torch.where(drop, torch.ones_like(sdf), sdf)
-    sdf = torch.where(fill, -torch.ones_like(sdf), sdf)
-    return torch.where(flip, -0.5 * sdf, sdf)
-
-
 class DMTet(nn.Module):
     """A tet grid with a learnable SDF and a bounded learnable deformation per vertex.
 
@@ -290,7 +260,7 @@ class DMTet(nn.Module):
         tets: Tensor,  # [T, 4] long
         sdf: Tensor,  # [V] initial SDF, < 0 inside
         cell_size: Tensor,  # [3] grid spacing per axis, world units
-        deform_scale: float = 0.25,  # largest displacement, fraction of a cell
+        deform_scale: float = MAX_SAFE_DEFORM,  # largest displacement per axis, fraction of a cell
         smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, cells (0 = per-vertex)
     ) -> None:
         super().__init__()
@@ -386,7 +356,7 @@ def dmtet_from_field(
     grid_resolution: int = 64,  # tet grid cells per axis of the fitted box
     threshold: float | None = None,  # surface level of the density; None = automatic
     margin: float = 0.1,  # world units around the occupied region
-    deform_scale: float = 0.25,  # largest vertex displacement, fraction of a cell
+    deform_scale: float = MAX_SAFE_DEFORM,  # largest vertex displacement per axis, fraction of a cell
     smoothing: float = 1.0,  # Gaussian sigma applied to the initial SDF, grid cells (0 = none)
     update_smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, grid cells
     chunk_size: int = 65536,  # points per field query

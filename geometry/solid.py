@@ -15,7 +15,13 @@ through small tunnels, seen on the underside of tori).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
+from torch import Tensor
+
+MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
+FILL_TUNNEL = 2  # cavities joined to the outside only through passages about 2 * this + 1 vertices wide count as inside
+ISOLATED_SAME = 1  # a vertex with at most this many of its 14 tet-edge neighbours on its side is flipped (a spike's tip)
 
 # Offsets joined by a tet edge of `geometry.tets.make_tet_grid`: every nonzero 0/1 vector and its negative.
 KUHN_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
@@ -89,6 +95,34 @@ def isolated(
     inside_around = ndimage.convolve(inside.astype(np.int16), weights, mode="constant", cval=0)
     same = np.where(inside, inside_around, int(weights.sum()) - inside_around)
     return same <= max_same
+
+
+def clean_sdf(
+    sdf: Tensor,  # [X, Y, Z], < 0 inside
+    min_component: float | None = MIN_COMPONENT,  # inside parts smaller than this fraction of the largest are dropped; None = keep all
+    tunnel: int = FILL_TUNNEL,  # cavities joined to the outside only through passages this narrow are filled too (grid cells)
+    keep_open: Tensor | None = None,  # [X, Y, Z] bool, outside vertices the tunnel rule never fills (carved holes, open space)
+) -> Tensor:  # [X, Y, Z]
+    """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to -1,
+    `enclosed`) and flip the sign of isolated vertices (`isolated`:
+    one-vertex spikes, pits and bubbles, set to -sdf / 2).
+
+    Components use the tets' own connectivity (`KUHN_STRUCTURE`), so what is
+    dropped or filled is exactly a part or a cavity of the extracted surface.
+    """
+    inside = (sdf < 0).cpu().numpy()
+    drop = floaters(inside, min_component) if min_component is not None else np.zeros_like(inside)
+    inside = inside & ~drop
+    fill = enclosed(inside)
+    if tunnel:
+        behind_tunnels = enclosed(inside, tunnel)
+        fill |= behind_tunnels if keep_open is None else behind_tunnels & ~keep_open.cpu().numpy()
+    inside = inside | fill
+    flip = isolated(inside, ISOLATED_SAME)
+    drop, fill, flip = (torch.from_numpy(mask).to(sdf.device) for mask in (drop, fill, flip))
+    sdf = torch.where(drop, torch.ones_like(sdf), sdf)
+    sdf = torch.where(fill, -torch.ones_like(sdf), sdf)
+    return torch.where(flip, -0.5 * sdf, sdf)
 
 
 # --------------------------------------------------------------------------- meshes

@@ -48,7 +48,7 @@ class RefineConfig:
     surface_opacity: float | None = None  # automatic level: the opacity a ray needs to be on the object; None = the field's own split
     sdf_smoothing: float = 1.0  # Gaussian sigma of the initial SDF, grid cells (as extract_mesh; 0 = off)
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
-    deform_scale: float = 0.25  # largest vertex deformation, fraction of a grid cell
+    deform_scale: float = 0.125  # largest vertex deformation per axis, fraction of a grid cell (<= 1/8 keeps every tet at half its height or more: no folds)
     fill_tunnel: int = 2  # space reached from outside only through passages about 2 * this + 1 grid vertices wide is filled (0 = only closed cavities)
     fill_every: int = 25  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
     lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
