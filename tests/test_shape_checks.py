@@ -11,6 +11,7 @@ def test_true_primitives_pass():
     for shape in ("sphere", "cube", "cylinder", "cone", "torus", "capsule"):
         checks = shape_checks(primitive_as_export(shape, "red"), shape)
         assert checks["parts"] == 1 and checks["closed"] and checks["genus_ok"], (shape, checks)
+        assert checks["closed_shells"] == 1 and checks["euler_ok"] and checks["self_intersections"] == 0  # bench.solid_metrics
         assert checks["genus"] == (1 if shape == "torus" else 0)
         assert checks["albedo_up_down"] == pytest.approx(1.0)
         if shape in ("cube", "cylinder", "cone"):
