@@ -120,10 +120,12 @@ def fill(mesh: dict) -> float:
 
 
 def shape_checks(mesh: dict, shape: str) -> dict:
-    """Every check above for one exported model of `shape`."""
+    """Every check above for one exported model of `shape`, and the solid checks of `bench.solid_metrics`."""
+    from bench.solid_metrics import solid_checks
+
     topo = topology(mesh)
-    return {**topo, "genus_ok": topo["genus"] == expected_genus(shape), "base_gap": base_gap(mesh, shape),
-            **albedo_up_down(mesh), "fill": fill(mesh)}
+    return {**solid_checks(mesh, shape), **topo, "genus_ok": topo["genus"] == expected_genus(shape),
+            "base_gap": base_gap(mesh, shape), **albedo_up_down(mesh), "fill": fill(mesh)}
 
 
 # --------------------------------------------------------------------------- the table of bench.quality

@@ -20,8 +20,10 @@ gradients, chunked) and `albedo(x [N, 3]) -> [N, 3]`, such as `geometry.nerf.NeR
    reaches +-1 about SDF_BAND cells away, clamped to [-1, 1]: negative inside, zero exactly
    where the density crosses the level, and with a similar slope for soft and sharp fields
    (so a learning rate moves every surface at a similar speed). It is smoothed by a Gaussian of
-   `smoothing` cells (sub-cell noise of the hash grid would become bumps), floaters and closed
-   cavities are removed, and the box's faces are pinned outside, so every surface is closed.
+   `smoothing` cells (sub-cell noise of the hash grid would become bumps), floaters are removed,
+   the space the outside cannot reach is filled (SDS leaves a field's interior free to be empty:
+   cavities, and cavities that leak out through narrow tunnels; issue 31), isolated sign flips are
+   undone, and the box's faces are pinned outside, so every surface is closed and solid.
 4. Openings: rays along an axis through a hole of the field's own silhouette (the opening of
    a torus seen from above) are carved outside before smoothing (`silhouette_holes`), so fog
    or a thin film the coarse field leaves in an opening does not close it.
@@ -30,13 +32,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor, nn
 
 from geometry.silhouettes import axis_opacity, silhouette_holes
+from geometry.solid import FILL_TUNNEL, clean_sdf  # noqa: F401 (clean_sdf stays importable from here)
 from geometry.tets import MarchingResult, make_tet_grid, marching_tets_full
 
 PROBE_RESOLUTION = 64  # cells per axis of the probe grid that finds the occupied box and the level
@@ -46,7 +47,9 @@ TIE_TOLERANCE = 0.01  # silhouette IoUs this close to the best count as ties
 OPACITY_FLOOR = 0.05  # rays below this opacity miss the field: left out of the opacity histogram
 OPACITY_RANGE = (0.25, 0.9)  # the opacity that outlines the object is clamped to this range
 SDF_BAND = 2.0  # grid cells from the surface to where the initial SDF saturates at +-1
-MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
+# A Kuhn tet's smallest height is 1 / sqrt(2) cells, along (1, -1, 0) / sqrt(2): two vertices moving s cells per
+# axis close it by up to 2 sqrt(2) s, so s = 1/8 keeps every tet at half its height or more (larger ones fold the surface).
+MAX_SAFE_DEFORM = 0.125
 
 
 def opacity_maps(density: Tensor, cell: float) -> list[Tensor]:
@@ -238,32 +241,6 @@ def smooth_grid(
     return out[0, 0]
 
 
-def clean_sdf(
-    sdf: Tensor,  # [X, Y, Z], < 0 inside
-    min_component: float = MIN_COMPONENT,  # inside parts smaller than this fraction of the largest are dropped
-) -> Tensor:  # [X, Y, Z]
-    """Drop small floating parts (set to +1) and fill cavities the outside cannot reach (set to -1).
-
-    Components use 26-connectivity, which joins at least what the tets join, so the
-    cleaning is conservative: nothing connected through a tet is dropped or filled.
-    """
-    inside = (sdf < 0).cpu().numpy()
-    structure = np.ones((3, 3, 3), dtype=bool)
-    labels, count = ndimage.label(inside, structure=structure)
-    keep = inside
-    if count > 1:
-        sizes = np.bincount(labels.ravel())[1:]
-        kept = np.flatnonzero(sizes >= min_component * sizes.max()) + 1
-        keep = np.isin(labels, kept)
-    outside, _ = ndimage.label(~keep, structure=structure)
-    reachable = np.unique(np.concatenate([outside[[0, -1]].ravel(), outside[:, [0, -1]].ravel(), outside[:, :, [0, -1]].ravel()]))
-    exterior = np.isin(outside, reachable[reachable > 0])
-    drop = torch.from_numpy(inside & ~keep).to(sdf.device)
-    fill = torch.from_numpy(~keep & ~exterior).to(sdf.device)
-    sdf = torch.where(drop, torch.ones_like(sdf), sdf)
-    return torch.where(fill, -torch.ones_like(sdf), sdf)
-
-
 class DMTet(nn.Module):
     """A tet grid with a learnable SDF and a bounded learnable deformation per vertex.
 
@@ -283,7 +260,7 @@ class DMTet(nn.Module):
         tets: Tensor,  # [T, 4] long
         sdf: Tensor,  # [V] initial SDF, < 0 inside
         cell_size: Tensor,  # [3] grid spacing per axis, world units
-        deform_scale: float = 0.25,  # largest displacement, fraction of a cell
+        deform_scale: float = MAX_SAFE_DEFORM,  # largest displacement per axis, fraction of a cell
         smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, cells (0 = per-vertex)
     ) -> None:
         super().__init__()
@@ -303,6 +280,7 @@ class DMTet(nn.Module):
         self.register_buffer("cell_size", cell_size)
         self.register_buffer("boundary", boundary)  # [V] bool, vertices on the faces of the box
         self.register_buffer("sdf_init", sdf.clone())
+        self.register_buffer("open_space", sdf > 0)  # [V] bool, outside at the start: `solidify` fills no tunnel there
         self.sdf = nn.Parameter(torch.zeros_like(sdf))  # [V] learned SDF change, before smoothing
         self.deform = nn.Parameter(torch.zeros_like(grid_verts))  # [V, 3], pre-tanh
 
@@ -314,6 +292,19 @@ class DMTet(nn.Module):
         n = self.resolution + 1
         sdf = self.sdf_init + smooth_grid(self.sdf.view(n, n, n), self.smoothing).reshape(-1)
         return torch.where(self.boundary, torch.ones_like(sdf), sdf)
+
+    @torch.no_grad()
+    def solidify(self, tunnel: int = FILL_TUNNEL) -> int:
+        """Fill the space the outside cannot reach and undo isolated sign flips in the current SDF
+        (`clean_sdf`, floaters kept: the export drops them), by moving `sdf_init`; the number of
+        vertices changed. Refinement moves the surface where cameras look and leaves the rest free
+        to open cavities, so the stage calls this every so often."""
+        n = self.resolution + 1
+        current = self.signed_distance().view(n, n, n)
+        cleaned = clean_sdf(current, min_component=None, tunnel=tunnel, keep_open=self.open_space.view(n, n, n))
+        changed = (cleaned < 0) != (current < 0)
+        self.sdf_init.add_((cleaned - current).reshape(-1))
+        return int(changed.sum())
 
     def extract_full(self) -> MarchingResult:
         """The current surface with marching tetrahedra's extras; differentiable w.r.t. sdf and deform."""
@@ -333,6 +324,7 @@ def initial_sdf(
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
+    tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """The grid fitted to the field's object and its SDF there: (grid verts [V, 3], tets [T, 4],
     sdf [V], cell size [3], threshold). The SDF is smoothed (sub-cell noise of the coarse field
@@ -351,7 +343,7 @@ def initial_sdf(
         maps = axis_opacity(density, [(h - l) / grid_resolution for l, h in zip(lo, hi)])
         holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
         sdf = torch.where(holes, torch.ones_like(sdf), sdf)
-        sdf = clean_sdf(smooth_grid(sdf, smoothing))
+        sdf = clean_sdf(smooth_grid(sdf, smoothing), tunnel=tunnel, keep_open=holes)
     else:  # no ray through the field becomes opaque: nothing to extract
         sdf = torch.ones(n, n, n, device=device, dtype=verts.dtype)
     sdf[[0, -1]], sdf[:, [0, -1]], sdf[:, :, [0, -1]] = 1.0, 1.0, 1.0
@@ -364,15 +356,17 @@ def dmtet_from_field(
     grid_resolution: int = 64,  # tet grid cells per axis of the fitted box
     threshold: float | None = None,  # surface level of the density; None = automatic
     margin: float = 0.1,  # world units around the occupied region
-    deform_scale: float = 0.25,  # largest vertex displacement, fraction of a cell
+    deform_scale: float = MAX_SAFE_DEFORM,  # largest vertex displacement per axis, fraction of a cell
     smoothing: float = 1.0,  # Gaussian sigma applied to the initial SDF, grid cells (0 = none)
     update_smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, grid cells
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
+    tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
 ) -> tuple[DMTet, float]:
     """A DMTet whose initial surface is `extract_mesh(field, ...)` with the same settings, and the level used."""
-    verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity)
+    verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device,
+                                                opacity, tunnel)
     return DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing), level
 
 
@@ -385,9 +379,10 @@ def extract_mesh(
     chunk_size: int = 65536,  # points per field query
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
+    tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
 ) -> tuple[Tensor, Tensor]:  # (verts [M, 3], faces [F, 3] long), both empty when the field has no surface
     """The field's density level set by marching tetrahedra, without training: the mesh of a run
     stopped after the coarse stage, and the "before refinement" baseline."""
-    verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity)
+    verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity, tunnel)
     result = marching_tets_full(verts, tets, sdf)
     return result.verts.detach(), result.faces

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from geometry.solid import drop_enclosed_shells
 from geometry.tets import is_watertight
 from geometry.uv import RASTER_CHUNK, face_areas, unwrap, uv_coverage
 from renderers.cameras import orbit_cameras, to_clip
@@ -90,6 +91,8 @@ class ExportResult:
     num_uv_vertices: int = 0  # vertices split along UV seams (the OBJ's `vt` lines, the GLB's vertices)
     watertight: bool = False  # every edge of the welded mesh has two faces, wound consistently (GLB single-sided)
     texture_fill: float = 0.0  # fraction of texel centres a triangle covers
+    dropped_shells: int = 0  # closed shells dropped because they lay inside another one (hidden walls, cavities)
+    dropped_faces: int = 0  # faces of those shells
 
 
 # --------------------------------------------------------------------------- frames
@@ -261,7 +264,7 @@ def export(
     progress: Callback | None = None,  # gets a StepEvent(stage="export") after each of the 5 steps
     should_stop: StopCheck | None = None,  # polled between steps; True raises Cancelled
 ) -> ExportResult:
-    """Clean, unwrap, bake, then write every file of FILE_NAMES into out_dir.
+    """Clean (dropping shells enclosed by another), unwrap, bake, then write every file of FILE_NAMES into out_dir.
 
     Files are written under temporary names first and renamed once all of them exist, so an
     error leaves neither half-written files nor temporary ones. Rasterization and albedo_fn
@@ -302,9 +305,10 @@ def export(
                 v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
             if len(f) == 0:
                 raise ValueError("the mesh has no faces left after cleaning")
+            v, f, dropped_shells, dropped_faces = drop_enclosed_shells(v, f)  # the last guard for a solid (issue 31)
             normals = vertex_normals(v, f)
             timings["clean"] = time.perf_counter() - t0
-            report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices")
+            report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices, {dropped_shells} enclosed shells dropped")
             # 2. UV unwrap: vertices split along chart seams (vmap points back to the welded v).
             t0 = time.perf_counter()
             vmap, uv_faces, uv = unwrap(
@@ -367,4 +371,5 @@ def export(
     return ExportResult(
         paths=paths, timings=timings, num_faces=len(uv_faces), num_vertices=len(v), num_uv_vertices=len(v_split),
         watertight=watertight, texture_fill=float(covered.float().mean()),
+        dropped_shells=dropped_shells, dropped_faces=dropped_faces,
     )

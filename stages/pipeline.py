@@ -277,7 +277,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
             return color_field.albedo(points)
 
     exported = export_stage.export(mesh[0], mesh[1], albedo, run_path, config.export, on_step, stopped)
-    _finish_stage(record, "export", state, run_path, {"timings": exported.timings, "faces": exported.num_faces})
+    _finish_stage(record, "export", state, run_path, {"timings": exported.timings, "faces": exported.num_faces, "dropped_shells": exported.dropped_shells})
     return {k: str(v) for k, v in exported.paths.items() if v is not None}
 
 

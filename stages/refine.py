@@ -54,7 +54,9 @@ class RefineConfig:
     surface_opacity: float | None = None  # automatic level: the opacity a ray needs to be on the object; None = the field's own split
     sdf_smoothing: float = 1.0  # Gaussian sigma of the initial SDF, grid cells (as extract_mesh; 0 = off)
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
-    deform_scale: float = 0.25  # largest vertex deformation, fraction of a grid cell
+    deform_scale: float = 0.25  # largest vertex deformation per axis, fraction of a grid cell (geometry.dmtet.MAX_SAFE_DEFORM rules out folded tets; not the default: bench/RESULTS.md)
+    fill_tunnel: int = 2  # space reached from outside only through passages about 2 * this + 1 grid vertices wide is filled (0 = only closed cavities)
+    fill_every: int = 25  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
     lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
     lr_deform: float = 1e-2  # Adam learning rate of the deformation (pre-tanh, so scale-free)
     lr_color: float = 1e-3  # Adam learning rate of the copied colour field; 0 = frozen texture
@@ -91,6 +93,9 @@ class RefineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"refine.{name} must be an integer >= 1, got {value!r}")
+        for name in ("fill_tunnel", "fill_every"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"refine.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in UNSET_REFINE:
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0 or None, got {getattr(self, name)!r}")
@@ -176,6 +181,7 @@ def run(
     dmtet, threshold = dmtet_from_field(
         field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
         config.sdf_smoothing, config.update_smoothing, device=device, opacity=config.surface_opacity,
+        tunnel=config.fill_tunnel,
     )
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)
@@ -211,6 +217,7 @@ def run(
     average_from = math.ceil(config.color_average_from * config.iters)
     color_mean = [p.detach().clone() for p in color_params] if average_from < config.iters else []  # no copy when off
     count = 0
+    solidified = 0  # grid vertices whose side `DMTet.solidify` changed
 
     # 2. The SDS loop.
     for step in range(config.iters):
@@ -251,6 +258,8 @@ def run(
             continue
         nonfinite.good()
         optimizer.step()
+        if config.fill_every and (step + 1) % config.fill_every == 0:  # SDS leaves unseen space free to open cavities
+            solidified += dmtet.solidify(config.fill_tunnel)
         if color_mean and step >= average_from:
             with torch.no_grad():
                 count += 1
@@ -285,6 +294,7 @@ def run(
 
     # 4. Hand off the final mesh and the colour field.
     nonfinite.finish(config.iters)
+    solidified += dmtet.solidify(config.fill_tunnel)
     with torch.no_grad():
         verts, faces = dmtet.extract()
     _use_mean(color_params, color_mean, count)
@@ -296,7 +306,8 @@ def run(
     stats = {key: value / steps for key, value in totals.items()}
     stats.update(faces=int(faces.shape[0]), vertices=int(verts.shape[0]), initial_faces=int(initial_faces),
                  threshold=float(threshold), final_loss=loss_value, steps=config.iters,
-                 nonfinite_skipped=nonfinite.skipped, preview_seconds=seconds["preview"], model_seconds=seconds["model"])
+                 nonfinite_skipped=nonfinite.skipped, preview_seconds=seconds["preview"], model_seconds=seconds["model"],
+                 solidified_vertices=solidified)
     return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=previews, stats=stats)
 
 

@@ -1,0 +1,175 @@
+"""Is the export one clean solid? Checks that look inside the object and at what cameras barely see
+(issue 31). Each takes `bench.quality.load_export`'s dict (training frame, +z up); the mesh is welded
+by position first, as an importer's merge by distance would.
+
+- shells: connected pieces, and how many of them are closed;
+- self-intersections: pairs of faces that share no vertex and cross each other;
+- flat faces (base, cap): the surface's lowest (base) or highest (cap) point along vertical lines over
+  the inner FLAT_INNER of the face's true footprint, against the face's true plane (as `base_gap`):
+  `pit` is how far the deepest point lies inside it, `bulge` how far the farthest point sticks out;
+  a line that misses the mesh (a hole) counts as a pit as deep as the object is tall;
+- cavity share: 1 - mesh volume / filled volume, on a CAVITY_RESOLUTION^3 occupancy grid whose
+  enclosed empty cells are filled (a tunnel narrower than a cell does not open a cavity);
+- Euler number against the shape's own (torus 0, every other shape 2);
+- angles between adjacent faces: 95th percentile and maximum, degrees.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import trimesh
+from scipy import ndimage
+
+from geometry.metrics import occupancy_grid
+
+FLAT_FACES = {  # shape -> (face, true level z, footprint kind, footprint half size)
+    "cube": (("base", -0.4, "square", 0.4), ("cap", 0.4, "square", 0.4)),
+    "cylinder": (("base", -0.4, "disc", 0.4), ("cap", 0.4, "disc", 0.4)),
+    "cone": (("base", -0.45, "disc", 0.45),),
+}
+EXPECTED_EULER = {"torus": 0}  # every other shape: 2
+FLAT_INNER = 0.8  # share of the footprint's half size measured (the rims are rounded on purpose)
+FLAT_RESOLUTION = 128  # px of the orthographic view from below / above
+CAVITY_RESOLUTION = 96  # cells per axis of the cavity share's grid over [-1, 1]^3
+
+
+def welded(mesh: dict) -> trimesh.Trimesh:
+    return trimesh.Trimesh(mesh["vertices"], mesh["faces"], process=True)
+
+
+def expected_euler(shape: str) -> int:
+    return EXPECTED_EULER.get(shape, 2)
+
+
+def shell_counts(solid: trimesh.Trimesh) -> dict:
+    pieces = solid.split(only_watertight=False)
+    return {"shells": len(pieces), "closed_shells": sum(bool(p.is_watertight) for p in pieces)}
+
+
+def adjacent_angles(solid: trimesh.Trimesh) -> dict:
+    """95th percentile and maximum angle between the normals of faces sharing an edge, degrees."""
+    angles = np.degrees(solid.face_adjacency_angles)
+    if len(angles) == 0:
+        return {"angle_p95": None, "angle_max": None}
+    return {"angle_p95": float(np.percentile(angles, 95)), "angle_max": float(angles.max())}
+
+
+def _candidate_pairs(lo: np.ndarray, hi: np.ndarray, cell: float) -> np.ndarray:  # [P, 2], i < j
+    """Pairs of boxes that share a cell of a uniform grid and overlap."""
+    first, last = np.floor(lo / cell).astype(np.int64), np.floor(hi / cell).astype(np.int64)
+    span = last - first + 1  # [F, 3]
+    count = span.prod(1)
+    owner = np.repeat(np.arange(len(lo)), count)
+    local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    sx, sy = span[owner, 1] * span[owner, 2], span[owner, 2]
+    ijk = first[owner] + np.stack([local // sx, local % sx // sy, local % sy], 1)
+    ijk -= ijk.min(0)
+    dims = ijk.max(0) + 1
+    key = (ijk[:, 0] * dims[1] + ijk[:, 1]) * dims[2] + ijk[:, 2]
+    order = np.argsort(key, kind="stable")
+    key, owner = key[order], owner[order]
+    pairs = []
+    for d in range(1, len(key)):
+        same = key[d:] == key[:-d]
+        if not same.any():
+            break
+        pairs.append(np.stack([owner[:-d][same], owner[d:][same]], 1))
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0)
+    overlap = ((lo[pairs[:, 0]] <= hi[pairs[:, 1]]) & (lo[pairs[:, 1]] <= hi[pairs[:, 0]])).all(1)
+    return pairs[overlap]
+
+
+def _edges_cross(tri_a: np.ndarray, tri_b: np.ndarray, eps: float = 1e-9) -> np.ndarray:  # [P, 3, 3] x2 -> [P]
+    """Whether an edge of each triangle a passes strictly through the matching triangle b (Moller-Trumbore)."""
+    hit = np.zeros(len(tri_a), dtype=bool)
+    e1, e2 = tri_b[:, 1] - tri_b[:, 0], tri_b[:, 2] - tri_b[:, 0]
+    for i, j in ((0, 1), (1, 2), (2, 0)):
+        origin, direction = tri_a[:, i], tri_a[:, j] - tri_a[:, i]
+        p = np.cross(direction, e2)
+        det = (e1 * p).sum(1)
+        ok = np.abs(det) > eps * np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1) * np.linalg.norm(direction, axis=1)
+        inv = 1.0 / np.where(ok, det, 1.0)
+        s = origin - tri_b[:, 0]
+        u = (s * p).sum(1) * inv
+        q = np.cross(s, e1)
+        v = (direction * q).sum(1) * inv
+        t = (e2 * q).sum(1) * inv
+        hit |= ok & (u > eps) & (v > eps) & (u + v < 1 - eps) & (t > eps) & (t < 1 - eps)
+    return hit
+
+
+def self_intersections(solid: trimesh.Trimesh) -> int:
+    """Pairs of faces that share no vertex and whose triangles cross (coplanar touching is not counted)."""
+    v, f = np.asarray(solid.vertices), np.asarray(solid.faces)
+    if len(f) < 2:
+        return 0
+    tri = v[f]  # [F, 3, 3]
+    lo, hi = tri.min(1), tri.max(1)
+    edge = np.median(np.linalg.norm(tri[:, 1] - tri[:, 0], axis=1))
+    pairs = _candidate_pairs(lo, hi, max(2.0 * float(edge), 1e-9))
+    shared = (f[pairs[:, 0], :, None] == f[pairs[:, 1], None, :]).any((1, 2))
+    pairs = pairs[~shared]
+    a, b = tri[pairs[:, 0]], tri[pairs[:, 1]]
+    return int((_edges_cross(a, b) | _edges_cross(b, a)).sum())
+
+
+def _extreme_heights(solid: trimesh.Trimesh, centre: np.ndarray, half: float, from_below: bool) -> np.ndarray:
+    """[R, R] lowest (from below) or highest surface z per pixel of an orthographic view over the
+    square of side 2 * half around centre (x, y); NaN where the view sees no surface."""
+    from renderers import raster
+
+    v = torch.tensor(np.asarray(solid.vertices), dtype=torch.float64)
+    z_lo, z_hi = float(v[:, 2].min()), float(v[:, 2].max())
+    depth = (v[:, 2] - (z_lo + z_hi) / 2) / max(z_hi - z_lo, 1e-9) * 1.8  # in (-1, 1): the nearest wins
+    depth = depth if from_below else -depth
+    x = (v[:, 0] - centre[0]) / half
+    y = (v[:, 1] - centre[1]) / half
+    clip = torch.stack([x, y, depth, torch.ones_like(x)], 1)[None].float()
+    faces = torch.tensor(np.asarray(solid.faces), dtype=torch.long)
+    r = FLAT_RESOLUTION
+    rast = raster.rasterize(clip, faces, (r, r), backend="torch")
+    z = raster.interpolate(v[:, 2:3].float(), rast, faces, backend="torch")[0, ..., 0].double().numpy()
+    return np.where(rast[0, ..., 3].numpy() > 0, z, np.nan)
+
+
+def flat_faces(solid: trimesh.Trimesh, shape: str) -> dict:
+    """Per flat face of the shape: `{face}_pit` and `{face}_bulge` (see the module docstring); {} for other shapes."""
+    out = {}
+    v = np.asarray(solid.vertices)
+    centre = (v.min(0) + v.max(0)) / 2
+    height = float(v[:, 2].max() - v[:, 2].min())
+    for face, level, kind, half in FLAT_FACES.get(shape, ()):
+        heights = _extreme_heights(solid, centre, half, from_below=face == "base")
+        r = FLAT_RESOLUTION
+        px = (np.arange(r) + 0.5) / r * 2 - 1  # pixel centres in units of `half`
+        yy, xx = np.meshgrid(px, px, indexing="ij")  # the image's rows run along y
+        area = (np.maximum(np.abs(xx), np.abs(yy)) if kind == "square" else np.hypot(xx, yy)) <= FLAT_INNER
+        h = heights[area]
+        seen = h[~np.isnan(h)]
+        if len(seen) == 0:
+            out.update({f"{face}_pit": height, f"{face}_bulge": 0.0})
+            continue
+        inward = (seen - level) if face == "base" else (level - seen)  # > 0: caved in
+        pit = height if np.isnan(h).any() else float(max(inward.max(), 0.0))
+        out.update({f"{face}_pit": pit, f"{face}_bulge": float(max(-inward.min(), 0.0))})
+    return out
+
+
+def cavity_share(mesh: dict) -> float:
+    """1 - (cells inside the mesh) / (cells inside once enclosed empty cells are filled)."""
+    inside = occupancy_grid((mesh["vertices"], mesh["faces"]), CAVITY_RESOLUTION).numpy()
+    filled = ndimage.binary_fill_holes(inside)
+    return float(1.0 - inside.sum() / max(int(filled.sum()), 1))
+
+
+def solid_checks(mesh: dict, shape: str) -> dict:
+    """Every check above for one exported model of `shape`."""
+    solid = welded(mesh)
+    euler = int(solid.euler_number)
+    return {
+        **shell_counts(solid), "self_intersections": self_intersections(solid), **flat_faces(solid, shape),
+        "cavity_share": cavity_share(mesh), "euler": euler, "euler_expected": expected_euler(shape),
+        "euler_ok": euler == expected_euler(shape), **adjacent_angles(solid),
+    }

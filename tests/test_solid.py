@@ -1,0 +1,156 @@
+"""Solid by construction (issue 31): coarse fields whose level set has inner surfaces (an empty pocket,
+a hollow tube that leaks out through small tunnels, a film across an opening) extract and export as one
+solid with the shape's Euler number; refinement's cavities are filled again; the export drops shells
+that lie inside another."""
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from geometry import solid
+from geometry.dmtet import clean_sdf, density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf
+from geometry.tets import marching_tets
+from stages.export import ExportConfig, export
+
+GRID = 48  # the quick preset's refine grid
+PEAK = 8.0  # a soft coarse field's peak density
+
+
+def soft(distance_inside: torch.Tensor) -> torch.Tensor:
+    """Density of a soft solid: PEAK inside (distance_inside > 0), 0 outside, a sigmoid across."""
+    return PEAK * torch.sigmoid(distance_inside / 0.02)
+
+
+class Field:
+    """A coarse field from a density function of the points."""
+
+    def __init__(self, density):
+        self.density = density
+
+    def query(self, x, chunk_size=0):
+        return self.density(x), self.albedo(x)
+
+    def albedo(self, x):
+        return torch.full_like(x, 0.5)
+
+
+def pocket_ball(x):  # a ball of radius 0.45 with an empty ball of radius 0.2 inside
+    r = x.norm(dim=-1)
+    return soft(0.45 - r) * (1 - torch.sigmoid((0.2 - r) / 0.02))
+
+
+def hollow_torus(x, film=0.0):  # a torus (0.4, 0.15) whose tube is empty inside 0.08, open below through 4 small tunnels
+    ring = torch.sqrt(x[:, 0] ** 2 + x[:, 1] ** 2)
+    tube = torch.sqrt((ring - 0.4) ** 2 + x[:, 2] ** 2)
+    sigma = soft(0.15 - tube) * (1 - torch.sigmoid((0.08 - tube) / 0.02))
+    for angle in (0.3, 1.9, 3.5, 5.1):
+        axis = torch.tensor([0.4 * np.cos(angle), 0.4 * np.sin(angle)], dtype=x.dtype)
+        tunnel = (torch.sqrt(((x[:, :2] - axis) ** 2).sum(-1)) < 0.04) & (x[:, 2] < 0)
+        sigma = torch.where(tunnel, torch.zeros_like(sigma), sigma)
+    if film:
+        disk = (x[:, 2].abs() < 0.03) & (ring < 0.4)
+        sigma = torch.maximum(sigma, film * PEAK * disk.to(sigma.dtype))
+    return sigma
+
+
+def level_set(field, grid=GRID):
+    """The field's plain level set (no cleaning) at the level and on the grid that extract_mesh uses."""
+    verts, tets, _, _, level = initial_sdf(field, grid)
+    density = field.query(verts)[0].view(grid + 1, grid + 1, grid + 1)
+    return marching_tets(verts, tets, density_to_sdf(density, level).reshape(-1))
+
+
+def topology(verts, faces) -> tuple[int, int, bool]:  # (shells, Euler number, closed)
+    mesh = trimesh.Trimesh(np.asarray(verts.detach() if torch.is_tensor(verts) else verts),
+                           np.asarray(faces), process=True)
+    return len(mesh.split(only_watertight=False)), int(mesh.euler_number), bool(mesh.is_watertight)
+
+
+def test_kuhn_structure_is_the_tet_grids_edges():
+    from geometry.tets import make_tet_grid, tet_edges
+
+    n = 4
+    _, tets = make_tet_grid(n - 1)
+    ijk = np.stack(np.unravel_index(tet_edges(tets).numpy(), (n, n, n)), -1)  # [E, 2, 3]
+    offsets = {tuple(o) for o in (ijk[:, 1] - ijk[:, 0]).tolist()} | {tuple(o) for o in (ijk[:, 0] - ijk[:, 1]).tolist()}
+    assert offsets == {tuple(o) for o in (np.argwhere(solid.KUHN_STRUCTURE) - 1).tolist()} - {(0, 0, 0)}
+
+
+def test_a_ball_with_an_empty_pocket_extracts_as_one_solid():
+    field = Field(pocket_ball)
+    assert topology(*level_set(field))[:2] == (2, 4)  # the plain level set: the ball and the pocket's inner wall
+    shells, euler, closed = topology(*extract_mesh(field, GRID))
+    assert (shells, euler, closed) == (1, 2, True)
+
+
+def test_a_hollow_torus_that_leaks_through_tunnels_extracts_as_one_solid_torus():
+    field = Field(hollow_torus)
+    shells, euler, _ = topology(*level_set(field))
+    assert shells == 1 and euler < 0  # one surface, with a handle for each tunnel into the hollow tube
+    assert topology(*extract_mesh(field, GRID, tunnel=0))[1] < 0  # filling closed cavities alone is not enough
+    assert topology(*extract_mesh(field, GRID)) == (1, 0, True)
+
+
+def test_a_film_across_the_opening_of_a_hollow_torus_gives_one_solid_torus():
+    field = Field(lambda x: hollow_torus(x, film=0.8))
+    assert topology(*extract_mesh(field, GRID)) == (1, 0, True)  # the opening stays open, the tube is filled
+
+
+def test_refinement_cavities_are_filled_without_touching_the_outer_surface():
+    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), GRID)
+    with torch.no_grad():
+        outer_verts, outer_faces = dmtet.extract()
+        centre = dmtet.grid_verts.norm(dim=-1) < 0.15
+        dmtet.sdf_init[centre] = 0.5  # what a run's free interior can do: a pocket opens inside
+        assert topology(*dmtet.extract())[:2] == (2, 4)
+        learned = dmtet.sdf.detach().clone()
+        assert dmtet.solidify() == int(centre.sum())
+        verts, faces = dmtet.extract()
+    assert topology(verts, faces) == (1, 2, True)
+    torch.testing.assert_close(verts, outer_verts)
+    assert torch.equal(faces, outer_faces) and torch.equal(dmtet.sdf, learned)
+
+
+def test_isolated_sign_flips_are_undone():
+    inside = np.zeros((9, 9, 9), dtype=bool)
+    inside[2:7, 2:7, 2:5] = True  # a slab, top layer z = 4
+    needle = inside.copy()
+    needle[4, 4, 5] = needle[4, 4, 6] = True  # a needle one vertex thick on top of it
+    needle[1, 7, 7] = True  # and a one-vertex floater
+    assert np.argwhere(solid.isolated(needle)).tolist() == [[1, 7, 7], [4, 4, 6]]  # the tip and the floater
+    bump = inside.copy()
+    bump[4, 4, 5] = True  # one vertex on the top: four of its neighbours are inside, a bump
+    dent = inside.copy()
+    dent[4, 4, 4] = False  # one vertex of the top layer outside: it shares its side with the air above
+    assert not solid.isolated(inside).any() and not solid.isolated(bump).any() and not solid.isolated(dent).any()
+    sdf = torch.where(torch.from_numpy(needle), -0.3, 0.3)
+    cleaned = clean_sdf(sdf, min_component=None, tunnel=0)
+    assert float(cleaned[4, 4, 6]) == pytest.approx(0.15) and float(cleaned[1, 7, 7]) == pytest.approx(0.15)  # -sdf / 2
+    expected = needle.copy()
+    expected[4, 4, 6] = expected[1, 7, 7] = False
+    assert torch.equal(cleaned < 0, torch.from_numpy(expected))
+
+
+def _sphere(radius, subdivisions=3, inward=False, offset=(0.0, 0.0, 0.0)):
+    mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
+    if inward:
+        mesh.invert()
+    mesh.apply_translation(offset)
+    return mesh
+
+
+def test_export_drops_shells_inside_another(tmp_path):
+    hollow = trimesh.util.concatenate([_sphere(0.5), _sphere(0.3, inward=True), _sphere(0.1, 2)])
+    verts = torch.tensor(hollow.vertices, dtype=torch.float32)
+    faces = torch.tensor(hollow.faces, dtype=torch.long)
+    result = export(verts, faces, lambda p: torch.full_like(p, 0.5), tmp_path / "hollow",
+                    ExportConfig(texture_size=64, turntable=False, target_faces=0))
+    assert result.dropped_shells == 2  # the cavity's wall and the small ball inside it
+    assert result.dropped_faces == len(hollow.faces) - len(_sphere(0.5).faces)
+    mesh = trimesh.load(result.paths["obj"], force="mesh", process=True)
+    assert topology(mesh.vertices, mesh.faces) == (1, 2, True)
+    apart = trimesh.util.concatenate([_sphere(0.3, offset=(-0.4, 0, 0)), _sphere(0.3, offset=(0.4, 0, 0))])
+    result = export(torch.tensor(apart.vertices, dtype=torch.float32), torch.tensor(apart.faces, dtype=torch.long),
+                    lambda p: torch.full_like(p, 0.5), tmp_path / "apart",
+                    ExportConfig(texture_size=64, turntable=False, target_faces=0))
+    assert result.dropped_shells == 0  # two balls side by side are two parts, neither inside the other
