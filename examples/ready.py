@@ -15,7 +15,7 @@ def slug(prompt: str) -> str:
 
 
 def load(prompt: str, guidance: str, root: Path = RESULTS) -> dict | None:
-    """The ready-made result of `prompt` made with `guidance`: {"facts", "glb", "preview", "turntable", "zip"?}; else None."""
+    """The ready-made result of `prompt` made with `guidance`: {"facts", "glb", "preview", "turntable", "zip"?, "strip"?}; else None."""
     folder = root / slug(prompt or "")
     if not all((folder / name).is_file() for name in FILES):
         return None
@@ -27,6 +27,7 @@ def load(prompt: str, guidance: str, root: Path = RESULTS) -> dict | None:
         return None
     found = {"facts": facts, "glb": str(folder / "model.glb"), "preview": str(folder / "preview.png"),
              "turntable": str(folder / "turntable.mp4")}
-    if (folder / "model.zip").is_file():
-        found["zip"] = str(folder / "model.zip")
+    for key, name in (("zip", "model.zip"), ("strip", "strip.png")):
+        if (folder / name).is_file():
+            found[key] = str(folder / name)
     return found
