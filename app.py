@@ -193,7 +193,7 @@ def follow(request: gr.Request):
             prompt = gr.update()  # once: the visitor may type a new one meanwhile
         return
     if run_id:
-        missing = Snapshot(run_id="", status=f"No run `{as_text(run_id[:60])}` on this server (its folder was pruned?).",
+        missing = Snapshot(run_id="", status=f"No run {as_text(run_id[:60])} on this server (its folder was pruned?).",
                            done=True)
         found = RUNS.from_disk(OUTPUT_ROOT, run_id)
         yield *view(found or missing), (run_prompt(OUTPUT_ROOT / run_id, PROMPTS) if found else gr.update())

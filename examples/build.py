@@ -31,6 +31,8 @@ MAX_EXAMPLE_BYTES = 1_500_000  # one example's folder, bytes
 MAX_ZIP_BYTES = 300_000  # model.zip is kept only when it is this small (the GLB always is)
 STRIP_FRAMES = 4  # turntable frames in strip.png
 SMALL_TURNTABLE = (24, 192)  # (frames, px) of the shrunk turntable when the run's is too big
+README = Path(__file__).resolve().parents[1] / "README.md"
+GALLERY_START, GALLERY_END = "<!-- examples:start -->", "<!-- examples:end -->"  # the README's gallery, written here
 
 
 def commit() -> str:
@@ -133,7 +135,32 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     prompts = registry.get(GUIDANCE).examples()
     build(prompts[: args.only] if args.only > 0 else prompts, RESULTS, default_config(), keep=args.keep)
+    write_gallery(prompts, RESULTS, README)
     return 0
+
+
+def gallery(prompts: list[str], root: Path, base: Path) -> str:
+    """A Markdown table: per built example, its strip (paths relative to `base`) and its run's facts."""
+    rows = ["| example | four views of the result (turntable frames) |", "| --- | --- |"]
+    for prompt in prompts:
+        folder = root / slug(prompt)
+        if not (folder / "facts.json").is_file() or not (folder / "strip.png").is_file():
+            continue
+        facts = json.loads((folder / "facts.json").read_text())
+        where = f"{facts['preset']}, seed {facts['seed']}, {facts['minutes']} min on {facts['device']}"
+        rows.append(f"| \"{prompt}\"<br>{where} | ![{prompt}]({(folder / 'strip.png').relative_to(base)}) |")
+    return "\n".join(rows) if len(rows) > 2 else "(no example built yet: `python -m examples.build`)"
+
+
+def write_gallery(prompts: list[str], root: Path, readme: Path) -> None:
+    """Replace the README's gallery (between its two markers) with the examples built now."""
+    text = readme.read_text()
+    if GALLERY_START not in text or GALLERY_END not in text:
+        print(f"warning: {readme} has no {GALLERY_START} ... {GALLERY_END} section; gallery not written", file=sys.stderr)
+        return
+    head, rest = text.split(GALLERY_START, 1)
+    tail = rest.split(GALLERY_END, 1)[1]
+    readme.write_text(f"{head}{GALLERY_START}\n{gallery(prompts, root, readme.parent)}\n{GALLERY_END}{tail}")
 
 
 def build(prompts: list[str], root: Path, config, keep: bool = False) -> None:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from stages.runs import slugify
 
-RESULTS = Path(__file__).resolve().parent / "results"  # one folder per example prompt
+# One folder per example prompt; DREAMLIFT_EXAMPLES_DIR points the app at another (the tests' tiny results).
+RESULTS = Path(os.environ.get("DREAMLIFT_EXAMPLES_DIR") or Path(__file__).resolve().parent / "results")
 FILES = ("model.glb", "preview.png", "turntable.mp4", "facts.json")  # what a usable result holds (model.zip optional)
 
 
@@ -14,9 +16,9 @@ def slug(prompt: str) -> str:
     return slugify(prompt)
 
 
-def load(prompt: str, guidance: str, root: Path = RESULTS) -> dict | None:
+def load(prompt: str, guidance: str, root: Path | None = None) -> dict | None:
     """The ready-made result of `prompt` made with `guidance`: {"facts", "glb", "preview", "turntable", "zip"?, "strip"?}; else None."""
-    folder = root / slug(prompt or "")
+    folder = (RESULTS if root is None else root) / slug(prompt or "")
     if not all((folder / name).is_file() for name in FILES):
         return None
     try:

@@ -58,6 +58,8 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
         (dict(prompt=""), "empty"),
         (dict(prompt="a ceramic teapot"), "vocabulary"),
         (dict(prompt="a red cube", preset="turbo"), "quick"),  # Gradio lists the choices
+        (dict(prompt="a red cube", preset="standard"), "GPU preset"),  # hours on this CPU: refused, naming quick
+        (dict(prompt="a red cube", preset="high"), "choose quick"),
         (dict(prompt="a red cube", guidance="dall-e"), "primitives"),
         (dict(prompt="a red cube", seed=-4), "seed"),
         (dict(prompt="a red cube", seed="abc"), "seed"),

@@ -137,7 +137,6 @@ def test_an_example_shows_its_ready_made_result_or_only_fills_the_prompt(tmp_pat
              "seconds": 151.0, "commit": "0123456789abcdef"}
     (folder / "facts.json").write_text(json.dumps(facts))
     monkeypatch.setattr(ready, "RESULTS", tmp_path)
-    monkeypatch.setattr(ready.load, "__defaults__", (tmp_path,))
     monkeypatch.setattr(app, "default_guidance", lambda: "primitives")
     shown = app.show_example(["a red cube"])
     prompt, gallery, status, model, files, latest, run_id, button, video, viewer = shown
