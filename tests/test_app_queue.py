@@ -146,3 +146,32 @@ def test_an_example_shows_its_ready_made_result_or_only_fills_the_prompt(tmp_pat
     monkeypatch.setattr(app, "default_guidance", lambda: "stable-diffusion")  # made with another model: prompt only
     other = app.show_example(["a red cube"])
     assert other[0] == "a red cube" and all(not isinstance(x, (str, list)) for x in other[1:])
+
+
+def test_the_server_loads_the_priors_libraries_in_the_background_and_says_when_it_renders_one(tmp_path, monkeypatch,
+                                                                                               capsys):
+    from app_warmup import Warmup
+    from helpers import tiny_run_config
+    from stages.plan import refine_plan, resolve
+    from stages.workers import forget_guidance, guidance_loaded
+
+    monkeypatch.setenv("DREAMLIFT_CACHE", str(tmp_path))  # nothing cached: both libraries are rendered
+    forget_guidance()
+    config = tiny_run_config()
+    config.prior_renders_per_view = 2  # small libraries, in an empty cache
+    lines, warmup = [], Warmup()
+    assert warmup.start("a red cube", config, log=lines.append)
+    assert warmup.busy() and "still being rendered" in warmup.note()
+    warmup._thread.join(120)
+    assert not warmup.busy() and warmup.error is None and warmup.note() == ""
+    plan = resolve("a red cube", config)
+    assert guidance_loaded(plan) and guidance_loaded(refine_plan(plan))  # the first run loads nothing
+    printed = capsys.readouterr().out.splitlines()  # the prior's own lines, as the command line shows them
+    rendering = [i for i, line in enumerate(printed) if "rendering a library" in line]
+    built = [i for i, line in enumerate(printed) if "built library" in line]
+    assert len(rendering) == len(built) == 2 and all(r < b for r, b in zip(rendering, built)), printed
+    assert "in the background" in lines[0] and "libraries ready" in lines[-1]
+    stable = tiny_run_config()
+    stable.guidance = "stable-diffusion"
+    assert not Warmup().start("a teapot", stable)  # no library to render for a hub model
+    forget_guidance()

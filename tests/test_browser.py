@@ -138,7 +138,9 @@ def _status_and_progress_displays(driver) -> tuple[str, int]:
     stage that ended in between paired its last step's status with the next stage's page (no bar).
     """
     status, count = driver.execute_script("""
-        const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== "hidden";
+        const clear = e => { for (; e; e = e.parentElement) { if (getComputedStyle(e).opacity === "0") return true; } return false; };
+        // (Gradio keeps a hidden event's tracker in the page at opacity 0: the page's timer ticks every few seconds.)
+        const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== "hidden" && !clear(e);
         const bars = [...document.querySelectorAll("progress, .progress-bar")].filter(shown);
         const texts = [...document.querySelectorAll(".progress-text, .eta-bar, .meta-text, .meta-text-center")]
             .filter(e => shown(e) && e.textContent.trim());
