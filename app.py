@@ -232,6 +232,13 @@ def tick(server_text: str, request: gr.Request):
     return (place if place is not None else gr.skip()), (text if text != server_text else gr.skip())
 
 
+def read_image(path: str):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
 def show_example(sample):
     """An example clicked: its prompt, and its ready-made result at once when there is one for the active model."""
     prompt = sample[0] if isinstance(sample, (list, tuple)) else sample
@@ -245,7 +252,7 @@ def show_example(sample):
     files = [found[k] for k in ("zip", "glb") if k in found]
     gallery = [(found["preview"], "the run's last preview")] + (
         [(found["strip"], "turntable frames")] if "strip" in found else [])
-    return (prompt, gallery, status, found["glb"], files, found["preview"], "",
+    return (prompt, gallery, status, found["glb"], files, enlarge(read_image(found["preview"])), "",
             gr.update(value="Generate", interactive=True), found["turntable"], found["glb"])
 
 
@@ -321,7 +328,7 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
 
         def show_refusal(request: gr.Request):
             message = precheck_errors.pop(request.session_hash if request is not None else "", "the input was refused")
-            return f"**Error:** {message}"
+            return f"**Error:** {as_text(message)}"
 
         # The check runs unqueued, so it answers at once (also when the queue is full). Gradio 6.31 shows no
         # error of an unqueued event on the page, so its .failure writes the message into the status line.

@@ -262,14 +262,14 @@ def test_an_example_shows_its_ready_made_model_at_once(app_url, browser):
     sample = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#examples button") if b.text == "a red cube")
     start = time.monotonic()
     sample.click()
-    _until(lambda: "Ready-made result" in _status(browser), "the example's status", timeout=10)
-    canvas = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#viewer canvas"), "the viewer", timeout=10)
+    _until(lambda: "Ready-made result" in _status(browser), f"the example's status (shown: {_status(browser)!r})", timeout=20)
+    canvas = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#viewer canvas"), "the viewer", timeout=20)
 
     def drawn():
         image = Image.open(io.BytesIO(canvas[0].screenshot_as_png)).convert("RGB")
         return sum(1 for p in image.getdata() if min(p) < 200) / (image.width * image.height) > 0.01
 
-    _until(drawn, "the example's model in the viewer", timeout=10)
+    _until(drawn, "the example's model in the viewer", timeout=20)
     seconds = time.monotonic() - start
     print(f"example click to model in the viewer: {seconds:.2f} s")
     assert seconds < 2.0, seconds
