@@ -2,6 +2,8 @@
 
     nice python -m examples.build                  # all example prompts of the primitives prior, from scratch
     python -m examples.build --only 2              # the first two (a quick check)
+    python -m examples.build --keep                # add the missing ones, keep those built
+    python -m examples.build --gallery-only        # rewrite the README's gallery from examples/results
 
 Each prompt runs through `stages.pipeline.generate` with the `quick` preset and seed 0 (what a visitor's
 first run on a CPU server gets). Per prompt, examples/results/<slug>/ keeps model.glb, preview.png (the
@@ -132,8 +134,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild examples/results from the app's example prompts.")
     parser.add_argument("--only", type=int, default=0, help="build only the first N prompts (0 = all)")
     parser.add_argument("--keep", action="store_true", help="keep the results already built (add the missing ones)")
+    parser.add_argument("--gallery-only", action="store_true", help="only rewrite the README's gallery from the results")
     args = parser.parse_args(argv)
     prompts = registry.get(GUIDANCE).examples()
+    if args.gallery_only:
+        write_gallery(prompts, RESULTS, README)
+        return 0
     build(prompts[: args.only] if args.only > 0 else prompts, RESULTS, default_config(), keep=args.keep)
     write_gallery(prompts, RESULTS, README)
     return 0
