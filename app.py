@@ -392,7 +392,7 @@ def main(argv=None) -> None:
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
     demo = build_demo(args.queue_size, args.overrides)
     start_warmup()
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(OUTPUT_ROOT)], show_error=True, css=CSS)
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(OUTPUT_ROOT), str(ready.RESULTS)], show_error=True, css=CSS)
 
 
 def start_warmup() -> None:
