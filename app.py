@@ -344,8 +344,9 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                          api_visibility="undocumented")
         load.then(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
         run_id.change(None, inputs=[run_id], js=URL_JS, queue=False, api_visibility="undocumented")
-        cancel_btn.click(cancel, inputs=[run_id], outputs=[status, run_btn], cancels=[event, load],
-                         api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+        # Unqueued: a full line (Gradio's bound lowered by the runs waiting for the device) must not refuse a cancel.
+        cancel_btn.click(cancel, inputs=[run_id], outputs=[status, run_btn], cancels=[event, load], queue=False,
+                         api_visibility="undocumented", show_progress="hidden")
         examples.click(show_example, inputs=[examples], outputs=[prompt, *outputs, viewer], queue=False,
                        show_progress="hidden", api_visibility="undocumented")
         timer = gr.Timer(TICK_SECONDS)
