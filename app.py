@@ -22,7 +22,7 @@ from stages.config import MAX_SEED, PRESETS, STAGES, apply_overrides, preset
 from app_support import RunJob, Runs, Snapshot, check_model_id, enlarge, gpu_seconds, int_setting, wait_until, web_message
 from stages.plan import resolve_device
 from stages.runs import new_run_dir, prune_runs
-from app_queue import Cached, Line, as_text, duration, recent_runs, run_prompt, typical_seconds
+from app_queue import Cached, Line, as_text, duration, is_device_state, recent_runs, run_prompt, typical_seconds
 from app_warmup import Warmup
 from examples import ready
 
@@ -224,10 +224,14 @@ def cancel(run_id: str, request: gr.Request):
     return job.snapshot.status, gr.update(value="Generate", interactive=True)
 
 
-def tick(server_text: str, request: gr.Request):
-    """Every few seconds: this page's place while its run is queued; the device's state and the recent runs."""
+def tick(server_text: str, status_text: str, request: gr.Request):
+    """Every few seconds: this page's place while its run is queued (else the device's state, on a page that shows
+    nothing of its own: also when the line is full and Gradio refused its load event); the recent runs."""
+    state = LINE.device_state()
     place = LINE.queued_place(request.session_hash) if request is not None else None
-    text = f"{LINE.device_state()}\n\n**Recent runs on this server** (click one to follow it)\n\n" + \
+    if place is None and is_device_state(status_text) and status_text != state:
+        place = state
+    text = f"{state}\n\n**Recent runs on this server** (click one to follow it)\n\n" + \
         recent_runs(OUTPUT_ROOT, {job.snapshot.run_id: job for job in RUNS.jobs()}, PROMPTS)
     return (place if place is not None else gr.skip()), (text if text != server_text else gr.skip())
 
@@ -350,9 +354,9 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         examples.click(show_example, inputs=[examples], outputs=[prompt, *outputs, viewer], queue=False,
                        show_progress="hidden", api_visibility="undocumented")
         timer = gr.Timer(TICK_SECONDS)
-        timer.tick(tick, inputs=[server], outputs=[status, server], queue=False, show_progress="hidden",
+        timer.tick(tick, inputs=[server, status], outputs=[status, server], queue=False, show_progress="hidden",
                    api_visibility="undocumented")
-        demo.load(tick, inputs=[server], outputs=[status, server], queue=False, show_progress="hidden",
+        demo.load(tick, inputs=[server, status], outputs=[status, server], queue=False, show_progress="hidden",
                   api_visibility="undocumented")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     DEMO["blocks"] = demo

@@ -112,6 +112,11 @@ class Line:
         return (f"**The device is busy** · 1 run going, {waiting} waiting (at most {self.queue_size}){wait}.")
 
 
+def is_device_state(text) -> bool:
+    """Whether a status line only tells the device's state (the page shows nothing of its own)."""
+    return text in ("", "Ready.") or str(text).startswith(("Ready. The device is free", "**The device is busy**"))
+
+
 def typical_seconds(root: Path, preset: str = "quick", examples: list | None = None) -> float | None:
     """The median time of this server's latest finished runs of `preset`; else of the ready-made examples' runs."""
     times = []

@@ -178,3 +178,22 @@ def test_the_server_loads_the_priors_libraries_in_the_background_and_says_when_i
     stable.guidance = "stable-diffusion"
     assert not Warmup().start("a teapot", stable)  # no library to render for a hub model
     forget_guidance()
+
+
+def test_a_page_showing_only_the_device_state_is_kept_current_and_a_queued_page_gets_its_place(monkeypatch):
+    import gradio as gr
+
+    import app
+
+    class Request:
+        session_hash = "page-1"
+
+    monkeypatch.setattr(app.LINE, "queued_place", lambda session: None)
+    monkeypatch.setattr(app.LINE, "device_state", lambda: "**The device is busy** · 1 run going, 0 waiting (at most 8).")
+    status, server = app.tick("", "Ready.", Request())
+    assert status.startswith("**The device is busy**") and "Recent runs on this server" in server
+    assert app.tick(server, status, Request()) == (gr.skip(), gr.skip())  # nothing changed: nothing sent
+    kept, _ = app.tick("", "**Coarse NeRF** · step 3/500", Request())  # the page's own run: left alone
+    assert kept == gr.skip()
+    monkeypatch.setattr(app.LINE, "queued_place", lambda session: "**2nd in line** · 1 waiting ahead of yours")
+    assert app.tick("", "**Queued** · runs go one at a time", Request())[0].startswith("**2nd in line**")
