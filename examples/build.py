@@ -98,7 +98,7 @@ def strip(frames: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(picked, axis=1)
 
 
-def keep_example(prompt: str, record: dict, preview, run_dir: Path, out: Path) -> dict:
+def keep_example(prompt: str, record: dict, preview, run_dir: Path, out: Path, code: str) -> dict:
     """Copy the small files of one run into `out`; returns facts.json's content."""
     from PIL import Image
 
@@ -119,7 +119,7 @@ def keep_example(prompt: str, record: dict, preview, run_dir: Path, out: Path) -
         "prompt": prompt, "preset": record.get("preset"), "seed": record.get("seed"), "guidance": record.get("guidance"),
         "device": record.get("device"), "seconds": round(record.get("total_seconds") or 0.0, 1),
         "minutes": round((record.get("total_seconds") or 0.0) / 60, 1), "stage_seconds": {k: round(v, 1) for k, v in (record.get("stage_seconds") or {}).items()},
-        "commit": commit(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": code, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
     total = sum(f.stat().st_size for f in out.iterdir())
@@ -173,6 +173,7 @@ def build(prompts: list[str], root: Path, config, keep: bool = False) -> None:
     """Run every prompt with (a copy of) `config` and keep its small files under root/<slug>/."""
     import copy
 
+    code = commit()  # the code the runs use: HEAD when the build starts (commits made meanwhile do not count)
     if root.exists() and not keep:
         shutil.rmtree(root)  # from scratch: nothing stale stays
     root.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def build(prompts: list[str], root: Path, config, keep: bool = False) -> None:
         with tempfile.TemporaryDirectory(prefix="dreamlift-example-") as tmp:
             run_dir = Path(tmp) / "run"
             record, preview = run_example(prompt, run_dir, copy.deepcopy(config))
-            facts = keep_example(prompt, record, preview, run_dir, out)
+            facts = keep_example(prompt, record, preview, run_dir, out, code)
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"  kept {out} ({size / 1e6:.2f} MB, the run took {facts['minutes']} min)", flush=True)
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
