@@ -12,6 +12,7 @@ from helpers import tiny_run_config
 def test_build_keeps_a_small_result_per_prompt_from_its_run_and_rebuilds_from_scratch(tmp_path):
     root = tmp_path / "results"
     (root / "stale").mkdir(parents=True)  # a result of an earlier build: gone after a rebuild
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()  # the code run
     build.build(["a red cube"], root, tiny_run_config())
     folder = root / "a-red-cube"
     assert sorted(p.name for p in root.iterdir()) == ["a-red-cube"]
@@ -21,7 +22,6 @@ def test_build_keeps_a_small_result_per_prompt_from_its_run_and_rebuilds_from_sc
     assert sum(p.stat().st_size for p in folder.iterdir()) <= build.MAX_EXAMPLE_BYTES
     assert (folder / "model.glb").read_bytes()[:4] == b"glTF"
     facts = json.loads((folder / "facts.json").read_text())
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert (facts["prompt"], facts["preset"], facts["seed"], facts["guidance"]) == ("a red cube", "quick", 0, "primitives")
     assert facts["commit"] == head and 0 < facts["seconds"] and abs(facts["minutes"] - facts["seconds"] / 60) < 0.06
     assert set(facts["stage_seconds"]) == {"coarse", "refine", "export"}
