@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app_queue import as_text
+
 ETA_MIN_STEPS = 10  # steps into a stage before a time-left estimate is shown (the first steps warm up)
 ETA_WINDOW = 0.5  # the share of the stage's steps so far (the latest ones) its rate is measured over
 PREVIEW_WIDTH = 768  # px the latest preview is enlarged to
@@ -93,6 +95,8 @@ class RunJob:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._status = StatusLine()
+        self._on_done: list = []  # callables run once the run ended (the line's bound follows the runs)
+        self.started_at: float | None = None  # time.monotonic() when it got the device (its first event not a wait)
         self.snapshot = Snapshot(run_id=run_dir.name, status="**Starting** · waiting for the device")
         context = contextvars.copy_context()  # Gradio's request context, which spaces.GPU reads on a Space
         self._thread = threading.Thread(target=context.run, args=(self._drive,), name=f"run-{run_dir.name}", daemon=True)
@@ -100,17 +104,34 @@ class RunJob:
 
     def cancel(self) -> None:
         """Stop the run within a step: in this process (the event) and in any other one that trains it (a file
-        in the run folder, which a ZeroGPU worker's stage loop checks)."""
+        in the run folder, which a ZeroGPU worker's stage loop checks). One still waiting for the device leaves
+        the line at once (its worker stops when it comes)."""
         from stages.runs import request_stop
 
         self._stop.set()
         request_stop(self.run_dir)
+        if self.started_at is None:
+            self._update(error="The run was removed from the queue.", done=True,
+                         status="**Removed from the queue**: the run had not started, so nothing was made.")
+            self._run_callbacks()
 
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def on_done(self, callback) -> None:
+        with self._cond:
+            if not self.snapshot.done:
+                self._on_done.append(callback)
+                return
+        callback()
+
+    def running_seconds(self) -> float:
+        return time.monotonic() - self.started_at if self.started_at is not None else 0.0
+
     def _update(self, **changes) -> None:
         with self._cond:
+            if self.snapshot.done:  # removed from the queue: what its worker reports later changes nothing
+                return
             for key, value in changes.items():
                 setattr(self.snapshot, key, value)
             self.snapshot.version += 1
@@ -123,6 +144,8 @@ class RunJob:
         try:
             for event in self._make_events(self.stopped):
                 last = event
+                if self.started_at is None and not (event.stage == "setup" and event.message.startswith("waiting")):
+                    self.started_at = time.monotonic()
                 changes = {"status": self._status(event)}
                 if event.preview is not None:
                     caption = f"{event.stage} step {event.step}"
@@ -137,22 +160,30 @@ class RunJob:
             self._update(error="The run was cancelled.", status=f"**Cancelled**{where}.", done=True)
         except Exception as exc:  # shown to the user as one line
             message = web_message(str(exc) or type(exc).__name__)
-            self._update(error=message, status=f"**Error:** {message}", done=True)
+            self._update(error=message, status=f"**Error:** {as_text(message)}", done=True)
         finally:
             if not self.snapshot.done:  # the generator ended without a "done" event
                 self._update(error="The run ended without a result.", status="**Error:** the run ended without a result.",
                              done=True)
+            self._run_callbacks()
 
-    def follow(self, poll: float = 1.0):
-        """Yield the snapshot now and after every change, until the run is done."""
-        version = -1
+    def _run_callbacks(self) -> None:
+        with self._cond:
+            callbacks, self._on_done = self._on_done, []
+        for callback in callbacks:
+            callback()
+
+    def follow(self, poll: float = 1.0, watch=None):
+        """Yield the snapshot now and after every change (or change of `watch()`, polled), until the run is done."""
+        version, seen = -1, None
         while True:
             with self._cond:
                 if self.snapshot.version == version:
                     self._cond.wait(timeout=poll)
                 snap = Snapshot(**vars(self.snapshot))
-            if snap.version != version:
-                version = snap.version
+            watched = watch() if watch is not None else None
+            if snap.version != version or watched != seen:
+                version, seen = snap.version, watched
                 yield snap
             if snap.done:
                 return
@@ -165,6 +196,7 @@ class Runs:
         self.keep = keep
         self._jobs: dict[str, RunJob] = {}
         self._lock = threading.Lock()
+        self.on_change = None  # called when a run is added or ends (app_queue.Line.sync)
 
     def add(self, job: RunJob) -> None:
         with self._lock:
@@ -172,6 +204,18 @@ class Runs:
             for run_id in list(self._jobs)[:-self.keep]:
                 if self._jobs[run_id].snapshot.done:
                     del self._jobs[run_id]
+        if self.on_change is not None:
+            self.on_change()
+            job.on_done(self.on_change)
+
+    def unfinished(self) -> list[RunJob]:
+        """The runs not ended yet, oldest first: the first has the device (or gets it next), the others wait for it."""
+        with self._lock:
+            return [job for job in self._jobs.values() if not job.snapshot.done]
+
+    def jobs(self) -> list[RunJob]:
+        with self._lock:
+            return list(self._jobs.values())
 
     def get(self, run_id: str) -> RunJob | None:
         with self._lock:
@@ -197,7 +241,8 @@ class Runs:
             message = "this run was interrupted when the server stopped; start it again"
         else:
             message = web_message(record.get("error") or status or "the run did not finish")
-        return Snapshot(run_id=run_id, status=f"**{str(status).capitalize()}:** {message}", error=message, done=True)
+        return Snapshot(run_id=run_id, status=f"**{as_text(str(status).capitalize())}:** {as_text(message)}",
+                        error=message, done=True)
 
 
 def wait_until(condition, timeout: float, step: float = 0.05):

@@ -276,6 +276,9 @@ def load_library(config: LibraryConfig, cache: Path | None = None, log=print) ->
                 return data
         except Exception as exc:  # a truncated or foreign file: rebuild it
             log(f"primitives prior: cache {path} unreadable ({exc}); rebuilding")
+    renders = len(SHAPES) * len(PRIOR_VIEW_WORDS) * config.renders_per_view
+    log(f"primitives prior: rendering a library of {renders} images at {config.resolution} px (once per machine; "
+        f"cached in {folder}) ...")
     start = time.perf_counter()
     data = build_library(config)
     folder.mkdir(parents=True, exist_ok=True)

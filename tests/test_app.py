@@ -27,7 +27,7 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
     outputs = list(job)
     assert outputs, "no streamed outputs"
     final = job.result()
-    gallery, status, model, files, latest, run_id = final  # (the API leaves out the Generate button's state)
+    gallery, status, model, files, latest, run_id, turntable = final  # (the API leaves out the Generate button's state)
     captions = _captions(gallery)[::-1]  # the gallery shows the newest first
     stages = [c.split()[0] for c in captions]
     assert "coarse" in stages and "refine" in stages
@@ -36,6 +36,9 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
     assert (out / run_id / "run.json").is_file()
     assert latest and Path(latest).is_file()  # the latest preview, enlarged
     assert model and model.endswith("model.glb")
+    video = turntable.get("video", turntable) if isinstance(turntable, dict) else turntable  # the turntable is offered
+    video = video.get("path") if isinstance(video, dict) else video
+    assert video and Path(video).name == "turntable.mp4" and Path(video).stat().st_size > 0
     scene = trimesh.load(model)
     assert sum(len(g.faces) for g in scene.geometry.values()) > 0
     paths = [f if isinstance(f, str) else f.get("path") for f in files]
@@ -59,6 +62,8 @@ def test_generate_streams_previews_of_both_stages_then_the_model(server):
         (dict(prompt=""), "empty"),
         (dict(prompt="a ceramic teapot"), "vocabulary"),
         (dict(prompt="a red cube", preset="turbo"), "quick"),  # Gradio lists the choices
+        (dict(prompt="a red cube", preset="standard"), "GPU preset"),  # hours on this CPU: refused, naming quick
+        (dict(prompt="a red cube", preset="high"), "choose quick"),
         (dict(prompt="a red cube", guidance="dall-e"), "primitives"),
         (dict(prompt="a red cube", seed=-4), "seed"),
         (dict(prompt="a red cube", seed="abc"), "seed"),

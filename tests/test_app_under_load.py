@@ -217,3 +217,69 @@ def test_many_clients_queue_in_order_overflow_is_refused_and_nothing_is_mixed_up
           f"after {len(records) + 2} more {rss / 1e6:.0f} MB")
     assert rss <= bound
     assert server.proc.poll() is None
+
+
+# ---- pages that go away --------------------------------------------------------------------------
+PAGE = """import sys, time
+from gradio_client import Client
+job = Client(sys.argv[1], verbose=False).submit(prompt=sys.argv[2], seed=int(sys.argv[3]), coarse_iters=int(sys.argv[4]),
+                                                 preset="quick", guidance="primitives", stop_after="coarse",
+                                                 api_name="/generate")
+while not job.outputs():
+    time.sleep(0.05)
+print(job.outputs()[-1][1], flush=True)
+time.sleep(600)
+"""
+
+
+def _cancel(server, run_id: str) -> str:
+    """The Cancel button (unqueued, so a full line cannot refuse it), called as the browser does; its status."""
+    response = httpx.post(server.url + "gradio_api/run/cancel", json={"data": [run_id], "session_hash": "test"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["data"][0]
+
+
+def _leaving_page(server, prompt, seed, coarse_iters) -> str:
+    """A page that starts a run, sees its first status and goes away (closed, reloaded); its status."""
+    page = subprocess.Popen([sys.executable, "-c", PAGE, server.url, prompt, str(seed), str(coarse_iters)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        return page.stdout.readline()
+    finally:
+        page.kill()
+        page.wait()
+
+
+def test_pages_that_leave_never_let_more_runs_wait_than_the_queue_size(server):
+    from gradio_client.utils import QueueError
+
+    # 1. A long run whose page goes away: the run keeps the device, Gradio's slot is free.
+    _leaving_page(server, "a red cube", 801, 20000)
+    running = _wait(lambda: next((p for p, r in server.runs().items() if r["seed"] == 801), None), 60, "the run to start")
+    clients = [server.client() for _ in range(QUEUE_SIZE + 1)]
+    # 2. The next page's run takes the free slot and waits for the device: it is told its place.
+    first = clients[0].submit(prompt="a blue sphere", seed=802, coarse_iters=1, api_name="/generate", **RUN)
+    _wait(lambda: any("in line" in str(o[1]) for o in first.outputs()), 30, "the next run's place in line")
+    status = next(str(o[1]) for o in first.outputs() if "in line" in str(o[1]))
+    assert status.startswith("**1st in line**") and "1 running" in status, status
+    run_id = next(o[5] for o in first.outputs() if o[5])
+    # 3. It counts against the bound: with it, QUEUE_SIZE - 1 more may wait in Gradio's queue, the rest are refused.
+    queued = [c.submit(prompt="a green cone", seed=803 + i, coarse_iters=1, api_name="/generate", **RUN)
+              for i, c in enumerate(clients[1:QUEUE_SIZE])]
+    _wait(lambda: all(j.status().code.name == "IN_QUEUE" for j in queued), 30, "the others to queue")
+    extra = clients[QUEUE_SIZE].submit(prompt="a pink cube", seed=899, coarse_iters=1, api_name="/generate", **RUN)
+    _wait(extra.done, 30, "the run over the bound to be refused")
+    assert isinstance(extra.exception(), QueueError) and "queue is full" in str(extra.exception()).lower()
+    assert f"queue is full: {QUEUE_SIZE} runs are waiting (the limit is {QUEUE_SIZE})" in _precheck(server, "a red cube")
+    assert not [r for r in server.runs().values() if r["seed"] == 899]
+    # 4. Cancelling the run that waits for the device takes it out of the line at once.
+    text = _cancel(server, run_id)
+    assert text.startswith("**Removed from the queue**"), text
+    _wait(lambda: _precheck(server, "a red cube") == "", 10, "room in the line after the cancel")
+    # 5. The run whose page left is stopped by its id; the queued runs then finish one at a time.
+    text = _cancel(server, running.name)
+    assert "Cancelled" in text, text
+    for job in queued:
+        record = json.loads((run_dir_from_status(job.result(timeout=240)[1], server.out) / "run.json").read_text())
+        assert record["status"] == "finished"
+    assert server.proc.poll() is None

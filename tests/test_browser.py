@@ -43,9 +43,15 @@ WAIT = 120  # seconds any one awaited page state may take (a bound, not a timing
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
+    from examples.build import build
+    from helpers import tiny_run_config
+
     out = tmp_path_factory.mktemp("browser-outputs")
+    examples = tmp_path_factory.mktemp("examples")
+    build(["a red cube"], examples, tiny_run_config())  # a ready-made result, made as examples/build.py makes them
     port = free_port()
-    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False",
+               DREAMLIFT_EXAMPLES_DIR=str(examples))
     args = [sys.executable, "app.py", "--port", str(port)]
     for item in TINY_SETTINGS:
         args += ["--set", item]
@@ -119,6 +125,10 @@ def _generate(driver, prompt: str, seed: str = "0") -> None:
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
 
 
+def _prompt(driver) -> str:
+    return driver.find_element(By.CSS_SELECTOR, "#prompt textarea, #prompt input").get_attribute("value")
+
+
 def _run_id(driver) -> str:
     return (parse_qs(urlparse(driver.current_url).query).get("run") or [""])[0]
 
@@ -130,7 +140,9 @@ def _status_and_progress_displays(driver) -> tuple[str, int]:
     stage that ended in between paired its last step's status with the next stage's page (no bar).
     """
     status, count = driver.execute_script("""
-        const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== "hidden";
+        const clear = e => { for (; e; e = e.parentElement) { if (getComputedStyle(e).opacity === "0") return true; } return false; };
+        // (Gradio keeps a hidden event's tracker in the page at opacity 0: the page's timer ticks every few seconds.)
+        const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== "hidden" && !clear(e);
         const bars = [...document.querySelectorAll("progress, .progress-bar")].filter(shown);
         const texts = [...document.querySelectorAll(".progress-text, .eta-bar, .meta-text, .meta-text-center")]
             .filter(e => shown(e) && e.textContent.trim());
@@ -200,6 +212,10 @@ def test_a_tiny_run_shows_one_progress_display_then_the_model_and_its_downloads(
         assert sorted(z.namelist()) == ["model.mtl", "model.obj", "texture_kd.png"]
     assert not [b for b in browser.find_elements(By.CSS_SELECTOR, "#downloads button") if b.is_displayed()]
     assert browser.find_element(By.CSS_SELECTOR, "#generate").text == "Generate"
+    video = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#turntable video[src]"), "the turntable video")
+    assert httpx.get(video[0].get_attribute("src"), timeout=30).status_code == 200
+    recent = _until(lambda: browser.find_elements(By.CSS_SELECTOR, f"#server a[href*='run={run_id}']"), "the recent runs")
+    assert recent[0].text == "a red cube" and "finished" in browser.find_element(By.ID, "server").text
 
 
 def test_a_reload_mid_run_finds_the_run_and_it_finishes(app_url, browser):
@@ -227,6 +243,7 @@ def test_a_reload_mid_run_finds_the_run_and_it_finishes(app_url, browser):
     record = json.loads((out / run_id / "run.json").read_text())
     assert record["status"] == "finished" and record["config"]["coarse"]["iters"] == 60 and record["seed"] == 7
     assert _run_id(browser) == run_id
+    assert _prompt(browser) == "a blue torus"  # the reopened run fills the prompt box
 
 
 def test_cancel_with_no_run_going_says_so_and_an_unknown_run_id_is_named(app_url, browser):
@@ -238,3 +255,75 @@ def test_cancel_with_no_run_going_says_so_and_an_unknown_run_id_is_named(app_url
     _open(browser, url + "?run=20990101-000000-no-such-run")
     status = _until(lambda: "No run" in _status(browser) and _status(browser), "the unknown run to be named")
     assert "20990101-000000-no-such-run" in status
+
+
+def test_an_example_shows_its_ready_made_model_at_once(app_url, browser):
+    url, out, _ = app_url
+    _open(browser, url)
+    before = sorted(out.iterdir())
+    sample = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#examples button") if b.text == "a red cube")
+    start = time.monotonic()
+    sample.click()
+    _until(lambda: "Ready-made result" in _status(browser), f"the example's status (shown: {_status(browser)!r})", timeout=20)
+    status_seconds = time.monotonic() - start
+    canvas = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#viewer canvas"), "the viewer", timeout=20)
+
+    def drawn():
+        image = Image.open(io.BytesIO(canvas[0].screenshot_as_png)).convert("RGB")
+        return sum(1 for p in image.getdata() if min(p) < 200) / (image.width * image.height) > 0.01
+
+    _until(drawn, "the example's model in the viewer", timeout=20)
+    seconds = time.monotonic() - start
+    print(f"example click to its status: {status_seconds:.2f} s, to its model drawn in the viewer: {seconds:.2f} s")
+    assert status_seconds < 2.0, status_seconds
+    assert seconds < 5.0, seconds  # the viewer's WebGL in software Chromium, on 2 shared cores
+    status = _status(browser)
+    assert "quick preset" in status and "seed 0" in status and "Generate" in status, status
+    assert _prompt(browser) == "a red cube" and not _run_id(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, "#turntable video[src]")
+    assert {a.get_attribute("download") for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a.download-link")} \
+        >= {"model.glb"}
+    _shot(browser, "example.png")
+    assert sorted(out.iterdir()) == before  # nothing ran
+
+
+def test_the_visitors_text_shows_as_text_in_the_error_line(app_url, browser):
+    url, _, _ = app_url
+    _open(browser, url)
+    prompt = '<img src=x id=injected> <script>window.hit=1</script> *bold*'
+    _generate(browser, prompt)
+    status = _until(lambda: "Error" in _status(browser) and _status(browser), "the error line")
+    assert "<img src=x id=injected>" in status and "<script>window.hit=1</script>" in status and "*bold*" in status
+    assert not browser.find_elements(By.CSS_SELECTOR, "#status img, #injected")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#status script")
+
+
+def test_a_second_tab_sees_the_device_busy_its_place_in_line_and_a_cancel_that_removes_it(app_url, browser):
+    url, _, _ = app_url
+    _open(browser, url)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]").is_displayed())
+    steps = browser.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]")
+    steps.clear()
+    steps.send_keys("3000", Keys.TAB)  # holds the device while the second tab looks
+    _generate(browser, "a green sphere", seed="11")
+    _until(lambda: " step " in _status(browser) and _run_id(browser), "the first tab's run to train")
+    first_tab = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    try:
+        _open(browser, url)
+        busy = _until(lambda: "busy" in _status(browser) and _status(browser), "a fresh page to say the device is busy")
+        assert not busy.startswith("Ready") and "1 run going" in busy, busy
+        _shot(browser, "busy.png")
+        _generate(browser, "a yellow cone", seed="12")
+        place = _until(lambda: "in line" in _status(browser) and _status(browser), "the queued page's place")
+        assert place.startswith("1st in line") and "1 running" in place, place
+        _shot(browser, "queued.png")
+        browser.find_element(By.CSS_SELECTOR, "#cancel").click()
+        removed = _until(lambda: "Removed from the queue" in _status(browser) and _status(browser), "the cancel's answer")
+        assert "nothing was made" in removed
+    finally:
+        browser.close()
+        browser.switch_to.window(first_tab)
+    browser.find_element(By.CSS_SELECTOR, "#cancel").click()
+    _until(lambda: "Cancelled" in _status(browser), "the first run to stop")

@@ -7,8 +7,10 @@ Low to high:
   1. guidance: the 2D models SDS distils (uses renderers: cameras, the prior's library renders)
   2. stages: the run's configuration, plan, stages and pipeline
   3. batch (Ray), bench (benchmarks): built on the stages, not on each other
-  4. app_support, app_gpu: what the Gradio app needs beyond its handlers (app_gpu: where a run gets its GPU)
-  5. app, generate: the entry points
+  4. app_gpu, app_queue, app_warmup: what the Gradio app needs beyond its handlers (where a run gets its
+     GPU, the line of runs, the prior's libraries loaded at start)
+  5. app_support: the runs that outlive their page and the status line (uses the line's text helpers)
+  6. app, generate: the entry points
 Imports inside functions count as much as those at the top of a file.
 """
 import ast
@@ -21,7 +23,7 @@ from tests.helpers import ROOT
 
 LAYERS = {
     "renderers": 0, "geometry": 0, "guidance": 1, "stages": 2, "batch": 3, "bench": 3,
-    "app_support": 4, "app_gpu": 4, "app": 5, "generate": 5,
+    "app_gpu": 4, "app_queue": 4, "app_warmup": 4, "app_support": 5, "app": 6, "generate": 6,
 }
 NOT_PRODUCT = {"tests", "docs", "examples", "shared"}  # folders of the checkout that are not importable code
 
