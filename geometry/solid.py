@@ -103,8 +103,8 @@ def clean_sdf(
     tunnel: int = FILL_TUNNEL,  # cavities joined to the outside only through passages this narrow are filled too (grid cells)
     keep_open: Tensor | None = None,  # [X, Y, Z] bool, outside vertices the tunnel rule never fills (carved holes, open space)
 ) -> Tensor:  # [X, Y, Z]
-    """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to -1,
-    `enclosed`) and flip the sign of isolated vertices (`isolated`:
+    """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to minus half
+    their distance, `enclosed`) and flip the sign of isolated vertices (`isolated`:
     one-vertex spikes, pits and bubbles, set to -sdf / 2).
 
     Components use the tets' own connectivity (`KUHN_STRUCTURE`), so what is
@@ -121,7 +121,9 @@ def clean_sdf(
     flip = isolated(inside, ISOLATED_SAME)
     drop, fill, flip = (torch.from_numpy(mask).to(sdf.device) for mask in (drop, fill, flip))
     sdf = torch.where(drop, torch.ones_like(sdf), sdf)
-    sdf = torch.where(fill, -torch.ones_like(sdf), sdf)
+    # Filled vertices cross to just inside (their distance mirrored and halved, as a flip): a hard -1 pushed
+    # the surface a cell out around each filled dent, which left the faces of a cube pitted and bumpy.
+    sdf = torch.where(fill, -(0.5 * sdf.abs()).clamp(min=1e-3), sdf)
     return torch.where(flip, -0.5 * sdf, sdf)
 
 

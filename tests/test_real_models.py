@@ -105,7 +105,7 @@ def test_app_runs_stable_diffusion_twice_then_deepfloyd_if_in_one_server(folders
         for prompt, name, model_id in runs:
             result = client.predict(prompt=prompt, preset="quick", seed=0, guidance=name, model_id=model_id,
                                     api_name="/generate")
-            gallery, status, model, files, latest, run_id = result
+            gallery, status, model, files, latest, run_id = result[:6]
             assert "Done" in status, status
             record = json.loads((tmp_path / run_id / "run.json").read_text())
             assert record["status"] == "finished" and record["guidance"] == name and record["prompt"] == prompt

@@ -131,6 +131,19 @@ def test_isolated_sign_flips_are_undone():
     assert torch.equal(cleaned < 0, torch.from_numpy(expected))
 
 
+def test_filled_space_crosses_just_inside_so_a_filled_dent_leaves_no_bump():
+    inside = np.zeros((12, 12, 12), dtype=bool)
+    inside[2:10, 2:10, 2:10] = True  # a cube of vertices
+    inside[5:7, 5:7, 4:7] = False  # a narrow closed pocket inside it
+    sdf = torch.where(torch.from_numpy(inside), -0.4, 0.2)
+    cleaned = clean_sdf(sdf, min_component=None, tunnel=0)
+    pocket = torch.zeros_like(cleaned, dtype=torch.bool)
+    pocket[5:7, 5:7, 4:7] = True
+    assert (cleaned[pocket] < 0).all()  # filled
+    torch.testing.assert_close(cleaned[pocket], torch.full_like(cleaned[pocket], -0.1))  # mirrored and halved, not -1
+    assert torch.equal(cleaned[~pocket], sdf[~pocket])
+
+
 def _sphere(radius, subdivisions=3, inward=False, offset=(0.0, 0.0, 0.0)):
     mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
     if inward:
