@@ -289,7 +289,7 @@ def show_example(sample):
     prompt = sample[0] if isinstance(sample, (list, tuple)) else sample
     found = ready.load(prompt, default_guidance())
     if found is None:  # no ready-made result for this guidance model: fill the prompt only
-        return (prompt,) + (gr.skip(),) * 9
+        return (prompt,) + (gr.skip(),) * 8
     facts = found["facts"]
     status = (f"**Ready-made result** of “{as_text(prompt)}”: made by this product's {facts.get('preset')} preset, "
               f"seed {facts.get('seed')}, in {duration(facts.get('seconds') or 0)} on {facts.get('device')} "
@@ -298,7 +298,7 @@ def show_example(sample):
     gallery = [(found["preview"], "the run's last preview")] + (
         [(found["strip"], "turntable frames")] if "strip" in found else [])
     return (prompt, gallery, status, found["glb"], files, enlarge(read_image(found["preview"])), "",
-            gr.update(value="Generate", interactive=True), found["turntable"], found["glb"])
+            gr.update(value="Generate", interactive=True), found["turntable"])
 
 
 def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Blocks:
@@ -385,18 +385,18 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         event = check.success(generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_limit=1,
                               show_progress="hidden")
         check.success(queued, outputs=[viewer, status, run_btn, turntable], queue=False, api_visibility="undocumented")
+        # The one way into the viewer: the hidden model's changes (intermediate models, the final one, an example,
+        # a reloaded run). A second setter of the same path at the same time left the viewer without its canvas.
         model.change(lambda path: path, inputs=[model], outputs=[viewer], queue=False, show_progress="hidden",
                      api_visibility="undocumented")
-        event.success(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
         # A reload (or a second tab) with ?run=ID follows that run: still going, or its result.
         load = demo.load(follow, outputs=outputs + [prompt], concurrency_limit=None, show_progress="hidden",
                          api_visibility="undocumented")
-        load.then(lambda path: path, inputs=[model], outputs=[viewer], queue=False, api_visibility="undocumented")
         run_id.change(None, inputs=[run_id], js=URL_JS, queue=False, api_visibility="undocumented")
         # Unqueued: a full line (Gradio's bound lowered by the runs waiting for the device) must not refuse a cancel.
         cancel_btn.click(cancel, inputs=[run_id], outputs=[status, run_btn], cancels=[event, load], queue=False,
                          api_visibility="undocumented", show_progress="hidden")
-        examples.click(show_example, inputs=[examples], outputs=[prompt, *outputs, viewer], queue=False,
+        examples.click(show_example, inputs=[examples], outputs=[prompt, *outputs], queue=False,
                        show_progress="hidden", api_visibility="undocumented")
         timer = gr.Timer(TICK_SECONDS)
         timer.tick(tick, inputs=[server, status], outputs=[status, server], queue=False, show_progress="hidden",

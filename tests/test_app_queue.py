@@ -142,8 +142,8 @@ def test_an_example_shows_its_ready_made_result_or_only_fills_the_prompt(tmp_pat
     monkeypatch.setattr(ready, "RESULTS", tmp_path)
     monkeypatch.setattr(app, "default_guidance", lambda: "primitives")
     shown = app.show_example(["a red cube"])
-    prompt, gallery, status, model, files, latest, run_id, button, video, viewer = shown
-    assert prompt == "a red cube" and model == viewer == str(folder / "model.glb") and files == [model]
+    prompt, gallery, status, model, files, latest, run_id, button, video = shown  # the viewer follows the model
+    assert prompt == "a red cube" and model == str(folder / "model.glb") and files == [model]
     assert "Ready-made result" in status and "2 min 31 s" in status and "0123456" in status and "Generate" in status
     assert video.endswith("turntable.mp4") and latest.shape[1] >= 512 and len(gallery) == 2 and run_id == ""
     monkeypatch.setattr(app, "default_guidance", lambda: "stable-diffusion")  # made with another model: prompt only
