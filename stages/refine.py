@@ -56,7 +56,7 @@ class RefineConfig:
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
     deform_scale: float = 0.25  # largest vertex deformation per axis, fraction of a grid cell (geometry.dmtet.MAX_SAFE_DEFORM rules out folded tets; not the default: bench/RESULTS.md)
     fill_tunnel: int = 2  # space reached from outside only through passages about 2 * this + 1 grid vertices wide is filled (0 = only closed cavities)
-    fill_every: int = 25  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
+    fill_every: int = 0  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
     lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
     lr_deform: float = 1e-2  # Adam learning rate of the deformation (pre-tanh, so scale-free)
     lr_color: float = 1e-3  # Adam learning rate of the copied colour field; 0 = frozen texture

@@ -105,7 +105,11 @@ def _shot(driver, name: str) -> None:
 
 
 def _status(driver) -> str:
-    return driver.execute_script("const e = document.getElementById('status'); return e ? e.innerText : '';")
+    """The status line's text, without the text of the progress tracker Gradio keeps inside it (at opacity 0)."""
+    return driver.execute_script("""
+        const e = document.getElementById('status');
+        if (!e) { return ''; }
+        return [...e.children].filter(c => c.dataset.testid !== 'status-tracker').map(c => c.innerText).join('\\n').trim();""")
 
 
 def _open(driver, url: str) -> None:

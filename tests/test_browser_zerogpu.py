@@ -78,8 +78,9 @@ def test_a_run_on_a_zerogpu_space_finishes_in_the_page_and_a_cancel_stops_the_ne
     assert len(calls) == 2 and all(0 < c["seconds"] <= 300 for c in calls)
 
     # A longer run, cancelled in its coarse stage: the worker process stops, and the page says where.
-    browser.find_element(By.CSS_SELECTOR, "#advanced").click()
-    steps = browser.find_element(By.CSS_SELECTOR, "#coarse-steps input[type=number]")
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    steps = _until(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "#coarse-steps input[type=number]")
+                            if e.is_displayed()], "the advanced settings to open")[0]
     steps.clear()
     steps.send_keys("3000")
     _generate(browser, "a blue sphere")
