@@ -99,11 +99,6 @@ class CallCost:
     def seconds(self) -> float:
         return self.steps + self.overhead
 
-    @property
-    def high(self) -> float:
-        """The upper end of the estimate: what a host that kills a call past its request must be asked for."""
-        return self.seconds * UNCERTAINTY
-
 
 def stage_calls(config, card: Card, latent: bool = True) -> list[CallCost]:
     """The GPU calls of a run of `config` (a whole `stages.config.Config`): one per SDS stage it trains."""
@@ -116,6 +111,6 @@ def stage_calls(config, card: Card, latent: bool = True) -> list[CallCost]:
     return calls
 
 
-def run_gpu_seconds(config, card: Card, latent: bool = True, with_overhead: bool = False) -> float:
-    """A whole run's GPU seconds (the export runs on the CPU); the model loads left out unless asked."""
-    return sum(c.seconds if with_overhead else c.steps for c in stage_calls(config, card, latent))
+def run_gpu_seconds(config, card: Card, latent: bool = True) -> float:
+    """A whole run's GPU seconds of steps (the export runs on the CPU; calls' starts and model loads left out)."""
+    return sum(c.steps for c in stage_calls(config, card, latent))
