@@ -5,7 +5,7 @@ by position first, as an importer's merge by distance would.
 - shells: connected pieces, and how many of them are closed;
 - self-intersections: pairs of faces that share no vertex and cross each other;
 - flat faces (base, cap): the surface's lowest (base) or highest (cap) point along vertical lines over
-  the inner FLAT_INNER of the face's true footprint, against the face's true plane (as `base_gap`):
+  the inner FLAT_INNER of the face's true footprint (a square one in the object's own heading), against the face's true plane (as `base_gap`):
   `pit` is how far the deepest point lies inside it, `bulge` how far the farthest point sticks out;
   a line that misses the mesh (a hole) counts as a pit as deep as the object is tall;
 - cavity share: 1 - mesh volume / filled volume, on a CAVITY_RESOLUTION^3 occupancy grid whose
@@ -134,9 +134,21 @@ def _extreme_heights(solid: trimesh.Trimesh, centre: np.ndarray, half: float, fr
     return np.where(rast[0, ..., 3].numpy() > 0, z, np.nan)
 
 
+def square_heading(solid: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The mesh turned about z so that its smallest-area bounding rectangle seen from above is axis-aligned
+    (a square footprint is measured in the object's own heading, which SDS leaves free)."""
+    v = np.asarray(solid.vertices)
+    transform, _ = trimesh.bounds.oriented_bounds_2D(v[:, :2])
+    turned = v.copy()
+    turned[:, :2] = v[:, :2] @ transform[:2, :2].T
+    return trimesh.Trimesh(turned, np.asarray(solid.faces), process=False)
+
+
 def flat_faces(solid: trimesh.Trimesh, shape: str) -> dict:
     """Per flat face of the shape: `{face}_pit` and `{face}_bulge` (see the module docstring); {} for other shapes."""
     out = {}
+    if any(kind == "square" for _, _, kind, _ in FLAT_FACES.get(shape, ())):
+        solid = square_heading(solid)
     v = np.asarray(solid.vertices)
     centre = (v.min(0) + v.max(0)) / 2
     height = float(v[:, 2].max() - v[:, 2].min())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -281,6 +282,7 @@ class DMTet(nn.Module):
         self.register_buffer("boundary", boundary)  # [V] bool, vertices on the faces of the box
         self.register_buffer("sdf_init", sdf.clone())
         self.register_buffer("open_space", sdf > 0)  # [V] bool, outside at the start: `solidify` fills no tunnel there
+        self.views = None  # [D, 3] numpy directions toward the training cameras: `solidify` fills what none sees
         self.sdf = nn.Parameter(torch.zeros_like(sdf))  # [V] learned SDF change, before smoothing
         self.deform = nn.Parameter(torch.zeros_like(grid_verts))  # [V, 3], pre-tanh
 
@@ -301,7 +303,8 @@ class DMTet(nn.Module):
         to open cavities, so the stage calls this every so often."""
         n = self.resolution + 1
         current = self.signed_distance().view(n, n, n)
-        cleaned = clean_sdf(current, min_component=None, tunnel=tunnel, keep_open=self.open_space.view(n, n, n))
+        cleaned = clean_sdf(current, min_component=None, tunnel=tunnel, keep_open=self.open_space.view(n, n, n),
+                            views=self.views, cell=self.cell_size)
         changed = (cleaned < 0) != (current < 0)
         self.sdf_init.add_((cleaned - current).reshape(-1))
         return int(changed.sum())
@@ -325,6 +328,7 @@ def initial_sdf(
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
+    views: np.ndarray | None = None,  # [D, 3] `clean_sdf`: directions toward the training cameras; None = no unseen fill
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """The grid fitted to the field's object and its SDF there: (grid verts [V, 3], tets [T, 4],
     sdf [V], cell size [3], threshold). The SDF is smoothed (sub-cell noise of the coarse field
@@ -337,17 +341,17 @@ def initial_sdf(
     lo, hi, level = occupied_box(field, threshold, margin, chunk_size, device, opacity)
     verts, tets = make_tet_grid(grid_resolution, lo, hi, device=device)
     n = grid_resolution + 1
+    cell = (torch.tensor(hi, device=device) - torch.tensor(lo, device=device)) / grid_resolution
     if level > 0:
         density = _query_density(field, verts, chunk_size).view(n, n, n)
         sdf = density_to_sdf(density, level)
         maps = axis_opacity(density, [(h - l) / grid_resolution for l, h in zip(lo, hi)])
         holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
         sdf = torch.where(holes, torch.ones_like(sdf), sdf)
-        sdf = clean_sdf(smooth_grid(sdf, smoothing), tunnel=tunnel, keep_open=holes)
+        sdf = clean_sdf(smooth_grid(sdf, smoothing), tunnel=tunnel, keep_open=holes, views=views, cell=cell)
     else:  # no ray through the field becomes opaque: nothing to extract
         sdf = torch.ones(n, n, n, device=device, dtype=verts.dtype)
     sdf[[0, -1]], sdf[:, [0, -1]], sdf[:, :, [0, -1]] = 1.0, 1.0, 1.0
-    cell = (torch.tensor(hi, device=device) - torch.tensor(lo, device=device)) / grid_resolution
     return verts, tets, sdf.reshape(-1), cell.to(verts.dtype), level
 
 
@@ -363,11 +367,15 @@ def dmtet_from_field(
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
+    views: np.ndarray | None = None,  # [D, 3] `clean_sdf`: directions toward the training cameras; None = no unseen fill
 ) -> tuple[DMTet, float]:
-    """A DMTet whose initial surface is `extract_mesh(field, ...)` with the same settings, and the level used."""
+    """A DMTet whose initial surface is `extract_mesh(field, ...)` with the same settings, and the level used;
+    its `solidify` fills what `views` do not see as well."""
     verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device,
-                                                opacity, tunnel)
-    return DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing), level
+                                                opacity, tunnel, views)
+    dmtet = DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing)
+    dmtet.views = views
+    return dmtet, level
 
 
 def extract_mesh(
@@ -380,9 +388,11 @@ def extract_mesh(
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
+    views: np.ndarray | None = None,  # [D, 3] `clean_sdf`: directions toward the training cameras; None = no unseen fill
 ) -> tuple[Tensor, Tensor]:  # (verts [M, 3], faces [F, 3] long), both empty when the field has no surface
     """The field's density level set by marching tetrahedra, without training: the mesh of a run
     stopped after the coarse stage, and the "before refinement" baseline."""
-    verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity, tunnel)
+    verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity, tunnel,
+                                       views)
     result = marching_tets_full(verts, tets, sdf)
     return result.verts.detach(), result.faces
