@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 from geometry.silhouettes import axis_opacity, silhouette_holes
 from geometry.solid import FILL_TUNNEL, clean_sdf  # noqa: F401 (clean_sdf stays importable from here)
 from geometry.tets import MarchingResult, make_tet_grid, marching_tets_full
+from geometry.visibility import CameraBand
 
 PROBE_RESOLUTION = 64  # cells per axis of the probe grid that finds the occupied box and the level
 NUM_LEVELS = 49  # candidate levels of auto_threshold, log-spaced ...
@@ -282,7 +282,7 @@ class DMTet(nn.Module):
         self.register_buffer("boundary", boundary)  # [V] bool, vertices on the faces of the box
         self.register_buffer("sdf_init", sdf.clone())
         self.register_buffer("open_space", sdf > 0)  # [V] bool, outside at the start: `solidify` fills no tunnel there
-        self.views = None  # [D, 3] numpy directions toward the training cameras: `solidify` fills what none sees
+        self.cameras = None  # geometry.solid.CameraBand of the training cameras: `solidify` fills what none sees
         self.sdf = nn.Parameter(torch.zeros_like(sdf))  # [V] learned SDF change, before smoothing
         self.deform = nn.Parameter(torch.zeros_like(grid_verts))  # [V, 3], pre-tanh
 
@@ -304,7 +304,7 @@ class DMTet(nn.Module):
         n = self.resolution + 1
         current = self.signed_distance().view(n, n, n)
         cleaned = clean_sdf(current, min_component=None, tunnel=tunnel, keep_open=self.open_space.view(n, n, n),
-                            views=self.views, cell=self.cell_size)
+                            cameras=self.cameras, cell=self.cell_size, origin=self.grid_verts[0])
         changed = (cleaned < 0) != (current < 0)
         self.sdf_init.add_((cleaned - current).reshape(-1))
         return int(changed.sum())
@@ -328,7 +328,7 @@ def initial_sdf(
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
-    views: np.ndarray | None = None,  # [D, 3] `clean_sdf`: directions toward the training cameras; None = no unseen fill
+    cameras: CameraBand | None = None,  # `clean_sdf`: where the training cameras are; None = no unseen fill
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """The grid fitted to the field's object and its SDF there: (grid verts [V, 3], tets [T, 4],
     sdf [V], cell size [3], threshold). The SDF is smoothed (sub-cell noise of the coarse field
@@ -348,7 +348,8 @@ def initial_sdf(
         maps = axis_opacity(density, [(h - l) / grid_resolution for l, h in zip(lo, hi)])
         holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
         sdf = torch.where(holes, torch.ones_like(sdf), sdf)
-        sdf = clean_sdf(smooth_grid(sdf, smoothing), tunnel=tunnel, keep_open=holes, views=views, cell=cell)
+        sdf = clean_sdf(smooth_grid(sdf, smoothing), tunnel=tunnel, keep_open=holes, cameras=cameras, cell=cell,
+                        origin=verts[0])
     else:  # no ray through the field becomes opaque: nothing to extract
         sdf = torch.ones(n, n, n, device=device, dtype=verts.dtype)
     sdf[[0, -1]], sdf[:, [0, -1]], sdf[:, :, [0, -1]] = 1.0, 1.0, 1.0
@@ -367,14 +368,14 @@ def dmtet_from_field(
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
-    views: np.ndarray | None = None,  # [D, 3] `clean_sdf`: directions toward the training cameras; None = no unseen fill
+    cameras: CameraBand | None = None,  # `clean_sdf`: where the training cameras are; None = no unseen fill
 ) -> tuple[DMTet, float]:
     """A DMTet whose initial surface is `extract_mesh(field, ...)` with the same settings, and the level used;
-    its `solidify` fills what `views` do not see as well."""
+    its `solidify` fills what the `cameras` do not see as well."""
     verts, tets, sdf, cell, level = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device,
-                                                opacity, tunnel, views)
+                                                opacity, tunnel, cameras)
     dmtet = DMTet(grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing)
-    dmtet.views = views
+    dmtet.cameras = cameras
     return dmtet, level
 
 
@@ -388,11 +389,11 @@ def extract_mesh(
     device=None,  # None = the field's device
     opacity: float | None = None,  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL,  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
-    views: np.ndarray | None = None,  # [D, 3] `clean_sdf`: directions toward the training cameras; None = no unseen fill
+    cameras: CameraBand | None = None,  # `clean_sdf`: where the training cameras are; None = no unseen fill
 ) -> tuple[Tensor, Tensor]:  # (verts [M, 3], faces [F, 3] long), both empty when the field has no surface
     """The field's density level set by marching tetrahedra, without training: the mesh of a run
     stopped after the coarse stage, and the "before refinement" baseline."""
     verts, tets, sdf, _, _ = initial_sdf(field, grid_resolution, threshold, margin, smoothing, chunk_size, device, opacity, tunnel,
-                                       views)
+                                       cameras)
     result = marching_tets_full(verts, tets, sdf)
     return result.verts.detach(), result.faces

@@ -10,8 +10,8 @@ at offsets +-(a, b, c) with a, b, c in {0, 1} (`KUHN_STRUCTURE`). An outside reg
 box's faces cannot reach through outside vertices is a closed cavity: filling it removes that
 inner shell and nothing else. With `tunnel > 0`, regions reached only through passages at most
 about 2 * tunnel + 1 vertices wide are filled as well (the cavities that leak to the outside
-through small tunnels, seen on the underside of tori). With `views` (the directions the training
-cameras look from), outside vertices that no such direction sees are filled too (`unseen`): SDS
+through small tunnels, seen on the underside of tori). With `cameras` (where the training cameras
+are), outside vertices that no such direction sees are filled too (`unseen`): SDS
 gives no evidence that space is empty where no camera ray reaches, such as the bottom of a pit in
 a base that cameras see only at grazing angles, or the inside of a tube.
 """
@@ -22,10 +22,10 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from geometry.visibility import CameraBand, unseen
+
 MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
 FILL_TUNNEL = 2  # cavities joined to the outside only through passages about 2 * this + 1 vertices wide count as inside
-VIEW_ELEVATION_STEP = 15.0  # degrees between the elevation rows of `view_directions` (the range's ends always included)
-VIEW_AZIMUTHS = 24  # directions per elevation row of `view_directions` over a full turn
 ISOLATED_SAME = 1  # a vertex with at most this many of its 14 tet-edge neighbours on its side is flipped (a spike's tip)
 
 # Offsets joined by a tet edge of `geometry.tets.make_tet_grid`: every nonzero 0/1 vector and its negative.
@@ -102,82 +102,17 @@ def isolated(
     return same <= max_same
 
 
-def view_directions(
-    elevation_range: tuple[float, float],  # degrees above the xy plane, as the training cameras'
-    azimuth_range: tuple[float, float] = (-180.0, 180.0),  # degrees
-    elevation_step: float = VIEW_ELEVATION_STEP,
-    azimuths: int = VIEW_AZIMUTHS,
-) -> np.ndarray:  # [D, 3] unit vectors from the object toward the cameras
-    """Directions spread over the training cameras' range of elevations and azimuths (`unseen`'s views)."""
-    lo, hi = (float(e) for e in elevation_range)
-    rows = np.linspace(lo, hi, max(int(np.ceil((hi - lo) / elevation_step)), 0) + 1)
-    a_lo, a_hi = (float(a) for a in azimuth_range)
-    full_turn = a_hi - a_lo >= 360.0
-    out = []
-    for e in rows:
-        count = 1 if abs(e) >= 90.0 - 1e-6 else azimuths
-        a = np.linspace(a_lo, a_hi, count, endpoint=not full_turn) if count > 1 else np.array([a_lo])
-        e_rad, a_rad = np.radians(e), np.radians(a)
-        out.append(np.stack([np.cos(e_rad) * np.cos(a_rad), np.cos(e_rad) * np.sin(a_rad),
-                             np.full_like(a_rad, np.sin(e_rad))], 1))
-    return np.concatenate(out)
-
-
-def _shifted(a: np.ndarray, dy: int, dz: int) -> np.ndarray:  # [Y, Z] -> [Y, Z], out[y, z] = a[y + dy, z + dz] or False
-    out = np.zeros_like(a)
-    ny, nz = a.shape
-    out[max(-dy, 0):ny - max(dy, 0), max(-dz, 0):nz - max(dz, 0)] = a[max(dy, 0):ny + min(dy, 0), max(dz, 0):nz + min(dz, 0)]
-    return out
-
-
-def shadow(
-    inside: np.ndarray,  # [X, Y, Z] bool
-    step: np.ndarray,  # [3] direction toward the camera in grid-index units (the world direction / cell)
-) -> np.ndarray:  # [X, Y, Z] bool: a ray from the vertex toward the camera meets the inside
-    """Parallel rays as digital lines: swept one slice at a time along the direction's dominant axis,
-    each slice looks up the one before it (toward the camera) shifted by the ray's whole-vertex step."""
-    axis = int(np.argmax(np.abs(step)))
-    grid = np.moveaxis(inside, axis, 0)
-    forward = step[axis] > 0
-    if not forward:
-        grid = grid[::-1]
-    slope = np.delete(step, axis) / abs(step[axis])  # the other two axes' change per slice toward the camera
-    n = grid.shape[0]
-    position = np.floor(np.arange(n)[:, None] * slope[None] + 0.5).astype(int)  # [n, 2] the ray's offset at each slice
-    out = np.zeros_like(grid)
-    ahead = np.zeros_like(grid[0])  # inside at or beyond slice k + 1 along the ray
-    for k in range(n - 2, -1, -1):
-        ahead = _shifted(ahead | grid[k + 1], *(position[k + 1] - position[k]))
-        out[k] = ahead
-    if not forward:
-        out = out[::-1]
-    return np.moveaxis(out, 0, axis)
-
-
-def unseen(
-    inside: np.ndarray,  # [X, Y, Z] bool, grid vertices inside the surface
-    cell: np.ndarray,  # [3] grid spacing per axis, world units
-    directions: np.ndarray,  # [D, 3] unit vectors from the object toward the cameras (parallel rays)
-) -> np.ndarray:  # [X, Y, Z] bool, outside vertices that no direction sees
-    """Outside vertices from which a ray along every direction meets the inside before leaving the box."""
-    hidden = ~inside
-    for d in np.asarray(directions, dtype=np.float64):
-        hidden &= shadow(inside, d / np.asarray(cell, dtype=np.float64))
-        if not hidden.any():
-            break
-    return hidden
-
-
 def clean_sdf(
     sdf: Tensor,  # [X, Y, Z], < 0 inside
     min_component: float | None = MIN_COMPONENT,  # inside parts smaller than this fraction of the largest are dropped; None = keep all
     tunnel: int = FILL_TUNNEL,  # cavities joined to the outside only through passages this narrow are filled too (grid cells)
     keep_open: Tensor | None = None,  # [X, Y, Z] bool, outside vertices the tunnel rule never fills (carved holes, open space)
-    views: np.ndarray | None = None,  # [D, 3] directions toward the training cameras: what none sees is filled (`unseen`)
-    cell: Tensor | None = None,  # [3] grid spacing per axis, world units (needed with views)
+    cameras: CameraBand | None = None,  # where the training cameras are: what none sees is filled (`unseen`)
+    cell: Tensor | None = None,  # [3] grid spacing per axis, world units (needed with cameras)
+    origin: Tensor | None = None,  # [3] world position of vertex (0, 0, 0) (needed with cameras at a distance)
 ) -> Tensor:  # [X, Y, Z]
     """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to minus half
-    their distance, `enclosed`), and with `views` the space no camera sees (`unseen`), and flip the sign of isolated vertices (`isolated`:
+    their distance, `enclosed`), and with `cameras` the space no camera sees (`unseen`), and flip the sign of isolated vertices (`isolated`:
     one-vertex spikes, pits and bubbles, set to -sdf / 2).
 
     Components use the tets' own connectivity (`KUHN_STRUCTURE`), so what is
@@ -190,10 +125,11 @@ def clean_sdf(
     hidden = np.zeros_like(inside)
     if tunnel:
         hidden |= enclosed(inside, tunnel)
-    if views is not None and len(views):
+    if cameras is not None:
         if cell is None:
-            raise ValueError("clean_sdf needs the grid's cell size with views")
-        hidden |= unseen(inside, np.asarray(torch.as_tensor(cell).cpu(), dtype=np.float64), views)
+            raise ValueError("clean_sdf needs the grid's cell size with cameras")
+        where = None if origin is None else np.asarray(torch.as_tensor(origin).cpu(), dtype=np.float64)
+        hidden |= unseen(inside, np.asarray(torch.as_tensor(cell).cpu(), dtype=np.float64), cameras, where)
     fill |= hidden if keep_open is None else hidden & ~keep_open.cpu().numpy()
     inside = inside | fill
     flip = isolated(inside, ISOLATED_SAME)

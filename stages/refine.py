@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geometry.dmtet import dmtet_from_field
-from geometry.solid import relax_surface, view_directions
+from geometry.solid import relax_surface
+from geometry.visibility import camera_band
 from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
@@ -36,6 +37,7 @@ from stages.common import (
 from stages.live_models import LiveModels, refine_label
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
+UNSEEN_RAYS = ("parallel", "cameras", "off")  # refine.fill_unseen
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
 
 
@@ -57,7 +59,7 @@ class RefineConfig:
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
     deform_scale: float = 0.25  # largest vertex deformation per axis, fraction of a grid cell (geometry.dmtet.MAX_SAFE_DEFORM rules out folded tets; not the default: bench/RESULTS.md)
     fill_tunnel: int = 2  # space reached from outside only through passages about 2 * this + 1 grid vertices wide is filled (0 = only closed cavities)
-    fill_unseen: bool = True  # also fill the space no training camera direction sees (`geometry.solid.unseen`): SDS cannot empty it
+    fill_unseen: str = "parallel"  # fill what no training camera sees (`geometry.solid.unseen`): "parallel" rays, "cameras" rays to their places, "off"
     relax_steps: int = 50  # final steps that move the vertices under the mesh regularisers alone (`geometry.solid.relax_surface`)
     fill_every: int = 0  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
     lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
@@ -96,8 +98,8 @@ class RefineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"refine.{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.fill_unseen, bool):
-            raise ValueError(f"refine.fill_unseen must be true or false, got {self.fill_unseen!r}")
+        if self.fill_unseen not in UNSEEN_RAYS:
+            raise ValueError(f"refine.fill_unseen must be one of {list(UNSEEN_RAYS)}, got {self.fill_unseen!r}")
         for name in ("fill_tunnel", "fill_every", "relax_steps"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"refine.{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -187,7 +189,7 @@ def run(
         field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
         config.sdf_smoothing, config.update_smoothing, device=device, opacity=config.surface_opacity,
         tunnel=config.fill_tunnel,
-        views=view_directions(camera.elevation_range, camera.azimuth_range) if config.fill_unseen else None,
+        cameras=None if config.fill_unseen == "off" else camera_band(camera, config.fill_unseen == "cameras"),
     )
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)

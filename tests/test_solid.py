@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from geometry import solid
+from geometry import solid, visibility
 from geometry.dmtet import clean_sdf, density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf
 from geometry.tets import marching_tets
 from stages.export import ExportConfig, export
@@ -169,7 +169,8 @@ def test_export_drops_shells_inside_another(tmp_path):
     assert result.dropped_shells == 0  # two balls side by side are two parts, neither inside the other
 
 
-CAMERAS = solid.view_directions((-10.0, 90.0))  # the default training cameras' elevations
+PARALLEL = visibility.CameraBand((-10.0, 90.0))  # the default training cameras' elevations, infinitely far
+CAMERAS = visibility.CameraBand((-10.0, 90.0), distance=3.2)  # and at the farthest default distance
 
 
 def pitted_cylinder(x, pit=True):  # a cylinder (r 0.4, h 0.8) with an empty pit 0.3 wide and 0.25 deep in its base
@@ -181,13 +182,13 @@ def pitted_cylinder(x, pit=True):  # a cylinder (r 0.4, h 0.8) with an empty pit
 
 
 def test_view_directions_span_the_cameras_elevations_and_azimuths():
-    dirs = solid.view_directions((-10.0, 90.0), elevation_step=15.0, azimuths=8)
+    dirs = visibility.view_directions((-10.0, 90.0), elevation_step=15.0, azimuths=8)
     np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0)
     elevation = np.degrees(np.arcsin(dirs[:, 2]))
     assert elevation.min() == pytest.approx(-10.0) and elevation.max() == pytest.approx(90.0)
     assert (np.abs(elevation - 90.0) < 1e-6).sum() == 1  # straight above: one direction, not one per azimuth
     assert len(dirs) == 7 * 8 + 1
-    half = solid.view_directions((0.0, 0.0), azimuths=4, azimuth_range=(0.0, 90.0))
+    half = visibility.view_directions((0.0, 0.0), azimuths=4, azimuth_range=(0.0, 90.0))
     np.testing.assert_allclose(np.degrees(np.arctan2(half[:, 1], half[:, 0])), [0.0, 30.0, 60.0, 90.0], atol=1e-9)
 
 
@@ -195,29 +196,38 @@ def test_space_no_camera_sees_is_unseen_and_open_space_is_seen():
     n = 33
     x = np.linspace(-0.6, 0.6, n)
     xx, yy, zz = np.meshgrid(x, x, x, indexing="ij")
-    cell = np.full(3, x[1] - x[0])
+    cell, origin = np.full(3, x[1] - x[0]), np.full(3, x[0])
     ring = np.hypot(xx, yy)
     cylinder = (ring <= 0.4) & (np.abs(zz) <= 0.4)
-    assert not solid.unseen(cylinder, cell, CAMERAS).any()
     pit = (ring <= 0.1) & (zz < -0.15)
-    hidden = solid.unseen(cylinder & ~pit, cell, CAMERAS)
-    assert hidden[cylinder & pit & (zz > -0.35)].all()  # cameras at -10 degrees see into the pit's mouth only
-    assert not hidden[~(cylinder & pit)].any()
+    dish = (ring <= 0.3) & (zz < -0.4 + 0.05 * (1 - ring / 0.3))  # a shallow dent, 0.05 deep, across the base
     cup = cylinder & ~((ring <= 0.25) & (zz > -0.1))  # a deep well open to the top: seen from above
-    assert not solid.unseen(cup, cell, CAMERAS).any()
     tube = np.hypot(ring - 0.4, zz)
     torus = tube <= 0.15
-    assert not solid.unseen(torus, cell, CAMERAS).any()  # the hole is seen from above
-    hidden = solid.unseen(torus & (tube >= 0.08), cell, CAMERAS)
-    assert hidden[torus & (tube < 0.06)].all() and not hidden[~torus].any()
-    assert solid.unseen(cylinder & ~pit, cell, solid.view_directions((-90.0, 90.0)))[cylinder & pit].sum() == 0
+    for cameras in (PARALLEL, CAMERAS):
+        assert not visibility.unseen(cylinder, cell, cameras, origin).any()
+        hidden = visibility.unseen(cylinder & ~pit, cell, cameras, origin)
+        assert hidden[cylinder & pit & (zz > -0.35)].all()  # rays at -10 degrees reach into the pit's mouth at most
+        assert not hidden[~(cylinder & pit)].any()
+        assert not visibility.unseen(cup, cell, cameras, origin).any()
+        assert not visibility.unseen(torus, cell, cameras, origin).any()  # the hole is seen from above
+        hidden = visibility.unseen(torus & (tube >= 0.08), cell, cameras, origin)
+        assert hidden[torus & (tube < 0.06)].all() and not hidden[~torus].any()
+    # From the cameras' real places a ray from the middle of the base to the lowest one runs almost flat:
+    # the shallow dent is unseen; parallel rays at -10 degrees would see into it.
+    assert not visibility.unseen(cylinder & ~dish, cell, PARALLEL)[cylinder & dish].any()
+    assert visibility.unseen(cylinder & ~dish, cell, CAMERAS, origin)[cylinder & dish & (ring < 0.2)].all()
+    below = visibility.CameraBand((-90.0, 90.0), distance=3.2)
+    assert not visibility.unseen(cylinder & ~pit, cell, below, origin).any()  # seen from straight below
+    with pytest.raises(ValueError, match="origin"):
+        visibility.unseen(cylinder, cell, CAMERAS)
 
 
 def test_a_pit_in_a_base_that_cameras_barely_see_is_filled():
     from bench.solid_metrics import flat_faces
 
     def base_pit(views):
-        verts, faces = extract_mesh(Field(pitted_cylinder), GRID, views=views)
+        verts, faces = extract_mesh(Field(pitted_cylinder), GRID, cameras=views)
         mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=True)
         assert topology(mesh.vertices, mesh.faces) == (1, 2, True)
         return flat_faces(mesh, "cylinder")["base_pit"]
@@ -225,12 +235,12 @@ def test_a_pit_in_a_base_that_cameras_barely_see_is_filled():
     assert base_pit(None) > 0.2  # too wide for the tunnel rule
     assert base_pit(CAMERAS) < 0.03
     plain = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), GRID)
-    with_views = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), GRID, views=CAMERAS)
+    with_views = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), GRID, cameras=CAMERAS)
     assert torch.equal(plain[1], with_views[1])  # nothing unseen on a plain cylinder: the same surface
 
 
 def test_refinement_keeps_unseen_space_filled():
-    dmtet, _ = dmtet_from_field(Field(lambda x: pitted_cylinder(x, pit=False)), GRID, views=CAMERAS)
+    dmtet, _ = dmtet_from_field(Field(lambda x: pitted_cylinder(x, pit=False)), GRID, cameras=CAMERAS)
     with torch.no_grad():
         p = dmtet.grid_verts
         pit = (p[:, :2].norm(dim=-1) < 0.15) & (p[:, 2] < -0.15)
@@ -258,3 +268,16 @@ def test_relaxing_flattens_folds_and_keeps_the_sdf():
     assert p95() < 0.6 * before
     assert torch.equal(dmtet.signed_distance(), sdf) and dmtet.sdf.requires_grad
     assert solid.relax_surface(dmtet, 0, 100.0, 1000.0, 1e-2) == 0
+
+
+def test_refine_settings_of_the_unseen_fill_and_the_relaxing():
+    from renderers.cameras import CameraConfig
+    from stages.refine import RefineConfig
+
+    assert RefineConfig().fill_unseen == "parallel" and RefineConfig().relax_steps > 0
+    for bad in ({"fill_unseen": True}, {"fill_unseen": "sometimes"}, {"relax_steps": -1}, {"relax_steps": 1.5}):
+        with pytest.raises(ValueError, match="fill_unseen|relax_steps"):
+            RefineConfig(**bad).check()
+    camera = CameraConfig(elevation_range=(-5.0, 80.0))
+    assert visibility.camera_band(camera) == visibility.CameraBand((-5.0, 80.0), (-180.0, 180.0), None)
+    assert visibility.camera_band(camera, at_distance=True).distance == max(camera.filled().distance_range)
