@@ -5,7 +5,8 @@
 Per file, Blender (`blender -b --factory-startup --python-expr ...`, Debian's package) imports it into an empty
 scene and reports the mesh objects, their vertices and faces, and through bmesh: non-manifold edges, boundary
 edges and whether every piece is closed, before and after merging vertices by distance (glTF splits vertices
-at UV seams, so only the merged mesh can be closed); the number of loose parts after the merge. `assimp info`
+at UV seams, so only the merged mesh can be closed); the number of loose parts after the merge; and the same
+after a merge at Blender's own default distance (1e-4), which a user's first clean-up applies. `assimp info`
 reports its meshes, vertices and faces. A client that is not installed gives None for its figures.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 FILES = ("model.obj", "model.glb")
 MERGE_DISTANCE = 1e-6  # world units, as the exporter's own weld
+BLENDER_MERGE = 1e-4  # Blender's default "Merge by Distance": what a user's first clean-up does
 TIMEOUT = 300  # seconds per client call
 
 # Runs inside Blender: import sys.argv[-1] into an empty scene, print one JSON line of figures.
@@ -64,6 +66,8 @@ for o in meshes:
                     stack.append(w)
     merged["parts"] = parts
     merged["manifold"] = merged["non_manifold_edges"] == 0
+    bmesh.ops.remove_doubles(bm, verts=bm.verts, dist={BLENDER_MERGE})
+    merged["at_blender_default"] = figures(bm)
     out["merged"].append(merged)
     bm.free()
 print("CLIENT_CHECKS " + json.dumps(out))
@@ -109,7 +113,7 @@ def check_run(run_dir: Path) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'run':<22}{'file':<11}{'objects':>8}{'verts':>8}{'faces':>8}{'merged v':>9}{'parts':>6}"
-            f"{'non-man':>8}{'boundary':>9}{'assimp m/v/f':>20}")
+            f"{'non-man':>8}{'boundary':>9}{'1e-4 v/f/nm':>18}{'assimp m/v/f':>20}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b, a = r["blender"] or {}, r["assimp"] or {}
@@ -118,8 +122,10 @@ def format_rows(rows: list[dict]) -> str:
                  merged.get("parts"), merged.get("non_manifold_edges"), merged.get("boundary_edges")]
         widths = (8, 8, 8, 9, 6, 8, 9)
         text = "".join(f"{'-' if c is None else c:>{w}}" for c, w in zip(cells, widths))
+        loose = merged.get("at_blender_default") or {}
+        coarse = f"{loose.get('vertices')}/{loose.get('faces')}/{loose.get('non_manifold_edges')}" if loose else "-"
         assimp = f"{a.get('meshes')}/{a.get('vertices')}/{a.get('faces')}" if a else "-"
-        lines.append(f"{Path(r['run']).name[:21]:<22}{r['file']:<11}{text}{assimp:>20}")
+        lines.append(f"{Path(r['run']).name[:21]:<22}{r['file']:<11}{text}{coarse:>18}{assimp:>20}")
         if "error" in b:
             lines.append(f"  blender error: {b['error'][-200:]}")
     return "\n".join(lines)

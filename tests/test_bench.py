@@ -256,3 +256,20 @@ def test_quality_table_shows_the_solid_checks_per_run():
     assert torus.split()[4:7] == ["1", "-4", "0"] and "33.0" in torus and torus.split()[-3:-1] == ["-", "-"]
     assert "euler 1/2" in table and "all 1/2" in table
     assert "shells" not in quality.format_table([{**rows[0], "solid": None}], quality.summarize(rows[:1]))
+
+
+def test_client_checks_without_the_clients_and_their_table(tmp_path, monkeypatch):
+    from bench import client_checks
+
+    monkeypatch.setattr(client_checks.shutil, "which", lambda name: None)
+    (tmp_path / "model.obj").write_text("v 0 0 0\n")
+    rows = client_checks.check_run(tmp_path)
+    assert [r["file"] for r in rows] == ["model.obj"] and rows[0]["blender"] is None and rows[0]["assimp"] is None
+    merged = {"vertices": 8, "faces": 12, "non_manifold_edges": 0, "boundary_edges": 0, "parts": 1,
+              "at_blender_default": {"vertices": 7, "faces": 10, "non_manifold_edges": 2}}
+    rows.append({"run": str(tmp_path), "file": "model.glb", "assimp": {"meshes": 1, "vertices": 24, "faces": 12},
+                 "blender": {"mesh_objects": 1, "raw": [{"vertices": 24, "faces": 12}], "merged": [merged]}})
+    lines = client_checks.format_rows(rows).splitlines()
+    assert lines[2].split()[1:] == ["model.obj"] + ["-"] * 9
+    assert lines[3].split()[1:] == ["model.glb", "1", "24", "12", "8", "1", "0", "0", "7/10/2", "1/24/12"]
+    assert client_checks.main([str(tmp_path / "nothing")]) == 2
