@@ -49,15 +49,16 @@ def measure_run(run_dir: Path) -> dict:
 
 def measure_initial(run_dir: Path, tunnel: int) -> dict:
     """The solid checks of the refine stage's starting surface from the run's coarse checkpoint."""
-    from geometry.dmtet import extract_mesh
+    from geometry.level_set import LevelSetSettings, extract_mesh
     from stages.runs import load_coarse_checkpoint
 
     record = json.loads((run_dir / "run.json").read_text())
     refine = record["config"]["refine"]
     _, shape, _ = parse_prompt(record["prompt"])
     field = load_coarse_checkpoint(run_dir / "coarse.pt", torch.device("cpu"))
-    verts, faces = extract_mesh(field, refine["grid_resolution"], refine["threshold"], refine["grid_margin"],
-                                refine["sdf_smoothing"], opacity=refine["surface_opacity"], tunnel=tunnel)
+    settings = LevelSetSettings(refine["grid_resolution"], refine["threshold"], refine["grid_margin"],
+                                refine["sdf_smoothing"], refine["surface_opacity"], tunnel)
+    verts, faces = extract_mesh(field, settings)
     mesh = {"vertices": verts.double().numpy(), "faces": faces.numpy()}
     return {"run": f"{run_dir.name} tunnel {tunnel}", "prompt": record["prompt"], "shape": shape,
             **solid_checks(mesh, shape), "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape,

@@ -242,10 +242,11 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
     if config.stop_after == "coarse":
         if "export" not in allowed:
             return None
-        from geometry.dmtet import extract_mesh
+        from geometry.level_set import LevelSetSettings, extract_mesh
 
-        mesh = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
-                            opacity=config.refine.surface_opacity)
+        refine = config.refine
+        mesh = extract_mesh(field, LevelSetSettings(refine.grid_resolution, refine.threshold,
+                                                    opacity=refine.surface_opacity), device)
         color_field = field
     elif has_checkpoint(record, run_path, "refine"):
         mesh, color_field = load_refine_checkpoint(run_path / CHECKPOINTS["refine"], device)

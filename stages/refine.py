@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geometry.dmtet import dmtet_from_field
+from geometry.level_set import LevelSetSettings
 from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
@@ -178,11 +179,9 @@ def run(
     device = check_stage_inputs(prompt, config, camera, device)
     config = config.filled()
     generator = torch.Generator().manual_seed(config.seed)
-    dmtet, threshold = dmtet_from_field(
-        field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
-        config.sdf_smoothing, config.update_smoothing, device=device, opacity=config.surface_opacity,
-        tunnel=config.fill_tunnel,
-    )
+    level_set = LevelSetSettings(config.grid_resolution, config.threshold, config.grid_margin, config.sdf_smoothing,
+                                 config.surface_opacity, config.fill_tunnel)
+    dmtet, threshold = dmtet_from_field(field, level_set, config.deform_scale, config.update_smoothing, device)
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)
     color_params = [p for p in getattr(color_field, "parameters", lambda: [])()]

@@ -8,7 +8,9 @@ import torch
 import trimesh
 
 from geometry import solid
-from geometry.dmtet import clean_sdf, density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf
+from geometry.dmtet import dmtet_from_field
+from geometry.level_set import LevelSetSettings, density_to_sdf, extract_mesh, initial_sdf
+from geometry.solid import clean_sdf
 from geometry.tets import marching_tets
 from stages.export import ExportConfig, export
 
@@ -55,7 +57,7 @@ def hollow_torus(x, film=0.0):  # a torus (0.4, 0.15) whose tube is empty inside
 
 def level_set(field, grid=GRID):
     """The field's plain level set (no cleaning) at the level and on the grid that extract_mesh uses."""
-    verts, tets, _, _, level = initial_sdf(field, grid)
+    verts, tets, _, _, level = initial_sdf(field, LevelSetSettings(grid))
     density = field.query(verts)[0].view(grid + 1, grid + 1, grid + 1)
     return marching_tets(verts, tets, density_to_sdf(density, level).reshape(-1))
 
@@ -79,7 +81,7 @@ def test_kuhn_structure_is_the_tet_grids_edges():
 def test_a_ball_with_an_empty_pocket_extracts_as_one_solid():
     field = Field(pocket_ball)
     assert topology(*level_set(field))[:2] == (2, 4)  # the plain level set: the ball and the pocket's inner wall
-    shells, euler, closed = topology(*extract_mesh(field, GRID))
+    shells, euler, closed = topology(*extract_mesh(field, LevelSetSettings(GRID)))
     assert (shells, euler, closed) == (1, 2, True)
 
 
@@ -87,17 +89,19 @@ def test_a_hollow_torus_that_leaks_through_tunnels_extracts_as_one_solid_torus()
     field = Field(hollow_torus)
     shells, euler, _ = topology(*level_set(field))
     assert shells == 1 and euler < 0  # one surface, with a handle for each tunnel into the hollow tube
-    assert topology(*extract_mesh(field, GRID, tunnel=0))[1] < 0  # filling closed cavities alone is not enough
-    assert topology(*extract_mesh(field, GRID)) == (1, 0, True)
+    # filling closed cavities alone is not enough
+    assert topology(*extract_mesh(field, LevelSetSettings(GRID, tunnel=0)))[1] < 0
+    assert topology(*extract_mesh(field, LevelSetSettings(GRID))) == (1, 0, True)
 
 
 def test_a_film_across_the_opening_of_a_hollow_torus_gives_one_solid_torus():
     field = Field(lambda x: hollow_torus(x, film=0.8))
-    assert topology(*extract_mesh(field, GRID)) == (1, 0, True)  # the opening stays open, the tube is filled
+    # the opening stays open, the tube is filled
+    assert topology(*extract_mesh(field, LevelSetSettings(GRID))) == (1, 0, True)
 
 
 def test_refinement_cavities_are_filled_without_touching_the_outer_surface():
-    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), GRID)
+    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), LevelSetSettings(GRID))
     with torch.no_grad():
         outer_verts, outer_faces = dmtet.extract()
         centre = dmtet.grid_verts.norm(dim=-1) < 0.15
