@@ -42,10 +42,10 @@ from torch import Tensor
 from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
+from geometry.mesh_ops import face_areas
 from geometry.metrics import chamfer_distance, volumetric_iou
-from geometry.uv import face_areas
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
-from renderers import raster
+from renderers import mesh as mesh_renderer
 from renderers.cameras import Cameras, banded_view_word, view_word
 from stages.config import PRESETS, apply_overrides, preset
 from stages.export import from_y_up
@@ -132,18 +132,10 @@ def render_textured(
     # One vertex per face corner, so that each corner carries its own normal.
     corners = np.concatenate([mesh["vertices"][f], mesh["corner_normals"], mesh["uv"][f]], -1).reshape(-1, 8)
     attrs = torch.tensor(corners, dtype=torch.float32, device=device)  # [3F, 8]
-    verts = attrs[:, :3]
     faces = torch.arange(3 * len(f), device=device).view(-1, 3)
-    pos = torch.cat([verts, torch.ones_like(verts[:, :1])], -1) @ cameras.mvp.transpose(-1, -2)  # [B, V, 4]
-    rast = raster.rasterize(pos, faces, (cameras.height, cameras.width), backend="torch")
-    interp = raster.interpolate(attrs, rast, faces, backend="torch")  # [B, H, W, 8]
-    points, normals = interp[..., :3], F.normalize(interp[..., 3:6], dim=-1)
-    albedo = raster.texture(torch.tensor(mesh["texture"], device=device)[None], interp[..., 6:].contiguous(),
-                            boundary="clamp", backend="torch")
-    to_light = F.normalize(cameras.light_position[:, None, None, :] - points, dim=-1)
-    shade = ambient + (1.0 - ambient) * (normals * to_light).sum(-1, keepdim=True).clamp_min(0.0)
-    alpha = (rast[..., 3:] > 0).float()
-    image = alpha * albedo * shade + (1.0 - alpha) * background  # [B, H, W, 3]
+    texture = torch.tensor(mesh["texture"], device=device)
+    image = mesh_renderer.render_textured(attrs[:, :3], faces, attrs[:, 6:], attrs[:, 3:6], texture, cameras, ambient,
+                                          background=background, antialiased=False, backend="torch")
     if supersample > 1:
         image = F.avg_pool2d(image.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
     return image.clamp(0.0, 1.0)

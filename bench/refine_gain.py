@@ -21,7 +21,7 @@ import torch
 from bench.shape_checks import aligned_volume_iou
 from bench.speed import write_json
 from geometry.level_set import LevelSetSettings, extract_mesh
-from geometry.tets import is_watertight
+from geometry.mesh_ops import is_watertight
 from guidance.primitive_shapes import parse_prompt
 from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_refine_checkpoint, load_run_config
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import trimesh
 
-from geometry.uv import face_areas, texture_fill
+from geometry.mesh_ops import face_areas
+from geometry.uv import texture_fill
 from guidance.primitive_shapes import primitive_mesh
 from renderers import raster
 

@@ -202,32 +202,3 @@ def tet_edges(tets: Tensor) -> Tensor:  # tets [T, 4] long -> [E, 2] long, uniqu
     pairs = tets[:, torch.tensor(_EDGES, device=tets.device)].reshape(-1, 2)  # [6T, 2]
     pairs = torch.sort(pairs, dim=1).values
     return torch.unique(pairs, dim=0)
-
-
-def mesh_volume(verts: Tensor, faces: Tensor) -> Tensor:  # verts [M, 3], faces [F, 3] -> scalar
-    """Signed volume by the divergence theorem: positive for a closed outward-facing mesh."""
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    return (v0 * torch.linalg.cross(v1, v2, dim=-1)).sum() / 6.0
-
-
-def mesh_area(verts: Tensor, faces: Tensor) -> Tensor:  # verts [M, 3], faces [F, 3] -> scalar
-    """Total surface area."""
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1).norm(dim=-1).sum() / 2.0
-
-
-def is_watertight(faces: Tensor) -> bool:  # faces [F, 3] long
-    """True when every edge is used by exactly two faces, once in each direction.
-
-    That makes the mesh closed and consistently wound. An empty mesh is not watertight.
-    """
-    if faces.numel() == 0:
-        return False
-    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)  # [3F, 2] (from, to)
-    n = int(faces.max()) + 1
-    forward = directed[:, 0] * n + directed[:, 1]
-    backward = directed[:, 1] * n + directed[:, 0]
-    forward_sorted = torch.sort(forward).values
-    if bool((forward_sorted[1:] == forward_sorted[:-1]).any()):
-        return False  # a directed edge used twice: non-manifold or flipped neighbour
-    return bool(torch.equal(forward_sorted, torch.sort(backward).values))

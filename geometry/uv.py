@@ -61,6 +61,7 @@ import math
 import numpy as np
 import torch
 
+from geometry.mesh_ops import face_areas
 from geometry.uv_charts import axis_labels, components, cut_charts, edge_pairs, neighbours
 
 ATLAS_FILL_GUESS = 0.6  # expected fill of the atlas, sizes it just under the texture size
@@ -68,11 +69,6 @@ RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
 CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
 DENSITY_ROOM = 1.02  # an atlas whose larger side is this much under the texture size is packed again, larger
 MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas
-
-
-def face_areas(v: np.ndarray, f: np.ndarray) -> np.ndarray:  # [V, 3], [F, 3] -> [F]
-    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
-
 
 
 def _projected_atlas(

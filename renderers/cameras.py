@@ -97,6 +97,11 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def __getitem__(self, index: slice) -> Cameras:
+        """The cameras of a slice of the batch, at the same image size."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
+                                            if f.name not in ("height", "width")})
+
 
 def view_word(elevation: float, azimuth: float) -> str:
     """The view word of one camera: overhead above 60 degrees, else by azimuth."""

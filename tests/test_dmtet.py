@@ -15,11 +15,11 @@ from geometry.level_set import (
     opacity_level,
     opacity_maps,
 )
-from geometry.mesh_ops import laplacian_loss, normal_consistency_loss, vertex_normals
+from geometry.mesh_ops import is_watertight, laplacian_loss, mesh_volume, normal_consistency_loss
 from geometry.metrics import chamfer_distance, occupancy_grid, volumetric_iou
 from geometry.nerf import FieldConfig, NeRFField
-from geometry.tets import is_watertight, mesh_volume
 from guidance.primitive_shapes import primitive_mesh
+from renderers.mesh import vertex_normals
 
 
 class SoftBall(torch.nn.Module):

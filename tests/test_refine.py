@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from geometry.level_set import LevelSetSettings, extract_mesh
+from geometry.mesh_ops import is_watertight
 from geometry.metrics import volumetric_iou
-from geometry.tets import is_watertight
 from guidance.primitive_shapes import primitive_mesh
 from guidance.sds import SDSConfig
 from helpers import quick_primitives_config
