@@ -178,7 +178,7 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
 
 
 def test_server_model_ids_are_kept_per_family_and_a_set_model_id_is_obeyed():
-    from app import server_model_ids
+    from app_plan import server_model_ids
 
     ids, rest = server_model_ids(["/models/sd15", "deepfloyd-if=/models/if"], ["coarse.iters=3"], None)
     assert ids == {"stable-diffusion": "/models/sd15", "deepfloyd-if": "/models/if"} and rest == ["coarse.iters=3"]
