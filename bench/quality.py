@@ -46,7 +46,8 @@ from geometry.mesh_ops import face_areas
 from geometry.metrics import chamfer_distance, volumetric_iou
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
 from renderers import mesh as mesh_renderer
-from renderers.cameras import Cameras, banded_view_word, view_word
+from renderers.cameras import Cameras
+from renderers.view_words import banded_view_word, view_word
 from stages.config import PRESETS, apply_overrides, preset
 from stages.export import from_y_up
 from stages.runs import slugify

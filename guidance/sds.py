@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from renderers.cameras import ALL_VIEW_WORDS, banded_view_word, view_words_of
+from renderers.view_words import ALL_VIEW_WORDS, banded_view_word, view_words_of
 
 VIEW_SUFFIXES = {word: f", {word} view" for word in ALL_VIEW_WORDS}  # appended to the prompt per view word
 T_ANNEAL_MODES = ("none", "linear", "sqrt")

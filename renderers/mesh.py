@@ -10,9 +10,9 @@ from torch import Tensor
 
 from renderers import raster
 from renderers.cameras import Cameras, to_clip
-from renderers.volume import SHADINGS
+from renderers.shading import SHADINGS, lambert
 
-__all__ = ["face_normals", "lambert", "rasterize_mesh", "render_mesh", "render_textured", "shade_mesh", "vertex_normals"]
+__all__ = ["face_normals", "rasterize_mesh", "render_mesh", "render_textured", "shade_mesh", "vertex_normals"]
 LIGHTS = ("point", "view")  # render_textured: a point light at each camera's light position, or light along its view
 
 
@@ -34,17 +34,6 @@ def vertex_normals(
     n = face_normals(verts, faces, normalize=False)  # [F, 3], length = 2 * area
     acc = torch.zeros_like(verts).index_add(0, faces.reshape(-1), n.repeat_interleave(3, dim=0))
     return F.normalize(acc, dim=-1, eps=1e-20)
-
-
-def lambert(
-    normals: Tensor,  # [..., 3] unit
-    to_light: Tensor,  # [..., 3] unit, broadcast against normals
-    ambient: float,  # share of the light that reaches every point
-    two_sided: bool = False,  # light faces turned away as if they faced the light
-) -> Tensor:  # [..., 1]
-    """Lambertian shading factor ambient + (1 - ambient) * cos(normal, light) of every mesh render."""
-    cos = (normals * to_light).sum(-1, keepdim=True)
-    return ambient + (1.0 - ambient) * (cos.abs() if two_sided else cos.clamp_min(0.0))
 
 
 def rasterize_mesh(

@@ -5,7 +5,8 @@ import trimesh
 
 from geometry.mesh_ops import file_normals
 from renderers.cameras import cameras_from_angles
-from renderers.mesh import lambert, render_textured
+from renderers.mesh import render_textured
+from renderers.shading import lambert
 
 
 def _sphere():
