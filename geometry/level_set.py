@@ -10,10 +10,10 @@ start, `geometry.dmtet.dmtet_from_field`), `extract_mesh` the surface by marchin
    measured along the three axes on a 64^3 probe grid. A fixed density rule fails one way or
    another on coarse NeRFs: a short CPU run leaves a soft field (opaque only through its whole
    thickness), a long GPU run a sharp one. Nor does one opacity suit every field (`opacity_level`):
-   coarse fields carry pale fog around the object that grazing rays see as half opaque, so a low
-   opacity makes boxes too large, while a high one shrinks spheres and loses white objects
-   (trained on a dark background, never fully opaque). The opacity that separates object from fog
-   is read off each field's own opacity histogram (Otsu's threshold).
+   coarse fields carry pale fog around the object that grazing rays see as half opaque, so a
+   low opacity makes objects too large and a high one loses the faint ones (white objects,
+   trained on a dark background, are never fully opaque). The opacity that separates object
+   from fog is read off each field's own opacity histogram (Otsu's threshold).
 2. The grid is fitted to the box of the probes above the level, padded by `margin` (the whole
    [-bound, bound]^3 when there is no surface).
 3. SDF = (threshold - density) scaled by the median density gradient at the surface so that it
