@@ -14,7 +14,7 @@ text alone (view words and elevation bands), a shape seen from one elevation pas
 one seen from a few degrees higher (a cone standing too low for the true one). The model never sees the
 camera's azimuth, distance or field of view, so the object's size is only defined if the stages'
 cameras all see it at one scale: the runs using this prior fix the camera distance and field of
-view (`guidance.registry.adapt_to_primitives`; every setting its runs tune, and why: docs/PRIMITIVES.md).
+view (`guidance.primitives_tuning.adapt_to_primitives`; every setting its runs tune, and why: docs/PRIMITIVES.md).
 
 Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with
 A_k = 2 g (1 - alpha) - 1 for a grey background level g and B_k = 2 alpha_shade of render k, so
