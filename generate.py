@@ -78,7 +78,8 @@ def build_config(args: argparse.Namespace):
 def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> dict:
     from tqdm import tqdm
 
-    from stages.pipeline import resolve, run_plan
+    from stages.pipeline import run_plan
+    from stages.plan import resolve
 
     plan = resolve(prompt, config)
     print(describe_guidance(plan.device, plan.guidance, config.model_id), flush=True)

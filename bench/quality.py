@@ -209,7 +209,8 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
 def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
     """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row."""
     from bench.refine_gain import measure_run
-    from stages.pipeline import resolve, run_to_completion
+    from stages.pipeline import run_to_completion
+    from stages.plan import resolve
     from stages.runs import CHECKPOINTS
     from stages.workers import guidance_for
 

@@ -30,10 +30,10 @@ from stages.common import Cancelled, StageError, StepEvent, check_stop, release_
 from stages.config import STAGES, Config, to_dict
 from stages.live_models import LiveModels
 from stages.run_facts import device_facts, guidance_facts, peak_memory, reset_peak_memory
-from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
-from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
+from stages.plan import RunPlan, refine_plan, resolve
+from stages.runs import (
     CHECKPOINTS, RUN_FILE, fail_record, finish_stage, has_checkpoint, load_coarse_checkpoint, load_record,
-    load_refine_checkpoint, load_run_config, new_run_dir, package_versions, save_coarse_checkpoint,
+    load_refine_checkpoint, new_run_dir, package_versions, save_coarse_checkpoint,
     save_refine_checkpoint, stop_requested, write_json_atomic,
 )
 from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded

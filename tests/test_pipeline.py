@@ -8,7 +8,9 @@ from guidance.primitive_shapes import UnknownPromptError
 from helpers import NaNGuidance, tiny_run_config
 from stages import pipeline
 from stages.common import Cancelled, StageError
-from stages.pipeline import PromptError, generate, run_to_completion
+from stages.pipeline import generate, run_to_completion
+from stages.plan import PromptError, resolve
+from stages.runs import load_run_config
 
 
 def _drain(prompt, config, **kwargs):
@@ -102,7 +104,7 @@ def test_crash_in_refine_keeps_the_coarse_checkpoint_and_resume_continues(tmp_pa
         raise AssertionError("the coarse stage must not run again on resume")
 
     monkeypatch.setattr(pipeline.coarse_stage, "run", no_coarse)
-    prompt, config = pipeline.load_run_config(tmp_path / "run")
+    prompt, config = load_run_config(tmp_path / "run")
     assert prompt == "a green cube" and config.coarse.iters == 4
     done = run_to_completion(prompt, config, run_dir=tmp_path / "run", resume=True)
     assert done.stage == "done" and (tmp_path / "run" / "model.glb").is_file()
@@ -121,7 +123,7 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
 
 def test_one_prior_library_serves_white_and_coloured_prompts():
     # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
-    white, red = pipeline.resolve("a white cube", tiny_run_config()), pipeline.resolve("a red cube", tiny_run_config())
+    white, red = resolve("a white cube", tiny_run_config()), resolve("a red cube", tiny_run_config())
     assert white.config.prior.background < red.config.prior.background == 1.0
     red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
     assert (red_prior.background, white_prior.background) == (red.config.prior.background, white.config.prior.background)
