@@ -37,6 +37,7 @@ from torch import Tensor
 
 from renderers import raster
 from renderers.cameras import CameraConfig, sample_cameras, to_clip
+from renderers.shading import lambert
 from renderers.view_words import banded_view_word, view_words_of
 
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -200,7 +201,7 @@ def render_shape(
     interp = raster.interpolate(attrs, rast, tri)  # [B, S, S, 6]
     points, n = interp[..., :3], torch.nn.functional.normalize(interp[..., 3:], dim=-1)
     light_dir = torch.nn.functional.normalize(light_position[:, None, None, :] - points, dim=-1)
-    shade = ambient + (1.0 - ambient) * (n * light_dir).sum(-1).clamp(min=0.0)
+    shade = lambert(n, light_dir, ambient)[..., 0]  # [B, S, S]
     alpha = (rast[..., 3] > 0).float()
     pooled = torch.nn.functional.avg_pool2d(torch.stack([alpha, alpha * shade], dim=1), supersample)
     return pooled[:, 0], pooled[:, 1]
