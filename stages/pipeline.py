@@ -30,12 +30,12 @@ from stages.common import Cancelled, StageError, StepEvent, check_stop, release_
 from stages.config import STAGES, Config, to_dict
 from stages.live_models import LiveModels
 from stages.run_facts import device_facts, guidance_facts, peak_memory, reset_peak_memory
-from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
+from stages.plan import PromptError, RunPlan, check_prompt, resolve  # noqa: F401 (the pipeline's entry points)
 from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
     CHECKPOINTS, RunRecord, has_checkpoint, load_coarse_checkpoint, load_refine_checkpoint, load_run_config,
     new_run_dir, package_versions, save_coarse_checkpoint, save_refine_checkpoint, stop_requested,
 )
-from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded
+from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded, stage_config
 
 
 @dataclass
@@ -199,13 +199,14 @@ def _run_stages(plan: RunPlan, run_path: Path, record: RunRecord, state: dict, e
         emit(ProgressEvent(stage=e.stage, step=e.step, total=e.total, loss=e.loss, preview=e.preview,
                            message=e.message, stage_eta=eta, model=e.model, model_label=e.model_label))
 
-    def guidance_model(seen: RunPlan, stage: str):
-        if stage == "coarse" or not guidance_loaded(seen):
-            why = "for the refine stage's cameras" if seen is not plan else f"on {device}"
+    def guidance_model(stage: str):
+        seen = stage_config(plan, stage)  # the refine stage's cameras may differ, and with them its model
+        if stage == "coarse" or not guidance_loaded(plan, stage):
+            why = "for the refine stage's cameras" if seen is not config else f"on {device}"
             emit(ProgressEvent(stage="setup" if stage == "coarse" else stage,
                                message=f"loading the {plan.guidance_name} guidance model {why}"))
-        model = guidance_for(seen)
-        record.guidance_facts[stage] = guidance_facts(model, seen.config)
+        model = guidance_for(plan, stage)
+        record.guidance_facts[stage] = guidance_facts(model, seen)
         check_stop(stopped, "setup", 0)  # loading can take a while; a cancel may have come meanwhile
         reset_peak_memory(device)
         return model
@@ -222,7 +223,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: RunRecord, state: dict, e
     elif "coarse" not in allowed:
         raise not_here("coarse")
     else:
-        guidance = guidance_model(plan, "coarse")
+        guidance = guidance_model("coarse")
         state.update(stage="coarse", stage_start=time.perf_counter())
         result = coarse_stage.run(guidance, prompt, config.coarse, config.camera, device, on_step, stopped,
                                   live=LiveModels.for_run(run_path, config.refine))
@@ -237,11 +238,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: RunRecord, state: dict, e
     if config.stop_after == "coarse":
         if "export" not in allowed:
             return None
-        from geometry.dmtet import extract_mesh
-
-        mesh = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
-                            opacity=config.refine.surface_opacity)
-        color_field = field
+        mesh, color_field = coarse_stage.surface_mesh(field, config.refine, device), field
     elif has_checkpoint(record, run_path, "refine"):
         mesh, color_field = load_refine_checkpoint(run_path / CHECKPOINTS["refine"], device)
         if "refine" in allowed:
@@ -249,12 +246,11 @@ def _run_stages(plan: RunPlan, run_path: Path, record: RunRecord, state: dict, e
     elif "refine" not in allowed:
         raise not_here("refine")
     else:
-        seen = refine_plan(plan)  # its own cameras, and with them maybe its own model
-        guidance = guidance_model(seen, "refine")
+        guidance = guidance_model("refine")
         state.update(stage="refine", stage_start=time.perf_counter())
         check_stop(stopped, "refine", 0)
-        result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped,
-                                  live=LiveModels.for_run(run_path, config.refine))
+        result = refine_stage.run(field, guidance, prompt, config.refine, plan.refine_config.camera, device, on_step,
+                                  stopped, live=LiveModels.for_run(run_path, config.refine))
         mesh, color_field = (result.vertices, result.faces), result.color_field
         save_refine_checkpoint(result.vertices, result.faces, color_field, run_path)
         record.peak_memory["refine"] = peak_memory(device)
