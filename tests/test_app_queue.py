@@ -161,7 +161,7 @@ def test_the_server_loads_the_priors_libraries_in_the_background_and_says_when_i
     monkeypatch.setenv("DREAMLIFT_CACHE", str(tmp_path))  # nothing cached: both libraries are rendered
     forget_guidance()
     config = tiny_run_config()
-    config.prior_renders_per_view = 2  # small libraries, in an empty cache
+    config.prior.renders_per_view = 2  # small libraries, in an empty cache
     lines, warmup = [], Warmup()
     assert warmup.start("a red cube", config, log=lines.append)
     assert warmup.busy() and "still being rendered" in warmup.note()
