@@ -51,7 +51,7 @@ from renderers.cameras import Cameras
 from renderers.view_words import banded_view_word, view_word
 from stages.config import PRESETS, apply_overrides, preset
 from stages.export import from_y_up
-from stages.runs import slugify
+from stages.runs import RunRecord, slugify
 
 BENCH_COLORS = ("red", "blue")  # the default prompts: every shape in these colours
 QUICK_PROMPTS = ("a red cube", "a blue sphere")
@@ -224,8 +224,8 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
         config.coarse.seed = config.refine.seed = seed
         start = time.perf_counter()
         done = run_to_completion(prompt, config, run_dir=run_dir)
-        record = json.loads((run_dir / "run.json").read_text())
-        row["stage_seconds"] = {k: round(v, 2) for k, v in record["stage_seconds"].items()}
+        record = RunRecord.load(run_dir)
+        row["stage_seconds"] = {k: round(v, 2) for k, v in record.stage_seconds.items()}
         row["total_seconds"] = round(time.perf_counter() - start, 2)
         t0 = time.perf_counter()
         prior = guidance_for(resolve(prompt, config))  # the run's own, cached

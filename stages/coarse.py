@@ -276,3 +276,12 @@ def _regularizers(out: dict, config: CoarseConfig, step: int) -> Tensor:
         entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
         total = total + config.lambda_entropy * entropy
     return total
+
+
+def surface_mesh(field: NeRFField, refine, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The trained field's density level set (verts [V, 3], faces [F, 3]) on the refine stage's grid (`refine`: its
+    RefineConfig): the mesh of a run that stops after this stage."""
+    from geometry.level_set import LevelSetSettings, extract_mesh
+
+    settings = LevelSetSettings(refine.grid_resolution, refine.threshold, opacity=refine.surface_opacity)
+    return extract_mesh(field, settings, device)

@@ -73,7 +73,7 @@ class RefineConfig:
     prob_textureless: float | None = None  # after the warm-up: probability of textureless (white) shading; None = the guidance model's, else 0
     ambient: float = 0.3  # ambient share of Lambertian shading; must match the guidance prior (primitives: 0.3)
     background: str | tuple = "white"  # "white", "random" (a solid colour per image) or an (r, g, b) in [0, 1]
-    camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_plan`); None = 1, or 0 with the primitives prior
+    camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_view`); None = 1, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
     preview_resolution: int = 256  # preview image side, px (colour and normals of each view)

@@ -162,7 +162,7 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
     from guidance.hub import load_error
     from stages import pipeline
 
-    def offline(plan):
+    def offline(plan, stage="coarse"):
         raise load_error("my/sd-model", "Stable Diffusion", OSError("offline"), "my/sd-model") from None
 
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)

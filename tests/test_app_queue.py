@@ -154,20 +154,20 @@ def test_the_server_loads_the_priors_libraries_in_the_background_and_says_when_i
                                                                                                capsys):
     from app_warmup import Warmup
     from helpers import tiny_run_config
-    from stages.plan import refine_plan, resolve
+    from stages.plan import resolve
     from stages.workers import forget_guidance, guidance_loaded
 
     monkeypatch.setenv("DREAMLIFT_CACHE", str(tmp_path))  # nothing cached: both libraries are rendered
     forget_guidance()
     config = tiny_run_config()
-    config.prior_renders_per_view = 2  # small libraries, in an empty cache
+    config.prior.renders_per_view = 2  # small libraries, in an empty cache
     lines, warmup = [], Warmup()
     assert warmup.start("a red cube", config, log=lines.append)
     assert warmup.busy() and "still being rendered" in warmup.note()
     warmup._thread.join(120)
     assert not warmup.busy() and warmup.error is None and warmup.note() == ""
     plan = resolve("a red cube", config)
-    assert guidance_loaded(plan) and guidance_loaded(refine_plan(plan))  # the first run loads nothing
+    assert guidance_loaded(plan) and guidance_loaded(plan, "refine")  # the first run loads nothing
     printed = capsys.readouterr().out.splitlines()  # the prior's own lines, as the command line shows them
     rendering = [i for i, line in enumerate(printed) if "rendering a library" in line]
     built = [i for i, line in enumerate(printed) if "built library" in line]

@@ -156,3 +156,44 @@ def test_the_refine_stage_gets_cameras_without_pose_jitter_and_a_prior_drawn_fro
     assert refine_camera.distance_range == coarse_camera.distance_range
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["config"]["refine"]["camera_jitter"] == 0.0
+
+
+def _forbid_plan_functions(monkeypatch) -> None:
+    """Every function of stages.plan raises from now on, wherever a module holds it (`from stages.plan import ...`)."""
+    import inspect
+    import sys
+
+    from stages import plan as plan_module
+
+    functions = {id(f): (name, f) for name, f in vars(plan_module).items()
+                 if inspect.isfunction(f) and f.__module__ == plan_module.__name__}
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"stages.plan.{name} was called during a run")
+        return call
+
+    for module in list(sys.modules.values()):
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if id(value) in functions and functions[id(value)][1] is value:
+                monkeypatch.setattr(module, attr, forbidden(functions[id(value)][0]))
+
+
+def test_a_run_takes_its_plan_once_and_never_comes_back_to_it(tmp_path, monkeypatch):
+    plan = resolve("a red cube", tiny_run_config())
+    assert plan.refine_config is not plan.config  # the primitives prior's refine stage has cameras of its own
+    assert plan.refine_config.camera.target_jitter == 0.0 < plan.config.camera.target_jitter
+    _forbid_plan_functions(monkeypatch)
+    with pytest.raises(AssertionError, match="stages.plan.resolve"):
+        pipeline.resolve("a red cube", tiny_run_config())  # the guard holds for the pipeline's own import
+    events = list(pipeline.run_plan(plan, run_dir=tmp_path / "run", stages=("coarse", "refine")))  # the export: none
+    assert events[-1].stage == "paused" and (tmp_path / "run" / "refine.pt").is_file()
+
+
+def test_a_plan_crosses_a_process_with_the_refine_stages_cameras():
+    from stages.plan import plan_from_payload, plan_payload
+
+    plan = resolve("a red cube", tiny_run_config())
+    again = plan_from_payload(plan_payload(plan))
+    assert again.config == plan.config and again.refine_config == plan.refine_config
+    assert again.refine_config.camera != again.config.camera
