@@ -1,4 +1,4 @@
-"""The solid checks of `bench.solid_metrics` for finished run folders, as one table (issue 31).
+"""The solid checks of `bench.solid_metrics` for finished run folders, as one table.
 
     python -m bench.solid_checks RUN_DIR [RUN_DIR ...] [--json OUT.json]
     python -m bench.solid_checks RUN_DIR --initial 0 2   # the refine stage's starting surface, per fill_tunnel
@@ -44,7 +44,7 @@ def measure_run(run_dir: Path) -> dict:
         "run": str(run_dir), "prompt": prompt, "shape": shape, **solid_checks(mesh, shape),
         "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape, VOLUME_RESOLUTION),
         "color_error": color_error(torch.tensor(mean_texture_color(mesh)), color),
-        "dropped_shells": record.stage_stats.get("export", {}).get("dropped_shells"),  # None before issue 31
+        "dropped_shells": record.stage_stats.get("export", {}).get("dropped_shells"),  # None in runs older than the shell check
     }
 
 

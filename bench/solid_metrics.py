@@ -1,5 +1,5 @@
 """Is the export one clean solid? Checks that look inside the object and at what cameras barely see
-(issue 31). Each takes `bench.quality.load_export`'s dict (training frame, +z up); the mesh is welded
+Each takes `bench.quality.load_export`'s dict (training frame, +z up); the mesh is welded
 by position first, as an importer's merge by distance would.
 
 - shells: connected pieces, and how many of them are closed;

@@ -231,7 +231,7 @@ def export(
                 v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
             if len(f) == 0:
                 raise ValueError("the mesh has no faces left after cleaning")
-            v, f, dropped_shells, dropped_faces = drop_enclosed_shells(v, f)  # the last guard for a solid (issue 31)
+            v, f, dropped_shells, dropped_faces = drop_enclosed_shells(v, f)  # the last guard for a solid
             normals = file_normals(v, f)
             timings["clean"] = time.perf_counter() - t0
             report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices, {dropped_shells} enclosed shells dropped")
