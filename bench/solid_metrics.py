@@ -1,4 +1,4 @@
-"""Is the export one clean solid? Checks that look inside the object and at what cameras barely see
+"""Is the export one clean solid? Checks that look inside the object and at what cameras barely see.
 Each takes `bench.quality.load_export`'s dict (training frame, +z up); the mesh is welded
 by position first, as an importer's merge by distance would.
 
