@@ -146,8 +146,7 @@ def run(
         loss = loss_sds / config.batch_size + _regularizers(out, config, step)  # per image, as in refine
         if info["texture_loss"] is not None:  # the albedo's path gets the texture's CFG scale instead
             loss = loss + info["texture_loss"] / config.batch_size
-        t = int(info["t"][0])
-        return Step(loss, lambda value: f"coarse NeRF step {step + 1}/{config.iters}, loss {value:.4g}, t={t}")
+        return Step(loss, lambda value: f"coarse NeRF step {step + 1}/{config.iters}, loss {value:.4g}, t={int(info['t'][0])}")
 
     def preview(_: Step) -> np.ndarray:
         field_.eval()

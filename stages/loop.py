@@ -167,7 +167,7 @@ def backward_finite(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
     """loss.backward(); NonFiniteError when the loss or any parameter gradient is NaN or inf
     (the gradients are checked in one reduction, one device sync)."""
     if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss is not finite ({float(loss)})")
+        raise NonFiniteError(f"the loss is not finite ({float(loss.detach())})")
     loss.backward()
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
