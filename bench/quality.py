@@ -22,6 +22,7 @@ exits with 1 after the table; otherwise it exits with 0.
     python -m bench.quality                                  # 12 prompts (6 shapes x red, blue), seeds 0 1
     python -m bench.quality --quick                          # CI smoke: 2 prompts, tiny settings, seed 0
     python -m bench.quality --prompts "a red cube" --seeds 0 --set coarse.iters=300
+    python -m bench.quality --both    # then the text-only prior (view words only), which stands for the real path
 """
 from __future__ import annotations
 
@@ -300,9 +301,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/out/quality"), help="folder of the runs")
     parser.add_argument("--json", type=Path, help="report path (default: --out with .json, bench/out/quality.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--text-only", action="store_true",
+                         help="the prior without its elevation kernel (prior.elevation_sigma=0), into --out + '-text-only'")
+    variant.add_argument("--both", action="store_true", help="the default runs, then the text-only ones; both tables")
     args = parser.parse_args(argv)
     check_threads(parser, args.threads)
     return args
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], Path, Path]]:
+    """(name, heading, overrides, runs folder, report path) per variant; text-only's sigma=0 follows every --set."""
+    overrides = (list(QUICK_OVERRIDES) if args.quick else []) + args.overrides
+    json_path = args.json or args.out.with_suffix(".json")
+    default = ("default", "the prior with its camera-elevation kernel", overrides, args.out, json_path)
+    text_only = ("text-only", "the prior sees the view words only, as a text-to-image model sees only the text: "
+                 "this table stands for the real (text-to-image) path", [*overrides, "prior.elevation_sigma=0"],
+                 args.out.with_name(args.out.name + "-text-only"), json_path.with_stem(json_path.stem + "-text-only"))
+    return [default, text_only] if args.both else [text_only] if args.text_only else [default]
 
 
 def main(argv=None) -> int:
@@ -310,34 +326,31 @@ def main(argv=None) -> int:
     use_threads(args.threads)
     prompts = args.prompts or (list(QUICK_PROMPTS) if args.quick else default_prompts())
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
-    overrides = (list(QUICK_OVERRIDES) if args.quick else []) + args.overrides
     for prompt in prompts:
         parse_prompt(prompt)  # an unknown prompt is a usage error, raised before any run
-    config = preset(args.preset)
-    config.guidance = "primitives"
-    apply_overrides(config, overrides)
-    json_path = args.json or args.out.with_suffix(".json")
-
-    rows = []
-    for prompt in prompts:
-        for seed in seeds:
-            print(f"[quality] {prompt!r} seed {seed} ...", flush=True)
-            rows.append(run_one(prompt, seed, config, args.out))
-            if rows[-1]["status"] != "ok":
-                print(f"[quality]   error: {rows[-1]['error']}", file=sys.stderr, flush=True)
-    summary = summarize(rows)
-    print(format_table(rows, summary))
-    print()
-    print(format_shape_table(rows))
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "preset": args.preset,
-        "quick": args.quick, "overrides": overrides, "seeds": seeds, "prompts": prompts, "summary": summary,
-        "rows": rows,
-    }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {json_path}")
-    return 1 if summary["errors"] else 0
+    tables, errors = [], 0
+    for name, heading, overrides, out_dir, json_path in variants(args):
+        config = preset(args.preset)
+        config.guidance = "primitives"
+        apply_overrides(config, overrides)
+        rows = []
+        for prompt in prompts:
+            for seed in seeds:
+                print(f"[quality] {name}: {prompt!r} seed {seed} ...", flush=True)
+                rows.append(run_one(prompt, seed, config, out_dir))
+                if rows[-1]["status"] != "ok":
+                    print(f"[quality]   error: {rows[-1]['error']}", file=sys.stderr, flush=True)
+        summary = summarize(rows)
+        report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "preset": args.preset,
+                  "quick": args.quick, "variant": name, "overrides": overrides, "seeds": seeds, "prompts": prompts,
+                  "summary": summary, "rows": rows}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+        tables.append(f"== {name}: {heading} ==\n{format_table(rows, summary)}\n\n{format_shape_table(rows)}"
+                      f"\nwrote {json_path}")
+        errors += summary["errors"]
+    print("\n\n".join(tables))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

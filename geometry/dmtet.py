@@ -10,10 +10,9 @@ gradients, chunked) and `albedo(x [N, 3]) -> [N, 3]`, such as `geometry.nerf.NeR
    only through its whole thickness) whose outline sits at density ~2, a long GPU run a sharp
    one with a peak in the hundreds. Nor does one opacity suit every field (`opacity_level`):
    coarse fields carry pale fog around the object that grazing rays see as half opaque, so a
-   50 % silhouette made the primitives prior's cubes too large, while an 80 % one shrank
-   spheres and lost white objects (trained on a dark background, never fully opaque) almost
-   entirely (figures: bench/RESULTS.md). The opacity that separates object from fog is read off each field's own
-   opacity histogram (Otsu's threshold).
+   low opacity makes objects too large and a high one loses the faint ones (white objects,
+   trained on a dark background, are never fully opaque). The opacity that separates object
+   from fog is read off each field's own opacity histogram (Otsu's threshold).
 2. The grid is fitted to the box of the probes above the level, padded by `margin` (the whole
    [-bound, bound]^3 when there is no surface).
 3. SDF = (threshold - density) scaled by the median density gradient at the surface so that it
@@ -22,7 +21,7 @@ gradients, chunked) and `albedo(x [N, 3]) -> [N, 3]`, such as `geometry.nerf.NeR
    (so a learning rate moves every surface at a similar speed). It is smoothed by a Gaussian of
    `smoothing` cells (sub-cell noise of the hash grid would become bumps), floaters are removed,
    the space the outside cannot reach is filled (SDS leaves a field's interior free to be empty:
-   cavities, and cavities that leak out through narrow tunnels; issue 31), isolated sign flips are
+   cavities, and cavities that leak out through narrow tunnels), isolated sign flips are
    undone, and the box's faces are pinned outside, so every surface is closed and solid.
 4. Openings: rays along an axis through a hole of the field's own silhouette (the opening of
    a torus seen from above) are carved outside before smoothing (`silhouette_holes`), so fog

@@ -10,8 +10,8 @@ A soft field can fill the opening with a film that stays above the surface opaci
 whose ring reaches 0.85 and whose opening still holds 0.55-0.65): no clear ray is enclosed,
 but the opening is a basin of the opacity map, a dip that the ring around it walls in. Rays
 at least BASIN_DEPTH below the map with its basins filled (greyscale hole filling) are
-carved too. The primitives prior's coarse fields of cubes, cones and spheres dip at most
-0.04 anywhere; their tori's openings, 0.35-0.58.
+carved too: solid shapes' coarse fields dip far less than BASIN_DEPTH, tori's openings far
+more (bench/HISTORY.md).
 """
 from __future__ import annotations
 

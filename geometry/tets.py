@@ -14,11 +14,8 @@ linear zero crossing, so the mesh is welded, watertight for a closed surface,
 and differentiable with respect to both the SDF and the grid vertex positions.
 Triangles face outward (counter-clockwise seen from outside).
 
-Timing (2-core shared CPU, torch 2.13, sphere radius 0.6 in [-1, 1]^3, median of 5):
-resolution 64 (1.57M tets): forward 0.054 s, forward + backward 0.060 s;
-resolution 128 (12.6M tets): forward 0.31 s, forward + backward 0.32 s
-(building the grid itself: 0.02 s and 0.5 s). Most of it is the occupancy
-gather over every tet; the work on the few tets that straddle the surface is small.
+Most of its time is the occupancy gather over every tet; the work on the few tets
+that straddle the surface is small (timings: bench/HISTORY.md).
 """
 
 from dataclasses import dataclass

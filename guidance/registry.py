@@ -29,7 +29,7 @@ EXAMPLES_FILE = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 
 @runtime_checkable
 class Guidance(Protocol):
-    """A frozen 2D diffusion model as SDS uses it (`guidance.sds.SDSLoss`; DESIGN.md, Contracts).
+    """A frozen 2D diffusion model as SDS uses it (`guidance.sds.SDSLoss`; docs/ARCHITECTURE.md, "Adding a guidance model").
     Latent models (space == "latent") also have `encode_images(pixels [B, 3, H, W] in [0, 1]) -> [B, C, h, w]`."""
 
     space: str  # "pixel" (SDS on the image in [-1, 1]) or "latent" (on encode_images' latents)
@@ -157,7 +157,8 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     white objects: `guidance.primitives.background_for`): the stages render on the same with the
     same ambient light. The prior sees no camera but its elevation, so a range of distances would leave the
     object's size free: its runs use one distance and field of view. Every setting it tunes is
-    changed only where the config leaves it unset (None): an explicit one is always obeyed."""
+    changed only where the config leaves it unset (None): an explicit one is always obeyed. Each
+    setting's reason and figures: docs/PRIMITIVES.md."""
     from guidance.primitive_shapes import PRIOR_AMBIENT
     from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, background_for
 
@@ -173,46 +174,30 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     config.coarse.volume.ambient = PRIOR_AMBIENT
     config.refine.ambient = PRIOR_AMBIENT
     if config.refine.sds.guidance_scale is None:
-        # The mesh regularizers' weights suit CFG-100 gradients; at the prior's 5 they hold the
-        # mesh still (see bench/RESULTS.md): the refine stage uses 10.
+        # The mesh regularizers' weights suit CFG-100 gradients: at the prior's 5 they hold the mesh still.
         config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE
     if config.coarse.sds.pass_elevations is None:
-        # The prior's elevation kernel (`guidance.primitives.ELEVATION_SIGMA`) lifts the refine stage's
-        # cone bases toward their true plane; in the coarse stage too it lifted them a little more
-        # (gap 0.028 -> 0.025) but left the cones' textures saturated (colour error 0.061 -> 0.095,
-        # bench/RESULTS.md). Unless set by hand.
+        # The elevation kernel in the coarse stage too leaves the cones' textures saturated.
         config.coarse.sds.pass_elevations = False
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
     if config.refine.sds.texture_guidance_scale is None and white:
-        # At the shape's CFG of 10 the texture saturates (CFG extrapolates it away from the mean of
-        # every colour); its own gradient is taken at 3 (bench/RESULTS.md). Not for white objects on
-        # their dark background: there a white cube's texture sinks to dark grey at 3 (two seeds).
+        # At the shape's CFG the texture saturates; not for white objects, whose texture sinks to grey at 3.
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
     if config.coarse.lr_network is None and white:
-        # Beyond the initial density blob (radius 0.5) the density comes from the MLP alone, and at
-        # 1e-3 it grew too slowly: corners and rims of cubes, cylinders, cones and tori, which reach
-        # 0.57-0.69 from the centre, stayed a haze, and the meshes outlining it were 1.2-1.5 times too
-        # large (bench/RESULTS.md). Not for white objects on their dark background, where opacity and
-        # shading trade off: a white cube's mesh broke into a genus-5 shell at 1e-2. Unless set by hand.
+        # Corners and rims beyond the initial blob stay a haze at the default rate; white objects break up at this one.
         config.coarse.lr_network = PRIMITIVES_LR_NETWORK
     if config.refine.camera_jitter is None:
-        # The prior sees only the camera's elevation, so pose jitter in its library (a shifted look-at point, a moved
-        # or tilted camera) lets a shifted, stretched or tilted object match as well as the true one.
-        # The refine stage, with its own library drawn without jitter, is held to the object's place and
-        # size: cones lose the skirt below their base, tori their lumps. The coarse stage keeps it: without,
-        # its cubes and cylinders started worse (bench/RESULTS.md). Unless set by hand.
+        # Jitter the prior cannot see would let a shifted or stretched object match as well as the true one.
         config.refine.camera_jitter = PRIMITIVES_REFINE_CAMERA_JITTER
     shading = ("prob_albedo", "prob_lambertian", "prob_textureless")
     if all(getattr(config.refine, name) is None for name in shading):
-        # The prior's libraries hold shaded renders only: albedo-only renders would pull the albedo
-        # toward their mean brightness, darker than the colour. Unless one of the three is set by hand.
+        # The libraries hold shaded renders only: albedo-only renders would pull the albedo toward their darker mean.
         config.refine.prob_albedo, config.refine.prob_lambertian, config.refine.prob_textureless = 0.0, 1.0, 0.0
     unset = type(config.refine)().filled()  # what the refine stage takes for a field nothing sets
     for name in ("lambda_normal_consistency", "lambda_laplacian"):
-        # The weights suit CFG-100 gradients; at the prior's refine CFG of 10 they hold the surface
-        # still, and a tenth lets the SDS gradient reshape it (bench/RESULTS.md). Unless set by hand.
+        # The weights suit CFG-100 gradients: at the prior's refine CFG they hold the surface still.
         if getattr(config.refine, name) is None:
             setattr(config.refine, name, getattr(unset, name) * PRIMITIVES_REGULARIZER_SCALE)
 

@@ -218,7 +218,7 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
     # (0.875 -> 0.862 as the product runs, 0.870 without the elevation kernel, 0.873 on a 48-cell grid; 0.861 ->
     # 0.873 from a coarse stage with the kernel), so there it must keep the start, not wreck it. A rough
     # cylinder gains (test_refine_moves_a_rounded_blob_toward_the_primitive), and at the quick preset's own size
-    # every shape gains (bench/RESULTS.md, ninth pass).
+    # every shape gains (bench/HISTORY.md, ninth pass).
     "prompt, shape, may_lose",
     [("a green cube", "cube", 0.0), ("a yellow cylinder", "cylinder", 0.02)],
 )
