@@ -39,11 +39,10 @@ def timed(fn, repeats: int) -> float:
 
 
 def measure(overrides: list[str], repeats: int) -> dict:
-    from stages import coarse as coarse_stage
-    from stages import refine as refine_stage
     from stages.config import apply_overrides, preset
     from stages.live_models import LiveModels
     from stages.pipeline import generate
+    from stages.previews import mesh_preview, nerf_preview
     from stages.runs import RunRecord, load_coarse_checkpoint, load_refine_checkpoint
 
     config = preset("quick")
@@ -68,11 +67,12 @@ def measure(overrides: list[str], repeats: int) -> dict:
         alone = {
             "coarse_model": timed(lambda: live.coarse_surface(field, device), repeats),
             "refine_model": timed(lambda: live.refine_mesh(verts, faces, color_field, 1), repeats),
-            "coarse_preview": timed(lambda: coarse_stage.render_previews(
+            "coarse_preview": timed(lambda: nerf_preview(
                 field, config.coarse.volume, config.coarse.preview_views, config.coarse.preview_resolution, white),
                 repeats),
-            "refine_preview": timed(lambda: refine_stage.render_previews((verts, faces), color_field, config.refine,
-                                                                         device), repeats),
+            "refine_preview": timed(lambda: mesh_preview(
+                verts, faces, color_field, config.refine.preview_views, config.refine.preview_resolution,
+                config.refine.ambient, config.refine.backend, device), repeats),
         }
     stats, seconds = record.stage_stats, record.stage_seconds
     full = preset("quick")
