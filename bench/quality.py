@@ -129,13 +129,11 @@ def render_textured(
     background: float = 1.0,  # grey level behind the mesh (the prior's `background`)
 ) -> Tensor:  # [B, H / supersample, W / supersample, 3] in [0, 1]
     """Lambertian renders of the textured mesh over a grey level, as the primitives prior's library is made."""
-    device = cameras.mvp.device
-    f = mesh["faces"]
+    device, f = cameras.mvp.device, mesh["faces"]
     # One vertex per face corner, so that each corner carries its own normal.
     corners = np.concatenate([mesh["vertices"][f], mesh["corner_normals"], mesh["uv"][f]], -1).reshape(-1, 8)
     attrs = torch.tensor(corners, dtype=torch.float32, device=device)  # [3F, 8]
-    faces = torch.arange(3 * len(f), device=device).view(-1, 3)
-    texture = torch.tensor(mesh["texture"], device=device)
+    faces, texture = torch.arange(3 * len(f), device=device).view(-1, 3), torch.tensor(mesh["texture"], device=device)
     image = mesh_renderer.render_textured(attrs[:, :3], faces, attrs[:, 6:], attrs[:, 3:6], texture, cameras, ambient,
                                           background=background, antialiased=False, backend="torch")
     if supersample > 1:
