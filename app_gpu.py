@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from stages.gpu_budget import calibrate, call_requests, request_seconds
 
@@ -61,7 +60,7 @@ def hosted_events(plan, run_dir: str, should_stop):
     from stages.common import Cancelled, check_stop
     from stages.pipeline import run_plan
     from stages.plan import plan_from_payload, plan_payload
-    from stages.runs import fail_record, load_record
+    from stages.runs import RunRecord
 
     start = time.perf_counter()
     payload = plan_payload(plan)
@@ -85,9 +84,9 @@ def hosted_events(plan, run_dir: str, should_stop):
         except Exception as exc:  # the host ended the call (past its request, a worker error): say so in run.json
             message = f"the {stage} stage's GPU call was ended by the host ({' '.join(str(exc).split()) or type(exc).__name__})"
             try:
-                record = load_record(run_dir)
-                if record.get("status") == "running":
-                    fail_record(record, Path(run_dir), "failed", message)
+                record = RunRecord.load(run_dir)
+                if record.status == "running":
+                    record.end(run_dir, "failed", message)
             except (OSError, ValueError):
                 pass
             raise RuntimeError(message) from exc

@@ -9,7 +9,6 @@ own bound by the runs waiting for the device, so that the runs waiting in all ne
 from __future__ import annotations
 
 import html
-import json
 import re
 import time
 from pathlib import Path
@@ -119,14 +118,15 @@ def is_device_state(text) -> bool:
 
 def typical_seconds(root: Path, preset: str = "quick", examples: list | None = None) -> float | None:
     """The median time of this server's latest finished runs of `preset`; else of the ready-made examples' runs."""
+    from stages.runs import RUN_FILE, RunRecord
+
     times = []
-    for record_path in sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError):
+    for record_path in sorted(root.glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        record = RunRecord.read(record_path.parent)
+        if record is None:
             continue
-        if record.get("status") == "finished" and record.get("preset") == preset and record.get("total_seconds"):
-            times.append(float(record["total_seconds"]))
+        if record.status == "finished" and record.preset == preset and record.total_seconds:
+            times.append(float(record.total_seconds))
         if len(times) >= TYPICAL_RUNS:
             break
     times = times or [float(s) for s in (examples or []) if s]
@@ -147,17 +147,19 @@ class Cached:
 
 def run_prompt(run_dir: Path, known: dict) -> str:
     """The prompt of a run: `known` (run id -> prompt, the runs this server started), else its run.json."""
+    from stages.runs import RunRecord
+
     if run_dir.name in known:
         return known[run_dir.name]
-    try:
-        return str(json.loads((run_dir / "run.json").read_text()).get("prompt") or "")
-    except (OSError, ValueError):
-        return ""
+    record = RunRecord.read(run_dir)
+    return str(record.prompt or "") if record is not None else ""
 
 
 def recent_runs(root: Path, jobs: dict, prompts: dict, limit: int = 8) -> str:
     """A Markdown list of the latest runs in `root` (newest first): prompt, state, a `?run=` link.
     `jobs`: run id -> RunJob of this server (its live state); `prompts`: run id -> prompt."""
+    from stages.runs import RunRecord
+
     folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name,
                      reverse=True)[:limit] if root.is_dir() else []
     lines = []
@@ -166,15 +168,14 @@ def recent_runs(root: Path, jobs: dict, prompts: dict, limit: int = 8) -> str:
         if job is not None and not job.snapshot.done:
             state = "running" if job.started_at is not None else "waiting"
         else:
-            try:
-                record = json.loads((folder / "run.json").read_text())
-            except (OSError, ValueError):
+            record = RunRecord.read(folder)
+            if record is None:
                 continue
-            state = str(record.get("status") or "unknown")
+            state = str(record.status or "unknown")
             if state == "running":
                 state = "interrupted"  # no job of this server runs it
-            elif state == "finished" and record.get("total_seconds"):
-                state = f"finished in {duration(record['total_seconds'])}"
+            elif state == "finished" and record.total_seconds:
+                state = f"finished in {duration(record.total_seconds)}"
         prompt = as_text(run_prompt(folder, prompts)) or "(no prompt)"
         lines.append(f"- [{prompt}](?run={folder.name}) · {state}")
     return "\n".join(lines) or "No runs yet on this server."

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextvars
-import json
 import re
 import threading
 import time
@@ -223,24 +222,25 @@ class Runs:
 
     def from_disk(self, root: Path, run_id: str) -> Snapshot | None:
         """A finished or stopped run of an earlier server, from its run.json; None if there is none."""
+        from stages.runs import RUN_FILE, RunRecord
+
         if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
             return None
-        record_path = root / run_id / "run.json"
+        record_path = root / run_id / RUN_FILE
         if record_path.parent.parent != root or not record_path.is_file():
             return None
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError):
+        record = RunRecord.read(record_path.parent)
+        if record is None:
             return None
-        status = record.get("status")
+        status = record.status
         if status == "finished":
-            seconds = record.get("total_seconds") or 0
+            seconds = record.total_seconds or 0
             return Snapshot(run_id=run_id, status=f"**Done** in {_duration(seconds)} · run `{run_id}`",
-                            paths=record.get("outputs") or {}, done=True)
+                            paths=record.outputs or {}, done=True)
         if status == "running":  # its server stopped while it ran
             message = "this run was interrupted when the server stopped; start it again"
         else:
-            message = web_message(record.get("error") or status or "the run did not finish")
+            message = web_message(record.error or status or "the run did not finish")
         return Snapshot(run_id=run_id, status=f"**{as_text(str(status).capitalize())}:** {as_text(message)}",
                         error=message, done=True)
 

@@ -2,7 +2,7 @@
 
 The prior renders a library of primitive shapes per camera distribution the first time it is
 used on a machine (minutes on a busy CPU; cached on disk after). A quick run needs two: the
-coarse stage's cameras and the refine stage's (`stages.plan.refine_plan`). `Warmup.start` loads
+coarse stage's cameras and the refine stage's (`RunPlan.refine_config`). `Warmup.start` loads
 both on a background thread into the models the runs keep (`stages.workers.kept_guidance`), so the
 first visitor's run finds them ready; a run that comes earlier waits for them, and the page says so.
 """
@@ -23,25 +23,25 @@ class Warmup:
 
     def start(self, prompt: str, config, log=print) -> bool:
         """Load the models for `prompt` with `config` (a Config) in the background; False if its model has no library."""
-        from stages.plan import refine_plan, resolve
+        from stages.plan import resolve
 
         plan = resolve(prompt, config)
         if plan.guidance.name != "primitives":
             return False
-        plans = [plan] + ([seen] if (seen := refine_plan(plan)) is not plan else [])
+        stages = ["coarse"] + (["refine"] if plan.refine_config is not plan.config else [])
         self.started_at = time.monotonic()
-        self._thread = threading.Thread(target=self._load, args=(plans, log), name="prior-warmup", daemon=True)
+        self._thread = threading.Thread(target=self._load, args=(plan, stages, log), name="prior-warmup", daemon=True)
         self._thread.start()
         return True
 
-    def _load(self, plans, log) -> None:
+    def _load(self, plan, stages, log) -> None:
         from stages.workers import guidance_for
 
         try:
-            log(f"primitives prior: loading its {len(plans)} libraries in the background (rendered once per machine, "
+            log(f"primitives prior: loading its {len(stages)} libraries in the background (rendered once per machine, "
                 "then read from the cache)")
-            for plan in plans:
-                guidance_for(plan)
+            for stage in stages:
+                guidance_for(plan, stage)
             log(f"primitives prior: libraries ready after {time.monotonic() - self.started_at:.0f} s")
         except Exception as exc:  # a run loads them itself then, and reports any error
             self.error = " ".join(str(exc).split()) or type(exc).__name__

@@ -75,13 +75,13 @@ def build_config(args: argparse.Namespace):
     return apply_overrides(config, args.overrides)
 
 
-def run_one(prompt: str, config, out_dir: Path | None, resume: bool = False) -> dict:
+def run_one(plan, out_dir: Path | None, resume: bool = False) -> dict:
+    """Run a resolved plan (`stages.plan.resolve`) into out_dir (None: a new folder under outputs/)."""
     from tqdm import tqdm
 
-    from stages.pipeline import resolve, run_plan
+    from stages.pipeline import run_plan
 
-    plan = resolve(prompt, config)
-    print(describe_guidance(plan.device, plan.guidance, config.model_id), flush=True)
+    print(describe_guidance(plan.device, plan.guidance, plan.config.model_id), flush=True)
     terminal = sys.stderr.isatty()
     bar, stage, paths = None, None, {}
     try:
@@ -116,21 +116,21 @@ def describe_guidance(device, spec, model_id: str | None) -> str:
     return f"guidance: {spec.name}{model} on {device}"
 
 
-def read_prompts(path: Path, config) -> list[str]:
-    """The prompts of a file (one a line, '#' comments), all checked before the first run starts."""
+def read_prompts(path: Path, config) -> list:
+    """The plans of a file's prompts (one a line, '#' comments), all resolved before the first run starts."""
     from stages.plan import resolve
 
-    prompts = []
+    plans = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            prompts.append(resolve(line, config).prompt)
+            plans.append(resolve(line, config))
         except ValueError as exc:
             raise ValueError(f"{path}, line {number}: {exc}") from None
-    if not prompts:
+    if not plans:
         raise ValueError(f"{path} holds no prompts (one per line)")
-    return prompts
+    return plans
 
 
 def main(argv=None) -> int:
@@ -144,24 +144,27 @@ def main(argv=None) -> int:
             from batch.cli import main as ray_main
 
             return ray_main(args, build_config)
+        from stages.plan import resolve
+
         if args.resume is not None:
             from stages.runs import clear_stop, load_run_config
 
             prompt, config = load_run_config(args.resume)
             apply_overrides(config, args.overrides)
+            plan = resolve(prompt, config)
             clear_stop(args.resume)  # resumed on purpose: an earlier cancel no longer holds
-            run_one(prompt, config, args.resume, resume=True)
+            run_one(plan, args.resume, resume=True)
             return 0
         config = build_config(args)
         if args.prompts is not None:
-            lines = read_prompts(args.prompts, config)
+            plans = read_prompts(args.prompts, config)
             from stages.runs import slugify
 
             root = args.out or Path("outputs")
-            for i, prompt in enumerate(lines):
-                run_one(prompt, preset_copy(config), root / f"{i:03d}-{slugify(prompt)}")
+            for i, plan in enumerate(plans):
+                run_one(plan, root / f"{i:03d}-{slugify(plan.prompt)}")
             return 0
-        run_one(args.prompt, config, args.out)
+        run_one(resolve(args.prompt, config), args.out)
         return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -169,12 +172,6 @@ def main(argv=None) -> int:
     except Exception as exc:  # one readable line, no traceback
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
-
-
-def preset_copy(config):
-    import copy
-
-    return copy.deepcopy(config)
 
 
 def one_line(exc: BaseException) -> str:

@@ -2,3 +2,5 @@
 
 Ray is optional: nothing here imports it until a batch runs (batch.ray_runner.import_ray).
 """
+
+__all__: list[str] = []  # the package exports nothing itself: import its modules by name

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from stages.config import Config, from_dict, to_dict
-from stages.runs import RUN_FILE, slugify, write_json_atomic
+from stages.runs import RunRecord, slugify, write_json_atomic
 
 BATCH_FILE = "batch.json"
 BATCH_VERSION = 1
@@ -147,7 +147,5 @@ def load_plan(root: Path) -> BatchPlan:
 
 def run_status(run_dir: Path) -> str | None:
     """The status in a run folder's run.json, or None when it has none (or it cannot be read)."""
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    record = RunRecord.read(run_dir)
+    return record.status if record is not None else None

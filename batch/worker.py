@@ -42,6 +42,7 @@ class RunWorker:
         `resume`: continue after the folder's last finished stage when it has a run.json (a retry)."""
         from stages import pipeline, workers
         from stages.common import Cancelled
+        from stages.plan import resolve
         from stages.runs import RUN_FILE
 
         self._stop.clear()
@@ -49,7 +50,7 @@ class RunWorker:
         start = time.perf_counter()
         try:
             # Get the guidance model first, to tell a load from a kept model (the run gets the same one).
-            plan = pipeline.resolve(prompt, config)
+            plan = resolve(prompt, config)
             result["model_loaded"] = not workers.guidance_loaded(plan)
             workers.guidance_for(plan)
             result["load_seconds"] = time.perf_counter() - start

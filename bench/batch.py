@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     report["load_average_after"] = load_average()
 
     # 3. What each side spent, from run.json and batch.json.
-    serial_runs = [json.loads(p.read_text())["total_seconds"] for p in sorted((work / "serial").glob("*/run.json"))]
+    from stages.runs import RUN_FILE, RunRecord
+
+    serial_runs = [RunRecord.load(p.parent).total_seconds for p in sorted((work / "serial").glob(f"*/{RUN_FILE}"))]
     batch = json.loads((work / "ray" / "batch.json").read_text())
     runs = batch["runs"]
     loads = [r["load_seconds"] for r in runs if r["model_loaded"]]

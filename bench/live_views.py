@@ -39,12 +39,11 @@ def timed(fn, repeats: int) -> float:
 
 
 def measure(overrides: list[str], repeats: int) -> dict:
-    from stages import coarse as coarse_stage
-    from stages import refine as refine_stage
     from stages.config import apply_overrides, preset
     from stages.live_models import LiveModels
     from stages.pipeline import generate
-    from stages.runs import load_coarse_checkpoint, load_refine_checkpoint
+    from stages.previews import mesh_preview, nerf_preview
+    from stages.runs import RunRecord, load_coarse_checkpoint, load_refine_checkpoint
 
     config = preset("quick")
     config.guidance, config.device = "primitives", "cpu"
@@ -59,7 +58,7 @@ def measure(overrides: list[str], repeats: int) -> dict:
                 models.append((event.stage, event.step, Path(event.model).stat().st_size))
         total = time.perf_counter() - start
         left_over = sorted(p.name for p in Path(run_dir).glob("preview-*.glb"))
-        record = json.loads((Path(run_dir) / "run.json").read_text())
+        record = RunRecord.load(run_dir)
         # Each live view again, on its own, from the checkpoints.
         field = load_coarse_checkpoint(Path(run_dir) / "coarse.pt", device)
         (verts, faces), color_field = load_refine_checkpoint(Path(run_dir) / "refine.pt", device)
@@ -68,13 +67,14 @@ def measure(overrides: list[str], repeats: int) -> dict:
         alone = {
             "coarse_model": timed(lambda: live.coarse_surface(field, device), repeats),
             "refine_model": timed(lambda: live.refine_mesh(verts, faces, color_field, 1), repeats),
-            "coarse_preview": timed(lambda: coarse_stage.render_previews(
+            "coarse_preview": timed(lambda: nerf_preview(
                 field, config.coarse.volume, config.coarse.preview_views, config.coarse.preview_resolution, white),
                 repeats),
-            "refine_preview": timed(lambda: refine_stage.render_previews((verts, faces), color_field, config.refine,
-                                                                         device), repeats),
+            "refine_preview": timed(lambda: mesh_preview(
+                verts, faces, color_field, config.refine.preview_views, config.refine.preview_resolution,
+                config.refine.ambient, config.refine.backend, device), repeats),
         }
-    stats, seconds = record["stage_stats"], record["stage_seconds"]
+    stats, seconds = record.stage_stats, record.stage_seconds
     full = preset("quick")
     projected = {}
     for s in ("coarse", "refine"):

@@ -2,8 +2,8 @@
 at the automatic one, each mesh's volumetric IoU against the canonical primitive (a cube at its best
 heading about z, as in bench.quality).
 
-`geometry.dmtet.auto_threshold` picks the density level whose axis silhouettes match the rays
-above an opacity target; the target is the field's own (`geometry.dmtet.opacity_level`) unless
+`geometry.level_set.auto_threshold` picks the density level whose axis silhouettes match the rays
+above an opacity target; the target is the field's own (`geometry.level_set.opacity_level`) unless
 fixed. This re-extracts each run's coarse field on its refine grid at every target named and
 at the automatic one, and prints one row per run with the means per shape.
 
@@ -20,7 +20,14 @@ import torch
 from bench.refine_gain import VOLUME_RESOLUTION, finished_runs
 from bench.shape_checks import aligned_volume_iou
 from bench.speed import write_json
-from geometry.dmtet import auto_threshold, extract_mesh, opacity_level, opacity_maps, probe_density
+from geometry.level_set import (
+    LevelSetSettings,
+    auto_threshold,
+    extract_mesh,
+    opacity_level,
+    opacity_maps,
+    probe_density,
+)
 from guidance.primitive_shapes import parse_prompt
 from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_run_config
 
@@ -38,7 +45,7 @@ def measure_run(run_dir: Path, opacities: list[float]) -> dict:
         if level <= 0:
             row[f"iou_{name}"] = 0.0
             continue
-        verts, faces = extract_mesh(field, config.refine.grid_resolution, level, device=device)
+        verts, faces = extract_mesh(field, LevelSetSettings(config.refine.grid_resolution, level), device)
         row[f"iou_{name}"] = aligned_volume_iou(verts, faces, shape, VOLUME_RESOLUTION) if faces.shape[0] else 0.0
     return row
 

@@ -14,9 +14,7 @@ into the +z-up training frame (`stages.export.from_y_up`) and compared with the 
   renders classified as their own prompt (chance: 1/60). The same protocol applied to the true
   primitive gives its ceiling ("retrieval_reference"): at low prior resolutions the true cube
   itself passes for a sphere from some views;
-- the exported face count and the seconds per stage (run.json's stage_seconds);
-- one clean solid (`bench.solid_metrics.benchmark_checks`, its own table): shells, Euler number, self-intersections,
-  cavity share, adjacent-face angles, the deepest pit and largest bulge over the shape's flat faces.
+- the exported face count, the seconds per stage (run.json's stage_seconds) and the solid checks (`bench.solid_metrics`).
 
 A bad result is a number, not a failure. A run that crashes becomes an error row, and the script
 exits with 1 after the table; otherwise it exits with 0.
@@ -24,6 +22,7 @@ exits with 1 after the table; otherwise it exits with 0.
     python -m bench.quality                                  # 12 prompts (6 shapes x red, blue), seeds 0 1
     python -m bench.quality --quick                          # CI smoke: 2 prompts, tiny settings, seed 0
     python -m bench.quality --prompts "a red cube" --seeds 0 --set coarse.iters=300
+    python -m bench.quality --both    # then the text-only prior (view words only), which stands for the real path
 """
 from __future__ import annotations
 
@@ -45,14 +44,15 @@ from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes,
 from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
 from bench.solid_metrics import benchmark_checks, format_solid_table, solid_summary
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
+from geometry.mesh_ops import face_areas
 from geometry.metrics import chamfer_distance, volumetric_iou
-from geometry.uv import face_areas
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
-from renderers import raster
-from renderers.cameras import Cameras, banded_view_word, view_word
+from renderers import mesh as mesh_renderer
+from renderers.cameras import Cameras
+from renderers.view_words import banded_view_word, view_word
 from stages.config import PRESETS, apply_overrides, preset
 from stages.export import from_y_up
-from stages.runs import slugify
+from stages.runs import RunRecord, slugify
 
 BENCH_COLORS = ("red", "blue")  # the default prompts: every shape in these colours
 QUICK_PROMPTS = ("a red cube", "a blue sphere")
@@ -130,23 +130,13 @@ def render_textured(
     background: float = 1.0,  # grey level behind the mesh (the prior's `background`)
 ) -> Tensor:  # [B, H / supersample, W / supersample, 3] in [0, 1]
     """Lambertian renders of the textured mesh over a grey level, as the primitives prior's library is made."""
-    device = cameras.mvp.device
-    f = mesh["faces"]
+    device, f = cameras.mvp.device, mesh["faces"]
     # One vertex per face corner, so that each corner carries its own normal.
     corners = np.concatenate([mesh["vertices"][f], mesh["corner_normals"], mesh["uv"][f]], -1).reshape(-1, 8)
     attrs = torch.tensor(corners, dtype=torch.float32, device=device)  # [3F, 8]
-    verts = attrs[:, :3]
-    faces = torch.arange(3 * len(f), device=device).view(-1, 3)
-    pos = torch.cat([verts, torch.ones_like(verts[:, :1])], -1) @ cameras.mvp.transpose(-1, -2)  # [B, V, 4]
-    rast = raster.rasterize(pos, faces, (cameras.height, cameras.width), backend="torch")
-    interp = raster.interpolate(attrs, rast, faces, backend="torch")  # [B, H, W, 8]
-    points, normals = interp[..., :3], F.normalize(interp[..., 3:6], dim=-1)
-    albedo = raster.texture(torch.tensor(mesh["texture"], device=device)[None], interp[..., 6:].contiguous(),
-                            boundary="clamp", backend="torch")
-    to_light = F.normalize(cameras.light_position[:, None, None, :] - points, dim=-1)
-    shade = ambient + (1.0 - ambient) * (normals * to_light).sum(-1, keepdim=True).clamp_min(0.0)
-    alpha = (rast[..., 3:] > 0).float()
-    image = alpha * albedo * shade + (1.0 - alpha) * background  # [B, H, W, 3]
+    faces, texture = torch.arange(3 * len(f), device=device).view(-1, 3), torch.tensor(mesh["texture"], device=device)
+    image = mesh_renderer.render_textured(attrs[:, :3], faces, attrs[:, 6:], attrs[:, 3:6], texture, cameras, ambient,
+                                          background=background, antialiased=False, backend="torch")
     if supersample > 1:
         image = F.avg_pool2d(image.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
     return image.clamp(0.0, 1.0)
@@ -189,8 +179,7 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
     true_masks = primitive_silhouettes(shape, cams)
     per_view = [iou(masks[i], true_masks[i]) for i in range(len(cams))]
 
-    # 2. Colour of the baked texture.
-    mean_color = mean_texture_color(mesh)
+    mean_color = mean_texture_color(mesh)  # 2. Colour of the baked texture.
 
     # 3. Retrieval among every prompt of the vocabulary, and the same for the true primitive (the
     #    protocol's ceiling: at low prior resolutions even the true cube passes for a sphere from some views).
@@ -209,17 +198,17 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
         "retrieval": sum(r == canonical for r in retrieved) / len(retrieved),
         "retrieved": retrieved,
         "retrieval_reference": sum(r == canonical for r in reference) / len(reference),
-        "faces": int(len(mesh["faces"])),
+        "faces": int(len(mesh["faces"])), "solid": benchmark_checks(mesh, shape),  # one clean solid (bench.solid_metrics)
         # 4. Topology, flat base, baked light and texture fill (bench.shape_checks).
         "shape": shape, "genus_expected": expected_genus(shape), **shape_checks(mesh, shape),
-        "solid": benchmark_checks(mesh, shape),  # 5. One clean solid (bench.solid_metrics).
     }
 
 
 def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
     """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row."""
     from bench.refine_gain import measure_run
-    from stages.pipeline import resolve, run_to_completion
+    from stages.pipeline import run_to_completion
+    from stages.plan import resolve
     from stages.runs import CHECKPOINTS
     from stages.workers import guidance_for
 
@@ -233,8 +222,8 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
         config.coarse.seed = config.refine.seed = seed
         start = time.perf_counter()
         done = run_to_completion(prompt, config, run_dir=run_dir)
-        record = json.loads((run_dir / "run.json").read_text())
-        row["stage_seconds"] = {k: round(v, 2) for k, v in record["stage_seconds"].items()}
+        record = RunRecord.load(run_dir)
+        row["stage_seconds"] = {k: round(v, 2) for k, v in record.stage_seconds.items()}
         row["total_seconds"] = round(time.perf_counter() - start, 2)
         t0 = time.perf_counter()
         prior = guidance_for(resolve(prompt, config))  # the run's own, cached
@@ -290,8 +279,7 @@ def format_table(rows: list[dict], summary: dict) -> str:
     n = len(SHAPES) * len(COLORS)
     lines.append(f"{summary['finished']}/{summary['runs']} runs finished. R@1: share of the 8 held-out renders classified "
                  f"as their own prompt among all {n} (chance {1 / n:.3f}); ref: the same for the true primitive.")
-    lines += ["", format_solid_table(rows)] if any(r.get("solid") for r in rows) else []
-    return "\n".join(lines)
+    return "\n".join(lines + (["", format_solid_table(rows)] if any(r.get("solid") for r in rows) else []))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -305,9 +293,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/out/quality"), help="folder of the runs")
     parser.add_argument("--json", type=Path, help="report path (default: --out with .json, bench/out/quality.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--text-only", action="store_true",
+                         help="the prior without its elevation kernel (prior.elevation_sigma=0), into --out + '-text-only'")
+    variant.add_argument("--both", action="store_true", help="the default runs, then the text-only ones; both tables")
     args = parser.parse_args(argv)
     check_threads(parser, args.threads)
     return args
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], Path, Path]]:
+    """(name, heading, overrides, runs folder, report path) per variant; text-only's sigma=0 follows every --set."""
+    overrides = (list(QUICK_OVERRIDES) if args.quick else []) + args.overrides
+    json_path = args.json or args.out.with_suffix(".json")
+    default = ("default", "the prior with its camera-elevation kernel", overrides, args.out, json_path)
+    text_only = ("text-only", "the prior sees the view words only, as a text-to-image model sees only the text: "
+                 "this table stands for the real (text-to-image) path", [*overrides, "prior.elevation_sigma=0"],
+                 args.out.with_name(args.out.name + "-text-only"), json_path.with_stem(json_path.stem + "-text-only"))
+    return [default, text_only] if args.both else [text_only] if args.text_only else [default]
 
 
 def main(argv=None) -> int:
@@ -315,34 +318,31 @@ def main(argv=None) -> int:
     use_threads(args.threads)
     prompts = args.prompts or (list(QUICK_PROMPTS) if args.quick else default_prompts())
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
-    overrides = (list(QUICK_OVERRIDES) if args.quick else []) + args.overrides
     for prompt in prompts:
         parse_prompt(prompt)  # an unknown prompt is a usage error, raised before any run
-    config = preset(args.preset)
-    config.guidance = "primitives"
-    apply_overrides(config, overrides)
-    json_path = args.json or args.out.with_suffix(".json")
-
-    rows = []
-    for prompt in prompts:
-        for seed in seeds:
-            print(f"[quality] {prompt!r} seed {seed} ...", flush=True)
-            rows.append(run_one(prompt, seed, config, args.out))
-            if rows[-1]["status"] != "ok":
-                print(f"[quality]   error: {rows[-1]['error']}", file=sys.stderr, flush=True)
-    summary = summarize(rows)
-    print(format_table(rows, summary))
-    print()
-    print(format_shape_table(rows))
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "preset": args.preset,
-        "quick": args.quick, "overrides": overrides, "seeds": seeds, "prompts": prompts, "summary": summary,
-        "rows": rows,
-    }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {json_path}")
-    return 1 if summary["errors"] else 0
+    tables, errors = [], 0
+    for name, heading, overrides, out_dir, json_path in variants(args):
+        config = preset(args.preset)
+        config.guidance = "primitives"
+        apply_overrides(config, overrides)
+        rows = []
+        for prompt in prompts:
+            for seed in seeds:
+                print(f"[quality] {name}: {prompt!r} seed {seed} ...", flush=True)
+                rows.append(run_one(prompt, seed, config, out_dir))
+                if rows[-1]["status"] != "ok":
+                    print(f"[quality]   error: {rows[-1]['error']}", file=sys.stderr, flush=True)
+        summary = summarize(rows)
+        report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "preset": args.preset,
+                  "quick": args.quick, "variant": name, "overrides": overrides, "seeds": seeds, "prompts": prompts,
+                  "summary": summary, "rows": rows}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+        tables.append(f"== {name}: {heading} ==\n{format_table(rows, summary)}\n\n{format_shape_table(rows)}"
+                      f"\nwrote {json_path}")
+        errors += summary["errors"]
+    print("\n\n".join(tables))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 For each run folder (made by `generate.py` or `bench.quality` with the primitives prior) it
 reads the coarse checkpoint, extracts the mesh the refine stage starts from (the coarse
-field's level set on the run's own refine grid: `geometry.dmtet.extract_mesh`), reads the
+field's level set on the run's own refine grid: `geometry.level_set.extract_mesh`), reads the
 refined mesh from the refine checkpoint, and compares both with the canonical primitive
 (volumetric IoU, a cube at its best heading about z as in bench.quality; watertightness,
 faces). Prints a table and writes JSON.
@@ -20,8 +20,8 @@ import torch
 
 from bench.shape_checks import aligned_volume_iou
 from bench.speed import write_json
-from geometry.dmtet import extract_mesh
-from geometry.tets import is_watertight
+from geometry.level_set import LevelSetSettings, extract_mesh
+from geometry.mesh_ops import is_watertight
 from guidance.primitive_shapes import parse_prompt
 from stages.runs import CHECKPOINTS, load_coarse_checkpoint, load_refine_checkpoint, load_run_config
 
@@ -53,8 +53,8 @@ def measure_run(run_dir: Path) -> dict:
     _, shape, _ = parse_prompt(prompt)
     device = torch.device("cpu")
     field = load_coarse_checkpoint(run_dir / CHECKPOINTS["coarse"], device)
-    before = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
-                          opacity=config.refine.surface_opacity)
+    before = extract_mesh(field, LevelSetSettings(config.refine.grid_resolution, config.refine.threshold,
+                                                  opacity=config.refine.surface_opacity), device)
     after, _ = load_refine_checkpoint(run_dir / CHECKPOINTS["refine"], device)
     row = {"run": run_dir.name, "prompt": prompt, "seed": config.seed, "grid": config.refine.grid_resolution}
     for name, (verts, faces) in (("before", before), ("after", after)):

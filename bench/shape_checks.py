@@ -1,5 +1,5 @@
 """Shape checks of an exported model against its primitive, beyond IoU: topology, flat bases, baked
-light and texture use (issue 14). Each takes `bench.quality.load_export`'s dict (training frame, +z up).
+light and texture use. Each takes `bench.quality.load_export`'s dict (training frame, +z up).
 
 - genus: the welded mesh's parts, Euler number and, when closed, genus (parts - Euler / 2); a torus
   has genus 1, every other primitive 0;
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import trimesh
 
-from geometry.uv import face_areas, texture_fill
+from geometry.mesh_ops import face_areas
+from geometry.uv import texture_fill
 from guidance.primitive_shapes import primitive_mesh
 from renderers import raster
 

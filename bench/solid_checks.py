@@ -1,4 +1,4 @@
-"""The solid checks of `bench.solid_metrics` for finished run folders, as one table (issue 31).
+"""The solid checks of `bench.solid_metrics` for finished run folders, as one table.
 
     python -m bench.solid_checks RUN_DIR [RUN_DIR ...] [--json OUT.json]
     python -m bench.solid_checks RUN_DIR --initial 0 2   # the refine stage's starting surface, per fill_tunnel
@@ -23,6 +23,7 @@ from bench.quality import load_export, mean_texture_color
 from bench.shape_checks import aligned_volume_iou
 from bench.solid_metrics import solid_checks
 from guidance.primitive_shapes import parse_prompt
+from stages.runs import RunRecord
 
 VOLUME_RESOLUTION = 64  # as bench.quality
 COLUMNS = (  # key, header, format
@@ -35,31 +36,32 @@ COLUMNS = (  # key, header, format
 
 
 def measure_run(run_dir: Path) -> dict:
-    record = json.loads((run_dir / "run.json").read_text())
-    prompt = record["prompt"]
+    record = RunRecord.load(run_dir)
+    prompt = record.prompt
     color, shape, _ = parse_prompt(prompt)
     mesh = load_export(run_dir / "model.obj")
     return {
         "run": str(run_dir), "prompt": prompt, "shape": shape, **solid_checks(mesh, shape),
         "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape, VOLUME_RESOLUTION),
         "color_error": color_error(torch.tensor(mean_texture_color(mesh)), color),
-        "dropped_shells": record.get("stage_stats", {}).get("export", {}).get("dropped_shells"),  # None before issue 31
+        "dropped_shells": record.stage_stats.get("export", {}).get("dropped_shells"),  # None in runs older than the shell check
     }
 
 
 def measure_initial(run_dir: Path, tunnel: int) -> dict:
     """The solid checks of the refine stage's starting surface from the run's coarse checkpoint."""
-    from geometry.dmtet import extract_mesh
+    from geometry.level_set import LevelSetSettings, extract_mesh
     from stages.runs import load_coarse_checkpoint
 
-    record = json.loads((run_dir / "run.json").read_text())
-    refine = record["config"]["refine"]
-    _, shape, _ = parse_prompt(record["prompt"])
+    record = RunRecord.load(run_dir)
+    refine = record.config["refine"]
+    _, shape, _ = parse_prompt(record.prompt)
     field = load_coarse_checkpoint(run_dir / "coarse.pt", torch.device("cpu"))
-    verts, faces = extract_mesh(field, refine["grid_resolution"], refine["threshold"], refine["grid_margin"],
-                                refine["sdf_smoothing"], opacity=refine["surface_opacity"], tunnel=tunnel)
+    settings = LevelSetSettings(refine["grid_resolution"], refine["threshold"], refine["grid_margin"],
+                                refine["sdf_smoothing"], refine["surface_opacity"], tunnel)
+    verts, faces = extract_mesh(field, settings)
     mesh = {"vertices": verts.double().numpy(), "faces": faces.numpy()}
-    return {"run": f"{run_dir.name} tunnel {tunnel}", "prompt": record["prompt"], "shape": shape,
+    return {"run": f"{run_dir.name} tunnel {tunnel}", "prompt": record.prompt, "shape": shape,
             **solid_checks(mesh, shape), "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape,
                                                                           VOLUME_RESOLUTION)}
 

@@ -1,5 +1,5 @@
-"""Is the export one clean solid? Checks that look inside the object and at what cameras barely see
-(issue 31). Each takes `bench.quality.load_export`'s dict (training frame, +z up); the mesh is welded
+"""Is the export one clean solid? Checks that look inside the object and at what cameras barely see.
+Each takes `bench.quality.load_export`'s dict (training frame, +z up); the mesh is welded
 by position first, as an importer's merge by distance would.
 
 - shells: connected pieces, and how many of them are closed;
@@ -188,7 +188,7 @@ def solid_checks(mesh: dict, shape: str) -> dict:
 
 
 # --------------------------------------------------------------------------- the benchmark's table
-BARS = {  # check -> the largest value a clean solid may have (issue: done when)
+BARS = {  # check -> the largest value a clean solid may have
     "cavity_share": 0.02, "angle_p95": 20.0, "pit_max": 0.03, "self_intersections": 0,
 }
 

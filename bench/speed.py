@@ -176,6 +176,7 @@ def cuda_setup(preset_name: str, overrides: list[str]):
 
 def end_to_end(overrides: list[str]) -> dict:
     from stages.pipeline import run_to_completion
+    from stages.runs import RunRecord
 
     config = preset("quick")
     config.guidance = "primitives"
@@ -184,9 +185,9 @@ def end_to_end(overrides: list[str]) -> dict:
         start = time.perf_counter()
         run_to_completion(PROMPT, config, run_dir=run_dir)
         total = time.perf_counter() - start
-        record = json.loads((Path(run_dir) / "run.json").read_text())
-    return {"prompt": PROMPT, "preset": "quick", "device": record["device"], "stage_seconds": record["stage_seconds"],
-            "total_seconds": total, "stage_stats": record["stage_stats"]}
+        record = RunRecord.load(run_dir)
+    return {"prompt": PROMPT, "preset": "quick", "device": record.device, "stage_seconds": record.stage_seconds,
+            "total_seconds": total, "stage_stats": record.stage_stats}
 
 
 # --------------------------------------------------------------------------- output

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from bench.export_checks import shape_sdf
+from geometry.mesh_ops import clean_mesh, decimate
 from geometry.tets import make_tet_grid, marching_tets
 from geometry.uv import overlapping_texels, texture_fill, unwrap
 from geometry.uv_charts import components, edge_pairs
 from stages.config import preset
-from stages.export import clean_mesh, decimate
 
 SHAPES = ("sphere", "cube", "torus", "capsule", "cone", "lumpy sphere", "lumpy cube", "lumpy torus")
 

@@ -54,8 +54,9 @@ def default_config():
 
 
 def run_example(prompt: str, run_dir: Path, config) -> tuple[dict, np.ndarray | None]:
-    """Run `prompt` with `config` into `run_dir`; (its run.json, its last preview image)."""
+    """Run `prompt` with `config` into `run_dir`; (its record, its last preview image)."""
     from stages.pipeline import generate
+    from stages.runs import RunRecord
 
     last_preview, shown = None, ""
     for event in generate(prompt, config, run_dir=run_dir):
@@ -65,7 +66,7 @@ def run_example(prompt: str, run_dir: Path, config) -> tuple[dict, np.ndarray | 
         if event.stage != shown or event.step == event.total:  # one line per stage and its end, not per step
             print(line, flush=True)
             shown = event.stage
-    return json.loads((run_dir / "run.json").read_text()), last_preview
+    return RunRecord.load(run_dir), last_preview
 
 
 def read_frames(video: Path) -> list[np.ndarray]:
@@ -98,17 +99,17 @@ def strip(frames: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(picked, axis=1)
 
 
-def keep_example(prompt: str, record: dict, preview, run_dir: Path, out: Path, code: str) -> dict:
-    """Copy the small files of one run into `out`; returns facts.json's content."""
+def keep_example(prompt: str, record, preview, run_dir: Path, out: Path, code: str) -> dict:
+    """Copy the small files of one run (`record`: its `stages.runs.RunRecord`) into `out`; returns facts.json's content."""
     from PIL import Image
 
     out.mkdir(parents=True)
-    outputs = record.get("outputs") or {}
+    outputs = record.outputs
     shutil.copyfile(outputs["glb"], out / "model.glb")
     if Path(outputs.get("zip") or "").is_file() and Path(outputs["zip"]).stat().st_size <= MAX_ZIP_BYTES:
         shutil.copyfile(outputs["zip"], out / "model.zip")
     frames = read_frames(Path(outputs["turntable"]))
-    fps = record["config"]["export"]["turntable_fps"]
+    fps = record.config["export"]["turntable_fps"]
     shutil.copyfile(outputs["turntable"], out / "turntable.mp4")
     if sum(f.stat().st_size for f in out.iterdir()) > MAX_EXAMPLE_BYTES * 0.8:
         count, size = SMALL_TURNTABLE
@@ -116,9 +117,10 @@ def keep_example(prompt: str, record: dict, preview, run_dir: Path, out: Path, c
     Image.fromarray(strip(frames)).save(out / "strip.png", optimize=True)
     Image.fromarray(preview if preview is not None else frames[0]).save(out / "preview.png", optimize=True)
     facts = {
-        "prompt": prompt, "preset": record.get("preset"), "seed": record.get("seed"), "guidance": record.get("guidance"),
-        "device": record.get("device"), "seconds": round(record.get("total_seconds") or 0.0, 1),
-        "minutes": round((record.get("total_seconds") or 0.0) / 60, 1), "stage_seconds": {k: round(v, 1) for k, v in (record.get("stage_seconds") or {}).items()},
+        "prompt": prompt, "preset": record.preset, "seed": record.seed, "guidance": record.guidance,
+        "device": record.device, "seconds": round(record.total_seconds or 0.0, 1),
+        "minutes": round((record.total_seconds or 0.0) / 60, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in record.stage_seconds.items()},
         "commit": code, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")

@@ -1,18 +1,129 @@
-"""Differentiable triangle-mesh helpers for refinement: regularisers (the vertex normals live in `renderers.mesh`).
+"""Triangle-mesh work: measures (area, volume, watertightness), cleaning and decimation for the export,
+unit normals for the files, and the differentiable regularisers of refinement.
 
-All three take the mesh of the current step (`verts` [V, 3] float, `faces` [F, 3] long,
-counter-clockwise seen from outside, as `geometry.tets.marching_tets` emits it) and are
-differentiable with respect to `verts`. Connectivity is recomputed from `faces` on each
-call (marching tetrahedra changes it every step); that costs one sort of the 3F half-edges.
+Meshes are `verts` [V, 3] float and `faces` [F, 3] long, counter-clockwise seen from outside, as
+`geometry.tets.marching_tets` emits them: torch tensors for what refinement differentiates (the
+regularisers recompute connectivity from `faces` on each call, since marching tetrahedra changes it
+every step: one sort of the 3F half-edges), numpy arrays for the export's cleaning. Vertex normals are
+computed by `renderers.mesh.vertex_normals`, which the mesh renderer shades with.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from renderers.mesh import face_normals, vertex_normals  # noqa: F401 (they live with the mesh renderer; kept importable here)
+from renderers.mesh import face_normals, vertex_normals
+
+__all__ = [
+    "albedo_tilt_loss", "clean_mesh", "decimate", "drop_degenerate", "face_adjacency", "face_areas", "file_normals",
+    "is_watertight", "laplacian_loss", "mesh_area", "mesh_edges", "mesh_volume", "normal_consistency_loss",
+]
 
 
+# --------------------------------------------------------------------------- measures
+def mesh_volume(verts: Tensor, faces: Tensor) -> Tensor:  # verts [M, 3], faces [F, 3] -> scalar
+    """Signed volume by the divergence theorem: positive for a closed outward-facing mesh."""
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    return (v0 * torch.linalg.cross(v1, v2, dim=-1)).sum() / 6.0
+
+
+def mesh_area(verts: Tensor, faces: Tensor) -> Tensor:  # verts [M, 3], faces [F, 3] -> scalar
+    """Total surface area."""
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1).norm(dim=-1).sum() / 2.0
+
+
+def is_watertight(faces: Tensor) -> bool:  # faces [F, 3] long
+    """True when every edge is used by exactly two faces, once in each direction.
+
+    That makes the mesh closed and consistently wound. An empty mesh is not watertight.
+    """
+    if faces.numel() == 0:
+        return False
+    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)  # [3F, 2] (from, to)
+    n = int(faces.max()) + 1
+    forward = directed[:, 0] * n + directed[:, 1]
+    backward = directed[:, 1] * n + directed[:, 0]
+    forward_sorted = torch.sort(forward).values
+    if bool((forward_sorted[1:] == forward_sorted[:-1]).any()):
+        return False  # a directed edge used twice: non-manifold or flipped neighbour
+    return bool(torch.equal(forward_sorted, torch.sort(backward).values))
+
+
+def face_areas(v: np.ndarray, f: np.ndarray) -> np.ndarray:  # [V, 3], [F, 3] -> [F]
+    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+
+
+# --------------------------------------------------------------------------- cleaning (numpy, for the export)
+def drop_degenerate(v: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove faces with a repeated vertex, repeated faces (one copy stays), both faces of a
+    two-sided fin (one triangle twice, wound both ways) and unused vertices. Zero-area faces
+    with three distinct vertices stay: deleting one would open a hole in a closed surface
+    (a weld of near-coincident marching-tets vertices makes such slivers)."""
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    start = np.argmin(f, axis=1)[:, None]  # rotate the smallest index first, keeping the winding
+    canonical = np.take_along_axis(f, (start + np.arange(3)) % 3, axis=1)
+    _, first = np.unique(canonical, axis=0, return_index=True)
+    f = f[np.sort(first)]
+    _, same, count = np.unique(np.sort(f, axis=1), axis=0, return_inverse=True, return_counts=True)
+    f = f[count[same.reshape(-1)] == 1]
+    used, f = np.unique(f, return_inverse=True)
+    return v[used], f.reshape(-1, 3)
+
+
+def clean_mesh(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    min_component_ratio: float,
+    merge_distance: float,
+) -> tuple[np.ndarray, np.ndarray]:  # ([V', 3] float64, [F', 3] int64)
+    """Merge duplicate vertices, drop degenerate faces and tiny disconnected pieces."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    # 1. Weld vertices on a grid of merge_distance (pairs straddling a grid line stay apart).
+    key = np.round(vertices / merge_distance).astype(np.int64)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    v, f = vertices[first].astype(np.float64), inverse.reshape(-1)[faces].astype(np.int64)
+    v, f = drop_degenerate(v, f)
+    if len(f) == 0 or min_component_ratio == 0:
+        return v, f
+    # 2. Connected pieces through shared vertices; keep a piece when its faces or its area reach the ratio.
+    edges = np.concatenate([f[:, :2], f[:, 1:]])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(v), len(v)))
+    _, labels = connected_components(graph, directed=False)
+    face_label = labels[f[:, 0]]
+    counts = np.bincount(face_label)
+    areas = np.bincount(face_label, weights=face_areas(v, f))
+    keep = (counts >= min_component_ratio * counts.max()) | (areas >= min_component_ratio * areas.max())
+    return drop_degenerate(v, f[keep[face_label]])
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric edge-collapse decimation to about `target_faces` (package fast-simplification)."""
+    if target_faces == 0 or len(faces) <= target_faces:
+        return vertices, faces
+    try:
+        from fast_simplification import simplify
+    except ImportError as err:
+        raise ImportError("decimation needs `pip install fast-simplification` (or set target_faces=0)") from err
+    v, f = simplify(vertices.astype(np.float64), faces.astype(np.int64), target_count=int(target_faces))
+    # Collapses can leave two vertices at one position (seen along a cube's edges): weld them,
+    # or the mesh has open edges and exports as non-watertight.
+    v, inverse = np.unique(np.asarray(v, np.float64), axis=0, return_inverse=True)
+    return drop_degenerate(v, inverse.reshape(-1)[np.asarray(f, np.int64)])
+
+
+def file_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:  # [V, 3] float64, [F, 3] -> [V, 3] float64
+    """Area-weighted unit vertex normals for the exported files; a vertex whose face normals cancel
+    (a pinch) gets +z, since glTF requires unit normals."""
+    n = vertex_normals(torch.from_numpy(np.asarray(v, np.float64)), torch.from_numpy(np.asarray(f, np.int64)))
+    unit = n.norm(dim=1, keepdim=True) > 0.5  # vertex_normals leaves a zero where the normals cancel
+    return torch.where(unit, n, n.new_tensor((0.0, 0.0, 1.0))).numpy()
+
+
+# --------------------------------------------------------------------------- regularisers (torch, differentiable)
 def face_adjacency(faces: Tensor) -> Tensor:  # faces [F, 3] long -> [E, 2] long
     """Pairs of faces that share an edge (edges used by exactly two faces; others are skipped)."""
     if faces.shape[0] == 0:

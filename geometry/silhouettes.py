@@ -4,14 +4,14 @@ A hole is a region of a silhouette (rays above the object's opacity) that the ou
 reach within that 2D map: the opening of a torus seen from above. A coarse field often leaves
 fog or a thin film in such an opening, dense enough to exceed the surface level there while
 rays still pass through it mostly unblocked; a level set then closes the hole (genus 0) and
-refinement rarely reopens it. `geometry.dmtet.initial_sdf` carves the rays through holes.
+refinement rarely reopens it. `geometry.level_set.initial_sdf` carves the rays through holes.
 
 A soft field can fill the opening with a film that stays above the surface opacity (a torus
 whose ring reaches 0.85 and whose opening still holds 0.55-0.65): no clear ray is enclosed,
 but the opening is a basin of the opacity map, a dip that the ring around it walls in. Rays
 at least BASIN_DEPTH below the map with its basins filled (greyscale hole filling) are
-carved too. The primitives prior's coarse fields of cubes, cones and spheres dip at most
-0.04 anywhere; their tori's openings, 0.35-0.58.
+carved too: solid shapes' coarse fields dip far less than BASIN_DEPTH, tori's openings far
+more (bench/HISTORY.md).
 """
 from __future__ import annotations
 

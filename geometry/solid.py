@@ -1,5 +1,5 @@
 """Solid shapes: the inside of a tet grid's SDF with its enclosed empty space filled, and a mesh
-with the closed shells that lie inside other shells dropped (issue 31).
+with the closed shells that lie inside other shells dropped.
 
 SDS shapes only what cameras see, so a coarse field's interior is free to be empty and its level
 set then has inner surfaces: cavities (an inward-facing shell inside the object) and, where a

@@ -14,11 +14,8 @@ linear zero crossing, so the mesh is welded, watertight for a closed surface,
 and differentiable with respect to both the SDF and the grid vertex positions.
 Triangles face outward (counter-clockwise seen from outside).
 
-Timing (2-core shared CPU, torch 2.13, sphere radius 0.6 in [-1, 1]^3, median of 5):
-resolution 64 (1.57M tets): forward 0.054 s, forward + backward 0.060 s;
-resolution 128 (12.6M tets): forward 0.31 s, forward + backward 0.32 s
-(building the grid itself: 0.02 s and 0.5 s). Most of it is the occupancy
-gather over every tet; the work on the few tets that straddle the surface is small.
+Most of its time is the occupancy gather over every tet; the work on the few tets
+that straddle the surface is small (timings: bench/HISTORY.md).
 """
 
 from dataclasses import dataclass
@@ -202,32 +199,3 @@ def tet_edges(tets: Tensor) -> Tensor:  # tets [T, 4] long -> [E, 2] long, uniqu
     pairs = tets[:, torch.tensor(_EDGES, device=tets.device)].reshape(-1, 2)  # [6T, 2]
     pairs = torch.sort(pairs, dim=1).values
     return torch.unique(pairs, dim=0)
-
-
-def mesh_volume(verts: Tensor, faces: Tensor) -> Tensor:  # verts [M, 3], faces [F, 3] -> scalar
-    """Signed volume by the divergence theorem: positive for a closed outward-facing mesh."""
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    return (v0 * torch.linalg.cross(v1, v2, dim=-1)).sum() / 6.0
-
-
-def mesh_area(verts: Tensor, faces: Tensor) -> Tensor:  # verts [M, 3], faces [F, 3] -> scalar
-    """Total surface area."""
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1).norm(dim=-1).sum() / 2.0
-
-
-def is_watertight(faces: Tensor) -> bool:  # faces [F, 3] long
-    """True when every edge is used by exactly two faces, once in each direction.
-
-    That makes the mesh closed and consistently wound. An empty mesh is not watertight.
-    """
-    if faces.numel() == 0:
-        return False
-    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)  # [3F, 2] (from, to)
-    n = int(faces.max()) + 1
-    forward = directed[:, 0] * n + directed[:, 1]
-    backward = directed[:, 1] * n + directed[:, 0]
-    forward_sorted = torch.sort(forward).values
-    if bool((forward_sorted[1:] == forward_sorted[:-1]).any()):
-        return False  # a directed edge used twice: non-manifold or flipped neighbour
-    return bool(torch.equal(forward_sorted, torch.sort(backward).values))

@@ -16,42 +16,11 @@ atlas with the most UV area whose triangles overlap on at most MAX_OVERLAP of th
 itself. An atlas larger than the texture is repacked at a lower density until it fits, so its
 padding stays at least one texel.
 
-Measured (fill = fraction of texel centres covered by a triangle, 512 px, one core, unwrap
-time best of two on a shared machine) on marching-tetrahedra meshes cleaned and decimated to
-20k faces as the `quick` export does (python -m bench.uv_fill): a sphere, cube, torus, capsule
-and cone on the 48-cell grid, and the sphere, cube and torus with 0.015 + 0.008 sin-noise on
-their SDF on a 64-cell grid ("lumpy"):
-
-    fill                 sphere cube  torus capsule cone   lumpy sphere / cube / torus   unwrap
-    xatlas's charts      0.57   0.94  0.44  -       -      0.50 / 0.51 / 0.53            0.05-1.2 s
-    one cut per chart    0.69   0.95  0.66  0.79    0.67   0.63 / 0.95 / 0.63            1.2-2.2 s
-    cells and rims       0.75   0.95  0.71  0.82    0.78   0.69 / 0.95 / 0.68            1.8-3.3 s
-
-(The first row is from before, on an earlier lumpy noise; a refined "red cone" mesh went from
-0.50 to 0.66 with one cut per chart and was not remeasured.) Over the six curved
-meshes the mean goes from 0.68 to 0.74, over 15 meshes (five curved ones, each also turned by
-two small random rotations) from 0.65 to 0.71; packing is chaotic, so one mesh moves by a few
-hundredths with any change. The steps on those 15, in order: straightened borders, merged
-fragments and the larger repack 0.65 -> 0.66; rims quartered once 0.68, down to cell / 8 0.70;
-xatlas's rotate_charts_to_axis (briefly off) back on 0.71. Without the merging it is 0.02 less,
-without the repack 0.003 less (for ~40 % less time). At 256 px a small lumpy sphere (15k
-faces) loses 0.02 (0.63 -> 0.61): its uncut charts win, cut ones reach only 0.49-0.55.
-
-The price is texel density: an orthographic projection shrinks a face by the cosine of its
-tilt, so the per-face ratio of UV area to 3D area (1 = the mean) spans 0.80-1.18 from the
-5th to the 95th percentile on the decimated sphere, torus and lumpy ones (the same with one cut
-per chart), against 0.95-1.04 (lumpy: 0.88-1.15) with xatlas's charts. Still 20-30 % of the
-atlas lies between chart outlines: xatlas's packer places irregular shapes by their
-conservative bitmaps, and each chart's border ring of
-partly covered texels and padding costs more the more charts there are. Tried with xatlas's
-own charts: its ChartOptions weights (roundness 1: +0.03 / +0.08 / +0.03 on sphere / torus /
-cone), larger or no chart-area caps (more charts, 2-10x slower), charting a Taubin-smoothed
-copy (up to 50x density spread), twice the density with twice the padding (+0.01-0.02). With
-projected charts: 14 directions instead of 6 (-0.05), MIN_FACING 0.3 (lumpy -0.02), more cut
-sizes (+0.00-0.01), a fixed texture-size atlas (fits only at a lower density), per-chart grids
-fitted to each chart's bounding box (-0.04), a grid shifted by half a cell (-0.03 to -0.1),
-smoothed normals for the labels (+0.00), a second start density per cut size (+0.005, 2.3x
-the time). One texel of padding suffices because the bake dilates every chart into the empty
+Projected charts fill more of the texture than xatlas's own (its packer places irregular charts by
+their bitmaps, and every chart's border ring costs texels); the price is texel density, since an
+orthographic projection shrinks a face by the cosine of its tilt. The measurements, and the chart and
+packing options tried: bench/HISTORY.md ("Texture fill of the unwrap"; `python -m bench.uv_fill`).
+One texel of padding suffices because the bake dilates every chart into the empty
 texels around it, and each chart's bitmap is conservative (it owns every texel it touches).
 """
 from __future__ import annotations
@@ -61,6 +30,7 @@ import math
 import numpy as np
 import torch
 
+from geometry.mesh_ops import face_areas
 from geometry.uv_charts import axis_labels, components, cut_charts, edge_pairs, neighbours
 
 ATLAS_FILL_GUESS = 0.6  # expected fill of the atlas, sizes it just under the texture size
@@ -68,11 +38,6 @@ RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
 CHART_CELLS = (0, 64, 96, 128)  # chart cut sizes tried, texels (0 = uncut); the best fill without overlap is kept
 DENSITY_ROOM = 1.02  # an atlas whose larger side is this much under the texture size is packed again, larger
 MAX_OVERLAP = 1e-4  # fraction of the texels that two triangles may share (overhanging lumps); more rejects an atlas
-
-
-def face_areas(v: np.ndarray, f: np.ndarray) -> np.ndarray:  # [V, 3], [F, 3] -> [F]
-    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
-
 
 
 def _projected_atlas(
@@ -175,7 +140,7 @@ def _pack_options(texels_per_unit: float, padding: int):
 
     pack = xatlas.PackOptions()
     pack.padding = padding
-    pack.bruteForce = True  # tries every position for each chart: +10-25 % fill over the greedy search
+    pack.bruteForce = True  # tries every position for each chart: a fuller atlas than the greedy search
     pack.blockAlign = False  # 4x4-aligned placement leaves gaps between small charts
     pack.bilinear = False  # its extra border ring duplicates what `padding` and the bake's dilation do
     pack.rotate_charts = True

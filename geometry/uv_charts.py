@@ -1,5 +1,5 @@
 """UV charts: which faces of a mesh share a chart, and along which axis each is projected
-(`geometry.uv` packs them; its docstring has the method's measurements and what was tried).
+(`geometry.uv` packs them; the measurements and what was tried: bench/HISTORY.md).
 
 Each face takes the axis direction nearest its normal (+x, -x, ... like a cube map); chart
 borders are straightened along the mesh's edges and small pieces given to a neighbour, but a

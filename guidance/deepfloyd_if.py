@@ -23,7 +23,9 @@ from guidance.hub import (
     model_revision,
     quiet_loading,
 )
+from guidance.hub_tuning import adapt_to_hub_model, file_examples, hub_settings
 from guidance.model_folders import Family, expand_home
+from guidance.registry import GuidanceSpec, register
 from guidance.stable_diffusion import PREDICTION_TYPES, epsilon_from_prediction
 from guidance.text_side import EmbeddingCache, Placement
 
@@ -159,3 +161,13 @@ class DeepFloydIFGuidance:
         prediction = output[:, : self.channels]  # the rest is the learned variance
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return epsilon_from_prediction(prediction.float(), x_t.float(), alpha_bar, self.prediction_type).to(x_t.dtype)
+
+
+def build(device, dtype=None, model_id=None, **kwargs) -> DeepFloydIFGuidance:
+    return DeepFloydIFGuidance(model_id or DEFAULT_IF_MODEL_ID, device=device, dtype=dtype, **kwargs)
+
+
+SPEC = register(GuidanceSpec(
+    name="deepfloyd-if", title="DeepFloyd IF", build=build, settings=hub_settings,
+    default_model_id=DEFAULT_IF_MODEL_ID, adapt=adapt_to_hub_model, examples=file_examples,
+))

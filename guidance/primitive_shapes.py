@@ -6,7 +6,7 @@ origin, +z up, the training frame) are exposed as trimesh meshes for evaluation.
 
 The prior tells elevation bands apart: a front, side or back camera under VIEW_BANDS[0] degrees
 gets "low front", "low side" or "low back", one at VIEW_BANDS[1] degrees or more "high front" and
-so on (`renderers.cameras.banded_view_word`). By the text alone, within one view word a shape seen
+so on (`renderers.view_words.banded_view_word`). By the text alone, within one view word a shape seen
 from one elevation passes for a distorted one seen from another: a cone with a skirt below its
 base, seen from 0 degrees, is nearer the true cone seen from 12 degrees than from 0, and cubes,
 cylinders and cones grow taller, their flat bases sinking, when "front" spans 5 to 60 degrees.
@@ -36,7 +36,9 @@ import trimesh
 from torch import Tensor
 
 from renderers import raster
-from renderers.cameras import CameraConfig, banded_view_word, sample_cameras, to_clip, view_words_of
+from renderers.cameras import CameraConfig, sample_cameras, to_clip
+from renderers.shading import lambert
+from renderers.view_words import banded_view_word, view_words_of
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.12, 0.10),
@@ -199,7 +201,7 @@ def render_shape(
     interp = raster.interpolate(attrs, rast, tri)  # [B, S, S, 6]
     points, n = interp[..., :3], torch.nn.functional.normalize(interp[..., 3:], dim=-1)
     light_dir = torch.nn.functional.normalize(light_position[:, None, None, :] - points, dim=-1)
-    shade = ambient + (1.0 - ambient) * (n * light_dir).sum(-1).clamp(min=0.0)
+    shade = lambert(n, light_dir, ambient)[..., 0]  # [B, S, S]
     alpha = (rast[..., 3] > 0).float()
     pooled = torch.nn.functional.avg_pool2d(torch.stack([alpha, alpha * shade], dim=1), supersample)
     return pooled[:, 0], pooled[:, 1]

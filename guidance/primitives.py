@@ -11,11 +11,10 @@ Besides x_t, t and the text, the model takes the camera's elevation e (degrees) 
 gives it (SDS does, for a model with `takes_elevations`): the prior over which render was noised is
 then exp(-(e_i - e)^2 / (2 sigma^2)) for render i's elevation e_i, added to the logits above. With the
 text alone (view words and elevation bands), a shape seen from one elevation passes for a distorted
-one seen from a few degrees higher: a cone standing 0.035 below its true base seen from e is nearest
-the true cone seen from e + 3 (bench/RESULTS.md, "Geometry, eighth pass"). The model never sees the
+one seen from a few degrees higher (a cone standing too low for the true one). The model never sees the
 camera's azimuth, distance or field of view, so the object's size is only defined if the stages'
 cameras all see it at one scale: the runs using this prior fix the camera distance and field of
-view (`guidance.registry.adapt_to_primitives`).
+view (`guidance.primitives_tuning.adapt_to_primitives`; every setting its runs tune, and why: docs/PRIMITIVES.md).
 
 Images are factored as x_i = A_k + B_k * color (per channel, in [-1, 1]), with
 A_k = 2 g (1 - alpha) - 1 for a grey background level g and B_k = 2 alpha_shade of render k, so
@@ -58,8 +57,7 @@ def background_for(prompt: str | None) -> float:
     """The grey level behind the object for a prompt: white, except dark for white objects.
 
     On white, a white object's lit side looks like the background, and a semi-transparent grey
-    cloud on its shadow side matches the library as well as the object does ("a white capsule"
-    at test size: silhouette IoU 0.31 on white, 0.89 on 0.15).
+    cloud on its shadow side matches the library as well as the object does.
     """
     if prompt is None:
         return 1.0
@@ -91,9 +89,7 @@ class PrimitivesPrior:
     """Offline pixel-space guidance model for prompts like 'a red cube' (no weights, no download)."""
 
     space = "pixel"
-    # 5, not Stable Diffusion's 100: both branches are exact posteriors, so s multiplies their
-    # whole difference; at 100 the albedo saturates and a haze fills the bounding sphere, at 1 the
-    # shape stays the initial blob (the figures: bench/RESULTS.md, "CFG 100 is far too strong").
+    # Both branches are exact posteriors, so CFG multiplies their whole difference: 100 saturates, 1 leaves a blob.
     default_guidance_scale = 5.0
     view_dependent_uncond = True  # the unconditional branch is per view word: SDS appends the view suffix
     view_bands = VIEW_BANDS  # elevation bands, degrees: SDS asks with "low <word>" under the first, "high <word>" from the second

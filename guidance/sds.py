@@ -6,7 +6,7 @@ with and without the prompt; classifier-free guidance combines the two into eps_
 the SDS gradient on x is w(t) (eps_hat - eps). The loss is built so that its gradient with
 respect to x is exactly that (the UNet Jacobian is skipped, as in the paper).
 
-The guidance model contract is in DESIGN.md: encode_prompt, predict_noise, alphas_cumprod,
+The guidance model contract (`guidance.registry.Guidance`, docs/ARCHITECTURE.md): encode_prompt, predict_noise, alphas_cumprod,
 space, resolution, encode_images (latent models), default_guidance_scale and
 view_dependent_uncond. The model keeps its text encoder: every stage and every later run
 embeds its prompts through the same model.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from renderers.cameras import ALL_VIEW_WORDS, banded_view_word, view_words_of
+from renderers.view_words import ALL_VIEW_WORDS, banded_view_word, view_words_of
 
 VIEW_SUFFIXES = {word: f", {word} view" for word in ALL_VIEW_WORDS}  # appended to the prompt per view word
 T_ANNEAL_MODES = ("none", "linear", "sqrt")

@@ -21,7 +21,9 @@ from guidance.hub import (
     model_revision,
     quiet_loading,
 )
+from guidance.hub_tuning import adapt_to_hub_model, file_examples, hub_settings
 from guidance.model_folders import Family, expand_home
+from guidance.registry import GuidanceSpec, register
 from guidance.text_side import EmbeddingCache, Placement
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # diffusers layout of the parts we load
@@ -151,3 +153,13 @@ class StableDiffusionGuidance:
         prediction = unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return epsilon_from_prediction(prediction.float(), x_t.float(), alpha_bar, self.prediction_type).to(x_t.dtype)
+
+
+def build(device, dtype=None, model_id=None, **kwargs) -> StableDiffusionGuidance:
+    return StableDiffusionGuidance(model_id or DEFAULT_SD_MODEL_ID, device=device, dtype=dtype, **kwargs)
+
+
+SPEC = register(GuidanceSpec(
+    name="stable-diffusion", title="Stable Diffusion", build=build, settings=hub_settings,
+    default_model_id=DEFAULT_SD_MODEL_ID, adapt=adapt_to_hub_model, examples=file_examples,
+))

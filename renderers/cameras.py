@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-VIEW_WORDS = ("front", "side", "back", "overhead")
-BANDED_VIEWS = ("front", "side", "back")  # the view words with elevation-band forms, "low <word>" and "high <word>"
-ALL_VIEW_WORDS = VIEW_WORDS + tuple(f"{band} {word}" for band in ("low", "high") for word in BANDED_VIEWS)
+from renderers.view_words import view_word
+
 VIEW_DISTANCE = 2.8  # world units: the fixed views' camera distance (previews, turntables, held-out views, the primitives prior)
 VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
@@ -92,51 +91,15 @@ class Cameras:
     fovy: Tensor  # [B] degrees
     height: int  # image height, px
     width: int  # image width, px
-    view_words: list[str] = field(default_factory=list)  # one of VIEW_WORDS per camera
+    view_words: list[str] = field(default_factory=list)  # one of renderers.view_words.VIEW_WORDS per camera
 
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-
-def view_word(elevation: float, azimuth: float) -> str:
-    """The view word of one camera: overhead above 60 degrees, else by azimuth."""
-    if elevation > 60.0:
-        return "overhead"
-    az = wrap_degrees(azimuth)
-    if abs(az) < 45.0:
-        return "front"
-    if abs(az) > 135.0:
-        return "back"
-    return "side"
-
-
-def banded_view_word(word: str, elevation: float, bands: tuple[float, float] | None) -> str:
-    """`word`, or its elevation-band form for a guidance model that tells elevation bands apart
-    (`view_words_of`): "low <word>" for a front, side or back camera under bands[0] degrees, "high
-    <word>" for one at bands[1] degrees or more. `bands` None: the word itself."""
-    if bands is None or word not in BANDED_VIEWS:
-        return word
-    low, high = bands
-    if elevation < low:
-        return f"low {word}"
-    if elevation >= high:
-        return f"high {word}"
-    return word
-
-
-def view_words_of(bands: tuple[float, float] | None) -> tuple[str, ...]:
-    """Every view word a model with elevation bands `bands` (None: none) is prompted with."""
-    return VIEW_WORDS if bands is None else ALL_VIEW_WORDS
-
-
-def wrap_degrees(angle: float) -> float:
-    """Wrap an angle to (-180, 180]."""
-    a = math.fmod(angle, 360.0)
-    if a <= -180.0:
-        a += 360.0
-    elif a > 180.0:
-        a -= 360.0
-    return a
+    def __getitem__(self, index: slice) -> Cameras:
+        """The cameras of a slice of the batch, at the same image size."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
+                                            if f.name not in ("height", "width")})
 
 
 def projection_matrix(fovy: Tensor, aspect: float, near: float, far: float) -> Tensor:

@@ -1,6 +1,7 @@
 """Mesh rendering on the rasterizer: rasterize a triangle mesh, shade it (albedo, Lambertian or
 textureless) over a background with antialiased silhouettes, and the vertex normals that
-shading needs. The refine stage trains through these; its previews use `render_mesh`."""
+shading needs. The refine stage trains through these; its previews use `render_mesh`; a mesh
+with a baked texture (the export's turntable, the quality benchmark) renders with `render_textured`."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,10 @@ from torch import Tensor
 
 from renderers import raster
 from renderers.cameras import Cameras, to_clip
-from renderers.volume import SHADINGS
+from renderers.shading import SHADINGS, lambert
+
+__all__ = ["face_normals", "rasterize_mesh", "render_mesh", "render_textured", "shade_mesh", "vertex_normals"]
+LIGHTS = ("point", "view")  # render_textured: a point light at each camera's light position, or light along its view
 
 
 def face_normals(
@@ -76,8 +80,7 @@ def shade_mesh(
     else:
         batch = covered.nonzero()[:, 0]
         to_light = F.normalize(cameras.light_position.to(pts.dtype)[batch] - pts, dim=-1)
-        lambert = (normals[covered] * to_light).sum(-1).clamp_min(0.0)
-        color = albedo * (ambient + (1.0 - ambient) * lambert)[:, None]
+        color = albedo * lambert(normals[covered], to_light, ambient)
     bg = background.to(pts.dtype)[:, None, None, :].expand_as(points)
     rgb = bg.index_put((covered,), color)  # [B, H, W, 3]
     rgb = raster.antialias(rgb, rast, raster_out["pos_clip"], raster_out["faces"], backend=backend)
@@ -100,3 +103,35 @@ def render_mesh(
     out = rasterize_mesh(verts, faces, cameras, backend)
     shaded = shade_mesh(out, color_field, cameras, shading, ambient, background, backend)
     return {**shaded, "normal": out["normals"] * shaded["alpha"]}
+
+
+def render_textured(
+    verts: Tensor,  # [V, 3] world positions
+    faces: Tensor,  # [F, 3] long
+    uv: Tensor,  # [V, 2] texture coordinates
+    normals: Tensor,  # [V, 3] vertex normals
+    tex: Tensor,  # [T, T, 3] texture, row 0 = v 0
+    cameras: Cameras,
+    ambient: float,  # ambient share of the Lambertian shading
+    light: str = "point",  # LIGHTS: "point" (one-sided, at cameras.light_position) or "view" (two-sided headlight)
+    background: float = 1.0,  # grey level behind the mesh
+    antialiased: bool = True,  # antialias the silhouettes
+    backend: str = "auto",
+    chunk_size: int = 0,  # triangles per visibility pass (torch backend), 0 = all at once
+) -> Tensor:  # [B, H, W, 3]
+    """The textured mesh shaded over a grey level: the export's turntable, the quality benchmark's renders."""
+    if light not in LIGHTS:
+        raise ValueError(f"light must be one of {LIGHTS}, got {light!r}")
+    pos_clip = to_clip(verts, cameras.mvp)  # [B, V, 4]
+    rast = raster.rasterize(pos_clip, faces, (cameras.height, cameras.width), backend=backend, chunk_size=chunk_size)
+    colour = raster.texture(tex[None], raster.interpolate(uv, rast, faces, backend=backend), boundary="clamp",
+                            backend=backend)  # [B, H, W, 3]
+    n = F.normalize(raster.interpolate(normals, rast, faces, backend=backend), dim=-1)
+    if light == "view":
+        shade = lambert(n, cameras.c2w[:, None, None, :3, 2], ambient, two_sided=True)  # towards the camera
+    else:
+        points = raster.interpolate(verts, rast, faces, backend=backend)
+        shade = lambert(n, F.normalize(cameras.light_position[:, None, None, :] - points, dim=-1), ambient)
+    alpha = (rast[..., 3:] > 0).to(colour.dtype)
+    image = colour * shade * alpha + (1 - alpha) * background
+    return raster.antialias(image, rast, pos_clip, faces, backend=backend) if antialiased else image

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from renderers.cameras import Cameras, get_rays
+from renderers.ray_march import intersect_sphere, march_rays
+from renderers.shading import SHADINGS
 
-SHADINGS = ("albedo", "lambertian", "textureless")
 # DreamFusion's shading mix after an albedo-only warm-up (threestudio's reproduction of the paper:
 # shaded with probability 0.75, of which half textureless; ambient 0.1, diffuse 0.9).
 DREAMFUSION_SHADING = {"albedo": 0.25, "lambertian": 0.375, "textureless": 0.375}
@@ -147,22 +148,6 @@ class OccupancyGrid:
         return self.occupied.reshape(-1)[flat] & inside
 
 
-def intersect_sphere(
-    origins: Tensor,  # [R, 3]
-    dirs: Tensor,  # [R, 3] unit
-    radius: float,
-    near_min: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Entry and exit distances of rays through the sphere |x| = radius: (near [R], far [R], hit [R] bool)."""
-    b = (origins * dirs).sum(-1)
-    c = (origins * origins).sum(-1) - radius * radius
-    disc = b * b - c
-    root = disc.clamp_min(0.0).sqrt()
-    near = (-b - root).clamp_min(near_min)
-    far = -b + root
-    return near, far, (disc > 0) & (far > near)
-
-
 def sample_shading(
     step: int,
     albedo_warmup_steps: int,
@@ -239,8 +224,8 @@ def render_volume(
     for start in range(0, num_rays, chunk):
         sl = slice(start, start + chunk)
         parts.append(
-            _render_rays(
-                field, config, shading, with_normals, occupancy, origins[sl], dirs[sl], lights[sl],
+            march_rays(
+                field, config.num_samples, config.ambient, shading, with_normals, occupancy, origins[sl], dirs[sl], lights[sl],
                 near[sl], far[sl], hit[sl], None if jitter is None else jitter[sl], texture_path,
             )
         )
@@ -263,97 +248,4 @@ def render_volume(
     if with_normals:
         out["normal"] = torch.cat([p["normal"] for p in parts]).reshape(b, h, w, 3)  # [B, H, W, 3]
         out["orientation"] = sum(p["orientation"] for p in parts) / num_rays  # []
-    return out
-
-
-def _render_rays(
-    field,
-    config: VolumeConfig,
-    shading: str,
-    with_normals: bool,
-    occupancy: OccupancyGrid | None,
-    origins: Tensor,  # [R, 3]
-    dirs: Tensor,  # [R, 3]
-    lights: Tensor,  # [R, 3]
-    near: Tensor,  # [R]
-    far: Tensor,  # [R]
-    hit: Tensor,  # [R] bool
-    jitter: Tensor | None,  # [R, S] in [0, 1), or None for midpoints
-    texture_path: bool = False,  # also "rgb_texture": the albedo's share of rgb, with weights and shading held
-) -> dict:
-    num_rays, s = origins.shape[0], config.num_samples
-    device, dtype = origins.device, origins.dtype
-    rays = hit.nonzero().squeeze(1)  # only rays that cross the sphere are marched
-    nh = rays.shape[0]
-
-    # Stratified distances: bin i of [near, far] holds sample i.
-    o, d, lo, hi = origins[rays], dirs[rays], near[rays, None], far[rays, None]
-    bins = torch.arange(s, device=device, dtype=dtype)[None]  # [1, S]
-    u = (bins + 0.5) if jitter is None else (bins + jitter[rays])
-    delta = (hi - lo) / s  # [Rh, 1] bin width
-    t = lo + delta * u  # [Rh, S]
-    points = (o[:, None, :] + t[..., None] * d[:, None, :]).reshape(-1, 3)  # [Rh * S, 3]
-
-    # Evaluate the field only where the occupancy grid allows; elsewhere sigma = 0.
-    keep = None if occupancy is None else occupancy.lookup(points).nonzero().squeeze(1)  # [M]
-    x = points if keep is None else points[keep]  # [M, 3]
-    normal = None
-    if x.shape[0] == 0:
-        sigma, albedo = x.new_zeros(0), x.new_zeros(0, 3)
-        normal = x.new_zeros(0, 3)
-    elif with_normals:
-        sigma, albedo, normal = field.forward_with_normal(x, create_graph=torch.is_grad_enabled())
-    else:
-        sigma, albedo = field(x)
-
-    if shading == "albedo":
-        color = albedo  # [M, 3]
-        shade = None
-    else:
-        light_at = lights[rays][:, None, :].expand(nh, s, 3).reshape(-1, 3)
-        light_at = light_at if keep is None else light_at[keep]
-        to_light = F.normalize(light_at - x, dim=-1)
-        lambert = (normal * to_light).sum(-1).clamp_min(0.0)
-        shade = config.ambient + (1.0 - config.ambient) * lambert  # [M]
-        color = shade[:, None] * (albedo if shading == "lambertian" else torch.ones_like(albedo))
-    texture = None
-    if texture_path and shading != "textureless":  # textureless shows no albedo: no texture path
-        texture = albedo if shade is None else shade.detach()[:, None] * albedo  # [M, 3]
-    if keep is not None:
-        n = nh * s
-        sigma = x.new_zeros(n).index_copy(0, keep, sigma.to(dtype))
-        color = x.new_zeros(n, 3).index_copy(0, keep, color.to(dtype))
-        if normal is not None:
-            normal = x.new_zeros(n, 3).index_copy(0, keep, normal.to(dtype))
-
-    # Composite: w_i = T_i alpha_i with T_i = exp(-sum_{j<i} sigma_j delta_j).
-    tau = sigma.reshape(nh, s) * delta  # [Rh, S] optical depth of each sample
-    alpha_i = 1.0 - torch.exp(-tau)
-    before = torch.cat([tau.new_zeros(nh, 1), torch.cumsum(tau, dim=1)[:, :-1]], dim=1)  # exclusive
-    weights = alpha_i * torch.exp(-before)  # [Rh, S]
-    acc = weights.sum(1)  # [Rh]
-    rgb = (weights[..., None] * color.reshape(nh, s, 3)).sum(1)  # [Rh, 3]
-    depth = (weights * t).sum(1) / acc.clamp_min(1e-6)  # [Rh]
-
-    def scatter(values: Tensor, width: int) -> Tensor:  # [Rh, width] -> [R, width], zeros on missed rays
-        return values.new_zeros(num_rays, width).index_copy(0, rays, values)
-
-    out = {
-        "rgb": scatter(rgb, 3),
-        "alpha": scatter(acc[:, None], 1),
-        "depth": scatter(depth[:, None], 1),
-        "samples": int(x.shape[0]),
-    }
-    if texture_path:  # the albedo's share of rgb with the weights held (0 for textureless)
-        held = rgb.new_zeros(nh, 3)
-        if texture is not None and keep is None:
-            held = (weights.detach()[..., None] * texture.reshape(nh, s, 3)).sum(1)
-        elif texture is not None:  # the evaluated samples only: [M] of the nh * s
-            held = held.index_add(0, keep // s, weights.detach().reshape(-1)[keep, None] * texture.to(dtype))
-        out["rgb_texture"] = scatter(held, 3)
-    if with_normals:
-        normal = normal.reshape(nh, s, 3)
-        out["normal"] = scatter((weights[..., None] * normal).sum(1), 3)
-        facing = (normal * d[:, None, :]).sum(-1).clamp_min(0.0)  # [Rh, S] > 0: normal faces away from the camera
-        out["orientation"] = (weights.detach() * facing.square()).sum()
     return out

@@ -20,15 +20,16 @@ import torch
 from torch import Tensor
 
 from geometry.nerf import FieldConfig, NeRFField
-from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
-from renderers.cameras import CameraConfig, get_rays, orbit_cameras, sample_cameras
+from guidance.sds import SDSConfig, SDSLoss
+from renderers.cameras import CameraConfig, sample_cameras
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
-from stages.common import (
-    Callback, NonFiniteSteps, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock, colour_and_shape,
-)
+from stages.background import Background, check_background
+from stages.common import Callback, StepEvent, StopCheck, check_stage_inputs, clock
 from stages.live_models import COARSE_LABEL, LiveModels
+from stages.loop import Step, Timer, adam, run_loop
+from stages.previews import nerf_preview
 
-BACKGROUNDS = ("white", "random", "learned")
+TIMING_PARTS = ("render", "guidance", "backward", "optimizer")  # "backward" includes the regularizers
 
 
 # What the fields left unset (None) take when no guidance model sets them (`CoarseConfig.filled`).
@@ -81,11 +82,7 @@ class CoarseConfig:
                 raise ValueError(f"coarse.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.prob_albedo + self.prob_lambertian + self.prob_textureless <= 0:
             raise ValueError("coarse.prob_albedo + prob_lambertian + prob_textureless must be > 0")
-        if isinstance(self.background, str):
-            if self.background not in BACKGROUNDS:
-                raise ValueError(f"coarse.background must be one of {list(BACKGROUNDS)} or an (r, g, b), got {self.background!r}")
-        elif len(self.background) != 3 or not all(0.0 <= float(c) <= 1.0 for c in self.background):
-            raise ValueError(f"coarse.background must be one of {list(BACKGROUNDS)} or 3 values in [0, 1], got {self.background!r}")
+        check_background(self.background, "coarse.background")
         self.field.check()
         self.volume.check()
         self.sds.check()
@@ -96,59 +93,6 @@ class CoarseResult:
     field: NeRFField  # the trained density + albedo field (eval mode)
     previews: list[np.ndarray] = dataclasses.field(default_factory=list)  # [H, W, 3] uint8 orbit mosaics
     stats: dict = dataclasses.field(default_factory=dict)  # mean seconds per step part, final loss, steps
-
-
-class Background(torch.nn.Module):
-    """The colour behind the object: fixed white, a random solid colour per image, one learned
-    colour, or a fixed (r, g, b)."""
-
-    def __init__(self, mode: str | tuple):
-        super().__init__()
-        self.mode = mode if isinstance(mode, str) else "fixed"
-        self.color = None if isinstance(mode, str) else torch.tensor([float(c) for c in mode])  # [3]
-        self.logit = torch.nn.Parameter(torch.zeros(3)) if mode == "learned" else None
-
-    def forward(self, batch: int, generator: torch.Generator | None, device) -> Tensor:  # -> [B, 3]
-        if self.mode == "white":
-            return torch.ones(batch, 3, device=device)
-        if self.mode == "fixed":
-            return self.color.to(device).expand(batch, 3)
-        if self.mode == "random" and self.training:
-            return torch.rand(batch, 3, generator=generator).to(device)
-        if self.mode == "random":
-            return torch.ones(batch, 3, device=device)
-        return torch.sigmoid(self.logit).expand(batch, 3)
-
-
-PREVIEW_CHUNK = 16384  # rays per pass of a preview render
-
-
-def render_previews(
-    field: NeRFField, volume: VolumeConfig, views: int, resolution: int, background: Tensor,
-    occupancy: OccupancyGrid | None = None,
-) -> np.ndarray:
-    """`views` orbit renders, albedo above normals: [2 * resolution, views * resolution, 3] uint8.
-
-    Forward only (the field's own normals need a gradient per sample, twice the cost or more): the
-    normals are those of the rendered depth map's surface. With the training's occupancy grid, empty
-    space is skipped."""
-    device = next(field.parameters()).device
-    cams = orbit_cameras(views, (resolution, resolution), device=device)
-    config = dataclasses.replace(volume, chunk_size=min(volume.chunk_size or PREVIEW_CHUNK, PREVIEW_CHUNK))
-    with torch.no_grad():
-        out = render_volume(field, cams, config, shading="albedo", background=background.expand(views, 3),
-                            occupancy=occupancy)
-        normal = _depth_normals(cams, out["depth"])
-    return colour_and_shape(out["rgb"], normal, out["alpha"])
-
-
-def _depth_normals(cams, depth: Tensor) -> Tensor:  # depth [V, H, W, 1] -> world normals [V, H, W, 3]
-    """Normals of the surface a depth map sees (central differences of its points), facing the camera."""
-    origins, dirs = get_rays(cams)  # [V, H, W, 3] each
-    points = origins + dirs * depth
-    d_row, d_col = torch.gradient(points, dim=(1, 2))
-    normal = torch.nn.functional.normalize(torch.cross(d_col, d_row, dim=-1), dim=-1)
-    return torch.where((normal * dirs).sum(-1, keepdim=True) > 0, -normal, normal)
 
 
 def run(
@@ -172,27 +116,21 @@ def run(
     groups = field_.parameter_groups(config.lr_encoding, config.lr_network)
     if background.logit is not None:
         groups.append({"params": [background.logit], "lr": config.lr_network, "name": "background"})
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+    optimizer = adam(groups)
     sds = SDSLoss(guidance, prompt, config.sds)
     occupancy = OccupancyGrid.from_config(config.volume, device) if config.volume.use_occupancy else None
     probabilities = {
         "albedo": config.prob_albedo, "lambertian": config.prob_lambertian, "textureless": config.prob_textureless,
     }
     size = (config.resolution, config.resolution)
-    timings = {"render": 0.0, "guidance": 0.0, "backward": 0.0, "optimizer": 0.0}
-    previews: list[np.ndarray] = []
-    preview_seconds = 0.0
-    loss_value = float("nan")
-    nonfinite = NonFiniteSteps("coarse", config.max_nonfinite_steps)
 
-    # 2. The SDS loop.
-    for step in range(config.iters):
-        check_stop(should_stop, "coarse", step)
+    def sds_step(step: int, timer: Timer) -> Step:
+        """Render a batch of random cameras and build the SDS loss plus the regularizers."""
         field_.train()
         background.train()
         if occupancy is not None:
             occupancy.step(field_, step, generator)
-        t0 = clock(device)
+        timer.start()
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
         bg = background(config.batch_size, generator, device)
@@ -201,55 +139,31 @@ def run(
             generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,
             texture_path=config.sds.texture_guidance_scale is not None,
         )
-        t1 = clock(device)
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator,
-                                 elevations=cams.elevation, texture_images=out.get("rgb_texture"))
-            t2 = clock(device)
-            loss = loss_sds / config.batch_size + _regularizers(out, config, step)  # per image, as in refine
-            if info["texture_loss"] is not None:  # the albedo's path gets the texture's CFG scale instead
-                loss = loss + info["texture_loss"] / config.batch_size
-            backward_finite(loss, optimizer)
-        except NonFiniteError as exc:  # skip the step: no update
-            nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
-            continue
-        nonfinite.good()
-        t3 = clock(device)
-        optimizer.step()
-        t4 = clock(device)
-        for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            timings[key] += dt
-        loss_value = float(loss.detach())
+        timer.mark("render")
+        loss_sds, info = sds(out["rgb"], cams.view_words, progress=step / max(config.iters - 1, 1), generator=generator,
+                             elevations=cams.elevation, texture_images=out.get("rgb_texture"))
+        timer.mark("guidance")
+        loss = loss_sds / config.batch_size + _regularizers(out, config, step)  # per image, as in refine
+        if info["texture_loss"] is not None:  # the albedo's path gets the texture's CFG scale instead
+            loss = loss + info["texture_loss"] / config.batch_size
+        return Step(loss, lambda value: f"coarse NeRF step {step + 1}/{config.iters}, loss {value:.4g}, t={int(info['t'][0])}")
 
-        # 3. Report progress, with a preview every `preview_every` steps and at the end.
-        last = step == config.iters - 1
-        preview = None
-        if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
-            field_.eval()
-            background.eval()
-            t5 = clock(device)
-            preview = render_previews(
-                field_, config.volume, config.preview_views, config.preview_resolution,
-                background(1, None, device).detach(), occupancy=occupancy,
-            )
-            preview_seconds += clock(device) - t5
-            previews.append(preview)
-        if callback is not None:
-            callback(StepEvent(
-                stage="coarse", step=step + 1, total=config.iters, loss=loss_value, preview=preview,
-                message=f"coarse NeRF step {step + 1}/{config.iters}, loss {loss_value:.4g}, t={int(info['t'][0])}",
-                timings={k: (t1 - t0, t2 - t1, t3 - t2, t4 - t3)[i] for i, k in enumerate(timings)},
-            ))
+    def preview(_: Step) -> np.ndarray:
+        field_.eval()
+        background.eval()
+        return nerf_preview(field_, config.volume, config.preview_views, config.preview_resolution,
+                            background(1, None, device).detach(), occupancy=occupancy)
 
-    # 4. Hand off the trained field.
-    nonfinite.finish(config.iters)
+    # 2. The SDS loop (`stages.loop`): a preview every `preview_every` steps and at the end.
+    done = run_loop("coarse", config, optimizer, device, sds_step, preview, TIMING_PARTS, callback, should_stop)
+
+    # 3. Hand off the trained field.
     field_.eval()
     for p in field_.parameters():
         p.requires_grad_(False)
-    stats = {f"{k}_s_per_step": v / config.iters for k, v in timings.items()}
-    stats.update(final_loss=loss_value, steps=config.iters, nonfinite_skipped=nonfinite.skipped,
-                 preview_seconds=preview_seconds)
+    stats = {f"{k}_s_per_step": v / config.iters for k, v in done.totals.items()}
+    stats.update(final_loss=done.loss, steps=config.iters, nonfinite_skipped=done.nonfinite_skipped,
+                 preview_seconds=done.preview_seconds)
     if occupancy is not None:
         stats["occupied_fraction"] = occupancy.occupied_fraction
     if live is not None:  # the shape in the viewer while the refine stage starts
@@ -257,10 +171,10 @@ def run(
         model = live.coarse_surface(field_, device)
         stats["model_seconds"] = clock(device) - t0
         if callback is not None and model is not None:
-            callback(StepEvent(stage="coarse", step=config.iters, total=config.iters, loss=loss_value,
+            callback(StepEvent(stage="coarse", step=config.iters, total=config.iters, loss=done.loss,
                                message="coarse stage done: its surface is in the viewer", model=model,
                                model_label=COARSE_LABEL))
-    return CoarseResult(field=field_, previews=previews, stats=stats)
+    return CoarseResult(field=field_, previews=done.previews, stats=stats)
 
 
 def _regularizers(out: dict, config: CoarseConfig, step: int) -> Tensor:
@@ -276,3 +190,12 @@ def _regularizers(out: dict, config: CoarseConfig, step: int) -> Tensor:
         entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
         total = total + config.lambda_entropy * entropy
     return total
+
+
+def surface_mesh(field: NeRFField, refine, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The trained field's density level set (verts [V, 3], faces [F, 3]) on the refine stage's grid (`refine`: its
+    RefineConfig): the mesh of a run that stops after this stage."""
+    from geometry.level_set import LevelSetSettings, extract_mesh
+
+    settings = LevelSetSettings(refine.grid_resolution, refine.threshold, opacity=refine.surface_opacity)
+    return extract_mesh(field, settings, device)

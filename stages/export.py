@@ -28,16 +28,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from geometry.mesh_ops import clean_mesh, decimate, file_normals, is_watertight
 from geometry.solid import drop_enclosed_shells
-from geometry.tets import is_watertight
-from geometry.uv import RASTER_CHUNK, face_areas, unwrap, uv_coverage
-from renderers.cameras import orbit_cameras, to_clip
-from renderers.raster import antialias, interpolate, rasterize, texture
+from geometry.uv import RASTER_CHUNK, unwrap, uv_coverage
+from renderers.cameras import orbit_cameras
+from renderers.mesh import render_textured
+from renderers.raster import interpolate
 from stages.common import Callback, StepEvent, StopCheck, check_stop
 from stages.export_files import MTL_NAME, OBJ_NAME, TEXTURE_NAME, glb_bytes, mtl_text, obj_text, zip_bytes
 from stages.export_files import write_video as _write_video
 from stages.live_models import clear as clear_live_models
 
+TURNTABLE_AMBIENT = 0.35  # share of the turntable's light that reaches faces turned away from the camera
 FILE_NAMES = {  # ExportResult.paths keys -> fixed file names
     "obj": OBJ_NAME, "mtl": MTL_NAME, "texture": TEXTURE_NAME,
     "glb": "model.glb", "zip": "model.zip", "turntable": "turntable.mp4",
@@ -106,75 +108,6 @@ def from_y_up(points: np.ndarray) -> np.ndarray:
     return np.stack([points[..., 0], -points[..., 2], points[..., 1]], axis=-1)
 
 
-# --------------------------------------------------------------------------- cleaning
-def _drop_degenerate(v: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove faces with a repeated vertex, repeated faces (one copy stays), both faces of a
-    two-sided fin (one triangle twice, wound both ways) and unused vertices. Zero-area faces
-    with three distinct vertices stay: deleting one would open a hole in a closed surface
-    (a weld of near-coincident marching-tets vertices makes such slivers)."""
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
-    start = np.argmin(f, axis=1)[:, None]  # rotate the smallest index first, keeping the winding
-    canonical = np.take_along_axis(f, (start + np.arange(3)) % 3, axis=1)
-    _, first = np.unique(canonical, axis=0, return_index=True)
-    f = f[np.sort(first)]
-    _, same, count = np.unique(np.sort(f, axis=1), axis=0, return_inverse=True, return_counts=True)
-    f = f[count[same.reshape(-1)] == 1]
-    used, f = np.unique(f, return_inverse=True)
-    return v[used], f.reshape(-1, 3)
-
-
-def clean_mesh(
-    vertices: np.ndarray,  # [V, 3]
-    faces: np.ndarray,  # [F, 3]
-    min_component_ratio: float,
-    merge_distance: float,
-) -> tuple[np.ndarray, np.ndarray]:  # ([V', 3] float64, [F', 3] int64)
-    """Merge duplicate vertices, drop degenerate faces and tiny disconnected pieces."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    # 1. Weld vertices on a grid of merge_distance (pairs straddling a grid line stay apart).
-    key = np.round(vertices / merge_distance).astype(np.int64)
-    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    v, f = vertices[first].astype(np.float64), inverse.reshape(-1)[faces].astype(np.int64)
-    v, f = _drop_degenerate(v, f)
-    if len(f) == 0 or min_component_ratio == 0:
-        return v, f
-    # 2. Connected pieces through shared vertices; keep a piece when its faces or its area reach the ratio.
-    edges = np.concatenate([f[:, :2], f[:, 1:]])
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(v), len(v)))
-    _, labels = connected_components(graph, directed=False)
-    face_label = labels[f[:, 0]]
-    counts = np.bincount(face_label)
-    areas = np.bincount(face_label, weights=face_areas(v, f))
-    keep = (counts >= min_component_ratio * counts.max()) | (areas >= min_component_ratio * areas.max())
-    return _drop_degenerate(v, f[keep[face_label]])
-
-
-def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quadric edge-collapse decimation to about `target_faces` (package fast-simplification)."""
-    if target_faces == 0 or len(faces) <= target_faces:
-        return vertices, faces
-    try:
-        from fast_simplification import simplify
-    except ImportError as err:
-        raise ImportError("decimation needs `pip install fast-simplification` (or set target_faces=0)") from err
-    v, f = simplify(vertices.astype(np.float64), faces.astype(np.int64), target_count=int(target_faces))
-    # Collapses can leave two vertices at one position (seen along a cube's edges): weld them,
-    # or the mesh has open edges and exports as non-watertight.
-    v, inverse = np.unique(np.asarray(v, np.float64), axis=0, return_inverse=True)
-    return _drop_degenerate(v, inverse.reshape(-1)[np.asarray(f, np.int64)])
-
-
-def vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals [V, 3]."""
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.stack([np.bincount(f.reshape(-1), np.repeat(fn[:, k], 3), minlength=len(v)) for k in range(3)], 1)
-    length = np.linalg.norm(n, axis=1, keepdims=True)
-    # A vertex whose face normals cancel (a pinch) gets +z: glTF requires unit normals.
-    return np.where(length > 1e-20, n / np.maximum(length, 1e-20), (0.0, 0.0, 1.0))
-
-
 # --------------------------------------------------------------------------- bake
 def dilate_texture(
     image: Tensor,  # [H, W, C]
@@ -241,15 +174,8 @@ def render_turntable(
     )
     frames = []
     for start in range(0, len(cams), batch):
-        mvp, c2w = cams.mvp[start : start + batch], cams.c2w[start : start + batch]
-        pos_clip = to_clip(vertices - centre, mvp)  # [b, V, 4]
-        rast = rasterize(pos_clip, faces, (res, res), chunk_size=RASTER_CHUNK)  # [b, R, R, 4]
-        colour = texture(tex[None], interpolate(uv, rast, faces), boundary="clamp")  # [b, R, R, 3]
-        n = torch.nn.functional.normalize(interpolate(normals, rast, faces), dim=-1)
-        facing = (n * c2w[:, None, None, :3, 2]).sum(-1, keepdim=True).abs()  # |n . towards camera|
-        alpha = (rast[..., 3:] > 0).to(colour.dtype)
-        image = colour * (0.35 + 0.65 * facing) * alpha + (1 - alpha)
-        image = antialias(image, rast, pos_clip, faces)
+        image = render_textured(vertices - centre, faces, uv, normals, tex, cams[start : start + batch],
+                                TURNTABLE_AMBIENT, light="view", chunk_size=RASTER_CHUNK)  # [b, R, R, 3]
         frames.append((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
     return np.concatenate(frames)
 
@@ -305,8 +231,8 @@ def export(
                 v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
             if len(f) == 0:
                 raise ValueError("the mesh has no faces left after cleaning")
-            v, f, dropped_shells, dropped_faces = drop_enclosed_shells(v, f)  # the last guard for a solid (issue 31)
-            normals = vertex_normals(v, f)
+            v, f, dropped_shells, dropped_faces = drop_enclosed_shells(v, f)  # the last guard for a solid
+            normals = file_normals(v, f)
             timings["clean"] = time.perf_counter() - t0
             report("clean", f"cleaned: {len(f)} faces, {len(v)} vertices, {dropped_shells} enclosed shells dropped")
             # 2. UV unwrap: vertices split along chart seams (vmap points back to the welded v).

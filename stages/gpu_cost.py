@@ -12,7 +12,7 @@ parts, each part a per-unit cost times the work the settings ask for:
 - marching tetrahedra per refine step (tets of the grid), the optimizer and the launches of a step;
 - per call: the worker's start (fork, CUDA context) and the model's load onto the card.
 
-The per-unit figures and where each comes from are in `CARDS` and bench/RESULTS.md ("The GPU cost model").
+The per-unit figures are in `CARDS`; bench/RESULTS.md ("The GPU cost model") and bench/HISTORY.md say where each comes from.
 None was measured on a GPU yet: `python -m bench.gpu_check` measures each part on a CUDA card, and its
 table is how a card is added or a figure corrected. UNCERTAINTY bounds the error of the whole estimate.
 """
@@ -43,7 +43,7 @@ class Card:
 # faster than A100s (SD 2.1 base's UNet has the same size). VAE encoder: about 0.5 TFLOP forward at 512 px,
 # twice that with the input gradient, at a third of the card's fp16 peak. The renderers and marching
 # tetrahedra are pure PyTorch: chains of small kernels bound by memory traffic and launches, taken as this
-# project's one-thread CPU figures (bench/RESULTS.md) divided by 50 (memory bandwidth) and doubled (launches).
+# project's one-thread CPU figures (bench/HISTORY.md) divided by 50 (memory bandwidth) and doubled (launches).
 H100 = Card(name="H100 (full card)", unet_image=0.009, vae_image=0.012, volume_msample=0.03,
             raster_mpixel=0.06, marching_mtet=0.003, step_fixed=0.008, call_start=3.0, model_load=5.0)
 

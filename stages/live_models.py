@@ -49,11 +49,11 @@ class LiveModels:
 
     def coarse_surface(self, field, device=None) -> str | None:
         """Write the coarse field's surface as COARSE_NAME; its path, or None when the field has no surface."""
-        from geometry.dmtet import extract_mesh
+        from geometry.level_set import LevelSetSettings, extract_mesh
 
+        settings = LevelSetSettings(self.grid_resolution, self.threshold, self.margin, self.smoothing, self.opacity)
         with torch.no_grad():
-            verts, faces = extract_mesh(field, self.grid_resolution, self.threshold, self.margin, self.smoothing,
-                                        device=device, opacity=self.opacity)
+            verts, faces = extract_mesh(field, settings, device)
             if faces.shape[0] == 0:
                 return None
             colours = field.albedo(verts.to(next(field.parameters()).device))

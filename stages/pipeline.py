@@ -30,13 +30,12 @@ from stages.common import Cancelled, StageError, StepEvent, check_stop, release_
 from stages.config import STAGES, Config, to_dict
 from stages.live_models import LiveModels
 from stages.run_facts import device_facts, guidance_facts, peak_memory, reset_peak_memory
-from stages.plan import PromptError, RunPlan, check_prompt, refine_plan, resolve  # noqa: F401 (the pipeline's entry points)
-from stages.runs import (  # noqa: F401 (load_run_config: the pipeline's entry point for --resume)
-    CHECKPOINTS, RUN_FILE, fail_record, finish_stage, has_checkpoint, load_coarse_checkpoint, load_record,
-    load_refine_checkpoint, load_run_config, new_run_dir, package_versions, save_coarse_checkpoint,
-    save_refine_checkpoint, stop_requested, write_json_atomic,
+from stages.plan import RunPlan, resolve
+from stages.runs import (
+    CHECKPOINTS, RunRecord, has_checkpoint, load_coarse_checkpoint, load_refine_checkpoint,
+    new_run_dir, package_versions, save_coarse_checkpoint, save_refine_checkpoint, stop_requested,
 )
-from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded
+from stages.workers import count_pending, device_worker, guidance_for, guidance_loaded, stage_config
 
 
 @dataclass
@@ -95,7 +94,7 @@ def run_plan(
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs run_dir, the folder of the run to continue")
-        load_record(Path(run_dir))  # raises when run_dir is not a run folder
+        RunRecord.load(run_dir)  # raises when run_dir is not a run folder
     run_path = Path(run_dir) if run_dir is not None else new_run_dir(out_root, plan.prompt, plan.config.seed)
     run_path.mkdir(parents=True, exist_ok=True)
 
@@ -136,7 +135,7 @@ def run_plan(
 def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume: bool, stages=None) -> None:
     """Run on the device's worker thread; every outcome ends in `events` (None, or an exception)."""
     start = time.perf_counter()
-    record: dict = {}
+    record = RunRecord()
     state = {"stage": "setup", "stage_start": time.perf_counter()}
 
     def emit(event: ProgressEvent) -> None:
@@ -146,42 +145,38 @@ def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume:
 
     try:
         config = plan.config
-        record.update(load_record(run_path) if resume else {})
-        record.update(
-            prompt=plan.prompt, seed=config.seed, preset=config.preset, guidance=plan.guidance_name,
-            model_id=config.model_id, config=to_dict(config), packages=package_versions(), status="running",
-            ended_at=None,
-        )
+        if resume:
+            record = RunRecord.load(run_path)
+        record.prompt, record.seed, record.preset = plan.prompt, config.seed, config.preset
+        record.guidance, record.model_id, record.config = plan.guidance_name, config.model_id, to_dict(config)
+        record.packages, record.status, record.ended_at = package_versions(), "running", None
         if stages != ("export",):  # where it trains (a host's export-only call runs on the CPU: not recorded)
-            record["device"] = str(plan.device)
-            record["device_facts"] = device_facts(plan.device, config.refine.backend)
+            record.device = str(plan.device)
+            record.device_facts = device_facts(plan.device, config.refine.backend)
         if stages is None:  # epoch seconds: when the run got the device (a host's later stage calls keep the first)
-            record["started_at"] = None
-        record.setdefault("started_at", None)
-        record.setdefault("stage_seconds", {})
-        record.setdefault("finished_stages", [])
-        write_json_atomic(run_path / RUN_FILE, record)
+            record.started_at = None
+        record.save(run_path)
         check_stop(stopped, "setup", 0)  # cancelled while it waited for the device
-        record["started_at"] = record["started_at"] or time.time()
+        record.started_at = record.started_at or time.time()
         paths = _run_stages(plan, run_path, record, state, emit, stopped, stages)
         if paths is None:  # this call's stages are done; a later call runs the rest
-            record["stage_calls"] = record.get("stage_calls", 0) + 1
-            write_json_atomic(run_path / RUN_FILE, record)
-            emit(ProgressEvent(stage="paused", message=f"{', '.join(record['finished_stages'])} finished"))
+            record.stage_calls += 1
+            record.save(run_path)
+            emit(ProgressEvent(stage="paused", message=f"{', '.join(record.finished_stages)} finished"))
             events.put(None)
             return
-        total = time.perf_counter() - start if stages is None else time.time() - record["started_at"]
-        record.update(status="finished", outputs=paths, total_seconds=total, ended_at=time.time())
-        write_json_atomic(run_path / RUN_FILE, record)
+        total = time.perf_counter() - start if stages is None else time.time() - record.started_at
+        record.status, record.outputs, record.total_seconds, record.ended_at = "finished", paths, total, time.time()
+        record.save(run_path)
         emit(ProgressEvent(stage="done", message=f"done in {total:.0f} s", paths=paths))
         events.put(None)
     except Cancelled as exc:
-        fail_record(record, run_path, "cancelled", str(exc))
+        record.end(run_path, "cancelled", str(exc))
         events.put(_detached(exc))
     except BaseException as exc:  # recorded in run.json, then handed to the consumer
         trace = traceback.format_exc()
         exc = _explain(exc, state["stage"])
-        fail_record(record, run_path, "failed", str(exc), trace)
+        record.end(run_path, "failed", str(exc), trace)
         events.put(_detached(exc))
     finally:
         # The stages' tensors died with _run_stages' frame (and the detached tracebacks): hand their memory back.
@@ -189,7 +184,7 @@ def _worker(plan: RunPlan, run_path: Path, events: queue.Queue, stopped, resume:
         count_pending(plan.device, -1)
 
 
-def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, stopped, stages=None) -> dict | None:
+def _run_stages(plan: RunPlan, run_path: Path, record: RunRecord, state: dict, emit, stopped, stages=None) -> dict | None:
     """Train and export; returns the output paths, or None when `stages` (those this call may run; None =
     all) left the export to a later call. Checkpoints and run.json are written after each stage."""
     prompt, config, device = plan.prompt, plan.config, plan.device
@@ -204,13 +199,14 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
         emit(ProgressEvent(stage=e.stage, step=e.step, total=e.total, loss=e.loss, preview=e.preview,
                            message=e.message, stage_eta=eta, model=e.model, model_label=e.model_label))
 
-    def guidance_model(seen: RunPlan, stage: str):
-        if stage == "coarse" or not guidance_loaded(seen):
-            why = "for the refine stage's cameras" if seen is not plan else f"on {device}"
+    def guidance_model(stage: str):
+        seen = stage_config(plan, stage)  # the refine stage's cameras may differ, and with them its model
+        if stage == "coarse" or not guidance_loaded(plan, stage):
+            why = "for the refine stage's cameras" if seen is not config else f"on {device}"
             emit(ProgressEvent(stage="setup" if stage == "coarse" else stage,
                                message=f"loading the {plan.guidance_name} guidance model {why}"))
-        model = guidance_for(seen)
-        record.setdefault("guidance_facts", {})[stage] = guidance_facts(model, seen.config)
+        model = guidance_for(plan, stage)
+        record.guidance_facts[stage] = guidance_facts(model, seen)
         check_stop(stopped, "setup", 0)  # loading can take a while; a cancel may have come meanwhile
         reset_peak_memory(device)
         return model
@@ -227,13 +223,13 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
     elif "coarse" not in allowed:
         raise not_here("coarse")
     else:
-        guidance = guidance_model(plan, "coarse")
+        guidance = guidance_model("coarse")
         state.update(stage="coarse", stage_start=time.perf_counter())
         result = coarse_stage.run(guidance, prompt, config.coarse, config.camera, device, on_step, stopped,
                                   live=LiveModels.for_run(run_path, config.refine))
         field = result.field
         save_coarse_checkpoint(field, run_path)
-        record.setdefault("peak_memory", {})["coarse"] = peak_memory(device)
+        record.peak_memory["coarse"] = peak_memory(device)
         _finish_stage(record, "coarse", state, run_path, result.stats)
         if not allowed & {"refine", "export"}:
             return None
@@ -242,11 +238,7 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
     if config.stop_after == "coarse":
         if "export" not in allowed:
             return None
-        from geometry.dmtet import extract_mesh
-
-        mesh = extract_mesh(field, config.refine.grid_resolution, config.refine.threshold, device=device,
-                            opacity=config.refine.surface_opacity)
-        color_field = field
+        mesh, color_field = coarse_stage.surface_mesh(field, config.refine, device), field
     elif has_checkpoint(record, run_path, "refine"):
         mesh, color_field = load_refine_checkpoint(run_path / CHECKPOINTS["refine"], device)
         if "refine" in allowed:
@@ -254,15 +246,14 @@ def _run_stages(plan: RunPlan, run_path: Path, record: dict, state: dict, emit, 
     elif "refine" not in allowed:
         raise not_here("refine")
     else:
-        seen = refine_plan(plan)  # its own cameras, and with them maybe its own model
-        guidance = guidance_model(seen, "refine")
+        guidance = guidance_model("refine")
         state.update(stage="refine", stage_start=time.perf_counter())
         check_stop(stopped, "refine", 0)
-        result = refine_stage.run(field, guidance, prompt, config.refine, seen.config.camera, device, on_step, stopped,
-                                  live=LiveModels.for_run(run_path, config.refine))
+        result = refine_stage.run(field, guidance, prompt, config.refine, plan.refine_config.camera, device, on_step,
+                                  stopped, live=LiveModels.for_run(run_path, config.refine))
         mesh, color_field = (result.vertices, result.faces), result.color_field
         save_refine_checkpoint(result.vertices, result.faces, color_field, run_path)
-        record.setdefault("peak_memory", {})["refine"] = peak_memory(device)
+        record.peak_memory["refine"] = peak_memory(device)
         _finish_stage(record, "refine", state, run_path, result.stats)
     if mesh[1].shape[0] == 0:
         raise StageError(state["stage"], 0, "the result has no surface (empty mesh); try another seed or more steps")
@@ -314,8 +305,9 @@ def _explain(exc: BaseException, stage: str) -> BaseException:
     return exc
 
 
-def _finish_stage(record: dict, stage: str, state: dict, run_path: Path, stats: dict) -> None:
-    finish_stage(record, stage, time.perf_counter() - state["stage_start"], run_path, stats)
+def _finish_stage(record: RunRecord, stage: str, state: dict, run_path: Path, stats: dict) -> None:
+    record.finish_stage(stage, time.perf_counter() - state["stage_start"], stats)
+    record.save(run_path)
 
 
 def run_to_completion(prompt: str, config: Config, **kwargs) -> ProgressEvent:

@@ -3,13 +3,13 @@
 Every way in (the app, the command line, a batch, `stages.pipeline.generate`) calls `resolve`
 at its boundary: it checks the prompt and the config, decides the device and the guidance model
 ("auto" is decided here and only here), checks the prompt against the model's vocabulary, and
-returns a frozen plan with an adapted copy of the config. Nothing is loaded or written; the
-caller's config is left as it was. The stages trust the plan.
+returns a frozen plan with an adapted copy of the config and the refine stage's view of it (its
+cameras). Nothing is loaded or written; the caller's config is left as it was. The stages trust
+the plan: nothing during a run comes back here.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,7 @@ class RunPlan:
     device: torch.device  # where the run trains ("auto" resolved)
     guidance: GuidanceSpec  # the model ("auto" resolved)
     config: Config  # a copy of the caller's config, adapted to the model and the prompt, seeds set
+    refine_config: Config  # `config` as the refine stage sees it (its own cameras); `config` itself when the same
 
     @property
     def guidance_name(self) -> str:
@@ -82,19 +83,19 @@ def resolve(prompt, config: Config) -> RunPlan:
     adapted = adapted.filled()  # what the model left unset takes the stages' own values
     adapted.coarse.seed = adapted.refine.seed = adapted.seed  # the run's seed drives every stage
     adapted.check()
-    return RunPlan(prompt=prompt, device=device, guidance=spec, config=adapted)
+    return RunPlan(prompt=prompt, device=device, guidance=spec, config=adapted, refine_config=refine_view(adapted))
 
 
-def refine_plan(plan: RunPlan) -> RunPlan:
-    """The plan as the refine stage sees it: its cameras' pose jitter times `refine.camera_jitter`.
-    The plan itself when that changes nothing; otherwise a copy, whose guidance model may differ
-    (the primitives prior's library follows the camera distribution)."""
-    scale = plan.config.refine.camera_jitter
+def refine_view(config: Config) -> Config:
+    """A resolved config as the refine stage sees it: its cameras' pose jitter times `refine.camera_jitter`.
+    The config itself when that changes nothing; otherwise a copy, whose guidance model may differ (the
+    primitives prior's library follows the camera distribution)."""
+    scale = config.refine.camera_jitter
     if scale is None or scale == 1.0:
-        return plan
-    config = copy.deepcopy(plan.config)
-    config.camera = scale_pose_jitter(config.camera, scale)
-    return dataclasses.replace(plan, config=config)
+        return config
+    view = copy.deepcopy(config)
+    view.camera = scale_pose_jitter(view.camera, scale)
+    return view
 
 
 def plan_payload(plan: RunPlan) -> dict:
@@ -115,4 +116,4 @@ def plan_from_payload(data: dict, device: str | None = None) -> RunPlan:
     config.check()
     spec = registry.get(data["guidance"])
     return RunPlan(prompt=check_prompt(data["prompt"]), device=resolve_device(device or config.device), guidance=spec,
-                   config=config)
+                   config=config, refine_config=refine_view(config))

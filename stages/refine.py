@@ -23,18 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geometry.dmtet import dmtet_from_field
+from geometry.level_set import LevelSetSettings
 from geometry.solid import relax_surface
 from geometry.visibility import camera_band
 from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
-from renderers.cameras import CameraConfig, orbit_cameras, sample_cameras
-from renderers.mesh import rasterize_mesh, render_mesh, shade_mesh
+from renderers.cameras import CameraConfig, sample_cameras
+from renderers.mesh import rasterize_mesh, shade_mesh
 from renderers.volume import sample_shading
-from stages.common import (
-    Callback, NonFiniteSteps, StageError, StepEvent, StopCheck, backward_finite, check_stage_inputs, check_stop, clock,
-    colour_and_shape,
-)
+from stages.background import Background, check_background
+from stages.common import Callback, StageError, StopCheck, check_stage_inputs
 from stages.live_models import LiveModels, refine_label
+from stages.loop import Step, Timer, adam, run_loop
+from stages.previews import mesh_preview
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
 UNSEEN_RAYS = ("parallel", "cameras", "off")  # refine.fill_unseen
@@ -77,7 +78,7 @@ class RefineConfig:
     prob_textureless: float | None = None  # after the warm-up: probability of textureless (white) shading; None = the guidance model's, else 0
     ambient: float = 0.3  # ambient share of Lambertian shading; must match the guidance prior (primitives: 0.3)
     background: str | tuple = "white"  # "white", "random" (a solid colour per image) or an (r, g, b) in [0, 1]
-    camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_plan`); None = 1, or 0 with the primitives prior
+    camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_view`); None = 1, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
     preview_resolution: int = 256  # preview image side, px (colour and normals of each view)
@@ -131,11 +132,7 @@ class RefineConfig:
             raise ValueError("refine.lr_sdf + lr_deform + lr_color must be > 0 (nothing would be trained)")
         if probs.prob_albedo + probs.prob_lambertian + probs.prob_textureless <= 0:
             raise ValueError("refine.prob_albedo + prob_lambertian + prob_textureless must be > 0")
-        if isinstance(self.background, str):
-            if self.background not in BACKGROUNDS:
-                raise ValueError(f"refine.background must be one of {list(BACKGROUNDS)} or an (r, g, b), got {self.background!r}")
-        elif len(self.background) != 3 or not all(0.0 <= float(c) <= 1.0 for c in self.background):
-            raise ValueError(f"refine.background must be 'white', 'random' or 3 values in [0, 1], got {self.background!r}")
+        check_background(self.background, "refine.background", BACKGROUNDS)
         if self.backend not in ("auto", "torch", "nvdiffrast"):
             raise ValueError(f"refine.backend must be 'auto', 'torch' or 'nvdiffrast', got {self.backend!r}")
         self.sds.check()
@@ -148,14 +145,6 @@ class RefineResult:
     color_field: object  # the refined colour field: albedo(points [N, 3]) -> [N, 3] in [0, 1]
     previews: list[np.ndarray] = dataclasses.field(default_factory=list)  # [H, W, 3] uint8 orbit mosaics
     stats: dict = dataclasses.field(default_factory=dict)  # seconds per step part (mean), faces, threshold, ...
-
-
-def _background(config: RefineConfig, batch: int, generator: torch.Generator, device, dtype) -> Tensor:  # [B, 3]
-    if config.background == "white":
-        return torch.ones(batch, 3, device=device, dtype=dtype)
-    if config.background == "random":
-        return torch.rand(batch, 3, generator=generator).to(device=device, dtype=dtype)
-    return torch.tensor([float(c) for c in config.background], device=device, dtype=dtype).expand(batch, 3)
 
 
 def _to_guidance_size(images: Tensor, size: int) -> Tensor:  # [B, H, W, 3] -> [B, h, w, 3]
@@ -185,12 +174,10 @@ def run(
     device = check_stage_inputs(prompt, config, camera, device)
     config = config.filled()
     generator = torch.Generator().manual_seed(config.seed)
-    dmtet, threshold = dmtet_from_field(
-        field, config.grid_resolution, config.threshold, config.grid_margin, config.deform_scale,
-        config.sdf_smoothing, config.update_smoothing, device=device, opacity=config.surface_opacity,
-        tunnel=config.fill_tunnel,
-        cameras=None if config.fill_unseen == "off" else camera_band(camera, config.fill_unseen == "cameras"),
-    )
+    cameras = None if config.fill_unseen == "off" else camera_band(camera, config.fill_unseen == "cameras")
+    level_set = LevelSetSettings(config.grid_resolution, config.threshold, config.grid_margin, config.sdf_smoothing,
+                                 config.surface_opacity, config.fill_tunnel, cameras=cameras)
+    dmtet, threshold = dmtet_from_field(field, level_set, config.deform_scale, config.update_smoothing, device)
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)
     color_params = [p for p in getattr(color_field, "parameters", lambda: [])()]
@@ -204,17 +191,13 @@ def run(
     ]
     if config.lr_color > 0 and color_params:
         groups.append({"params": color_params, "lr": config.lr_color, "name": "color"})
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+    optimizer = adam(groups)
     sds = SDSLoss(guidance, prompt, config.sds)
+    background = Background(config.background).to(device)
     probabilities = {
         "albedo": config.prob_albedo, "lambertian": config.prob_lambertian, "textureless": config.prob_textureless,
     }
     size = (config.resolution, config.resolution)
-    totals = dict.fromkeys(TIMING_PARTS, 0.0)
-    previews: list[np.ndarray] = []
-    seconds = {"preview": 0.0, "model": 0.0}  # spent on previews and intermediate GLBs, not training
-    loss_value = float("nan")
-    nonfinite = NonFiniteSteps("refine", config.max_nonfinite_steps)
     with torch.no_grad():
         initial_faces = dmtet.extract()[1].shape[0]
     if initial_faces == 0:
@@ -224,100 +207,80 @@ def run(
     # Polyak averaging of the colour field: SDS's albedo wanders with each step's lights and noise.
     average_from = math.ceil(config.color_average_from * config.iters)
     color_mean = [p.detach().clone() for p in color_params] if average_from < config.iters else []  # no copy when off
-    count = 0
-    solidified = 0  # grid vertices whose side `DMTet.solidify` changed
+    averaged = [0]  # steps averaged so far
+    solidified = [0]  # grid vertices whose side `DMTet.solidify` changed
 
-    # 2. The SDS loop.
-    for step in range(config.iters):
-        check_stop(should_stop, "refine", step)
-        t0 = clock(device)
+    def sds_step(step: int, timer: Timer) -> Step:
+        """Extract the mesh, render a batch of random cameras and build the SDS loss plus the regularisers."""
         verts, faces = dmtet.extract()
         if faces.shape[0] == 0:
             raise StageError("refine", step + 1, "the surface vanished (the SDF has no zero crossing); lower refine.lr_sdf")
-        t1 = clock(device)
+        timer.mark("marching")
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
-        bg = _background(config, config.batch_size, generator, device, verts.dtype)
+        bg = background(config.batch_size, generator, device).to(verts.dtype)
         rast_out = rasterize_mesh(verts, faces, cams, config.backend, config.chunk_size)
-        t2 = clock(device)
+        timer.mark("rasterize")
         images = shade_mesh(rast_out, color_field, cams, shading, config.ambient, bg, config.backend)["rgb"]
-        t3 = clock(device)
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            loss_sds, info = sds(
-                _to_guidance_size(images, guidance.resolution), cams.view_words,
-                progress=step / max(config.iters - 1, 1), generator=generator, elevations=cams.elevation,
-            )
-            t4 = clock(device)
-            loss = loss_sds / config.batch_size
-            if config.lambda_normal_consistency > 0:
-                loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
-            if config.lambda_laplacian > 0:
-                loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
-            if config.lambda_albedo_tilt and color_params:
-                loss = loss + config.lambda_albedo_tilt * albedo_tilt_loss(verts, faces, color_field.albedo,
-                                                                           generator=generator)
-            t5 = clock(device)
-            texture_grads = _texture_gradients(info["texture_loss"], color_params, config.batch_size)
-            backward_finite(loss, optimizer)
-            _add_gradients(texture_grads)
-        except NonFiniteError as exc:  # skip the step: no update
-            nonfinite.skip(step + 1, config.iters, exc, optimizer, callback)
-            continue
-        nonfinite.good()
-        optimizer.step()
+        timer.mark("shade")
+        loss_sds, info = sds(
+            _to_guidance_size(images, guidance.resolution), cams.view_words,
+            progress=step / max(config.iters - 1, 1), generator=generator, elevations=cams.elevation,
+        )
+        timer.mark("guidance")
+        loss = loss_sds / config.batch_size
+        if config.lambda_normal_consistency > 0:
+            loss = loss + config.lambda_normal_consistency * normal_consistency_loss(verts, faces)
+        if config.lambda_laplacian > 0:
+            loss = loss + config.lambda_laplacian * laplacian_loss(verts, faces)
+        if config.lambda_albedo_tilt and color_params:
+            loss = loss + config.lambda_albedo_tilt * albedo_tilt_loss(verts, faces, color_field.albedo, generator=generator)
+        timer.mark("regularize")
+        texture_grads = _texture_gradients(info["texture_loss"], color_params, config.batch_size)
+        faces_now = faces.shape[0]
+        return Step(loss, lambda value: f"refine mesh step {step + 1}/{config.iters}, {faces_now} faces, loss {value:.4g}",
+                    finish_grads=lambda: _add_gradients(texture_grads), view=(verts, faces))
+
+    def after_update(step: int) -> None:
         if config.fill_every and (step + 1) % config.fill_every == 0:  # SDS leaves unseen space free to open cavities
-            solidified += dmtet.solidify(config.fill_tunnel)
+            solidified[0] += dmtet.solidify(config.fill_tunnel)
         if color_mean and step >= average_from:
             with torch.no_grad():
-                count += 1
+                averaged[0] += 1
                 for mean, p in zip(color_mean, color_params):
-                    mean.add_(p.detach() - mean, alpha=1.0 / count)
-        t6 = clock(device)
-        parts = dict(zip(TIMING_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)))
-        for key, dt in parts.items():
-            totals[key] += dt
-        loss_value = float(loss.detach())
+                    mean.add_(p.detach() - mean, alpha=1.0 / averaged[0])
+        if step == config.iters - 1:
+            _use_mean(color_params, color_mean, averaged[0])  # the last preview shows the texture that is handed on
 
-        # 3. Report progress, with a preview every `preview_every` steps and at the end.
-        last = step == config.iters - 1
-        if last:
-            _use_mean(color_params, color_mean, count)  # the last preview shows the texture that is handed on
-        preview = model = None
-        if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
-            t7 = clock(device)
-            preview = render_previews((verts.detach(), faces), color_field, config, device)
-            seconds["preview"] += clock(device) - t7
-            previews.append(preview)
-        if live is not None and not last and config.model_every > 0 and (step + 1) % config.model_every == 0:
-            t7 = clock(device)  # the last step's mesh is exported (textured) right after: no GLB of it here
-            model = live.refine_mesh(verts, faces, color_field, step + 1)
-            seconds["model"] += clock(device) - t7
-        if callback is not None:
-            callback(StepEvent(
-                stage="refine", step=step + 1, total=config.iters, loss=loss_value, preview=preview,
-                message=f"refine mesh step {step + 1}/{config.iters}, {faces.shape[0]} faces, loss {loss_value:.4g}",
-                timings=parts, model=model, model_label=refine_label(step + 1) if model else "",
-            ))
+    def preview(out: Step) -> np.ndarray:
+        verts, faces = out.view
+        return mesh_preview(verts.detach(), faces, color_field, config.preview_views, config.preview_resolution,
+                            config.ambient, config.backend, device)
 
-    # 4. Hand off the final mesh and the colour field.
-    nonfinite.finish(config.iters)
-    solidified += dmtet.solidify(config.fill_tunnel)
+    def model(step: int, out: Step) -> tuple[str, str]:
+        return live.refine_mesh(*out.view, color_field, step + 1), refine_label(step + 1)
+
+    # 2. The SDS loop (`stages.loop`): a preview every `preview_every` steps and at the end, a GLB every `model_every`.
+    done = run_loop("refine", config, optimizer, device, sds_step, preview, TIMING_PARTS, callback, should_stop,
+                    after_update=after_update, model=model if live is not None else None, model_every=config.model_every,
+                    update_part="backward")
+
+    # 3. Hand off the final mesh and the colour field.
+    solidified[0] += dmtet.solidify(config.fill_tunnel)
     relax_surface(dmtet, config.relax_steps, config.lambda_normal_consistency, config.lambda_laplacian, config.lr_deform)
     with torch.no_grad():
         verts, faces = dmtet.extract()
-    _use_mean(color_params, color_mean, count)
+    _use_mean(color_params, color_mean, averaged[0])
     if hasattr(color_field, "eval"):
         color_field.eval()
     for p in color_params:
         p.requires_grad_(False)
-    steps = max(config.iters, 1)
-    stats = {key: value / steps for key, value in totals.items()}
+    stats = {key: value / config.iters for key, value in done.totals.items()}
     stats.update(faces=int(faces.shape[0]), vertices=int(verts.shape[0]), initial_faces=int(initial_faces),
-                 threshold=float(threshold), final_loss=loss_value, steps=config.iters,
-                 nonfinite_skipped=nonfinite.skipped, preview_seconds=seconds["preview"], model_seconds=seconds["model"],
-                 solidified_vertices=solidified)
-    return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=previews, stats=stats)
+                 threshold=float(threshold), final_loss=done.loss, steps=config.iters,
+                 nonfinite_skipped=done.nonfinite_skipped, preview_seconds=done.preview_seconds,
+                 model_seconds=done.model_seconds, solidified_vertices=solidified[0])
+    return RefineResult(vertices=verts.detach(), faces=faces, color_field=color_field, previews=done.previews, stats=stats)
 
 
 def _texture_gradients(texture_loss: Tensor | None, color_params: list[Tensor], batch_size: int) -> list | None:
@@ -348,13 +311,3 @@ def _use_mean(params: list[Tensor], means: list[Tensor], count: int) -> None:
         with torch.no_grad():
             for mean, p in zip(means, params):
                 p.copy_(mean)
-
-
-def render_previews(mesh: tuple[Tensor, Tensor], color_field, config: RefineConfig, device) -> np.ndarray:
-    """`preview_views` Lambertian orbit renders of a mesh (verts [V, 3], faces [F, 3]), colour above normals:
-    [2 * preview_resolution, preview_views * preview_resolution, 3] uint8."""
-    verts, faces = mesh
-    cams = orbit_cameras(config.preview_views, (config.preview_resolution,) * 2, device=device)
-    with torch.no_grad():
-        out = render_mesh(verts, faces, color_field, cams, "lambertian", config.ambient, backend=config.backend)
-    return colour_and_shape(out["rgb"], out["normal"], out["alpha"])

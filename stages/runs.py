@@ -1,6 +1,6 @@
 """Run folders: where each run writes, how names are made safe, atomic writes, pruning old runs,
-and what a run leaves there: its record (`run.json`) and a checkpoint after each stage, which
-`load_coarse_checkpoint` / `load_refine_checkpoint` read back (resume, bench)."""
+and what a run leaves there: its record (`run.json`, read and written only as a `RunRecord`) and a
+checkpoint after each stage, which `load_coarse_checkpoint` / `load_refine_checkpoint` read back (resume, bench)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -97,10 +98,8 @@ def prune_runs(out_root: str | os.PathLike, keep: int | None = None, max_bytes: 
 
 
 def _status(run: Path) -> str | None:
-    try:
-        return json.loads((run / RUN_FILE).read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    record = RunRecord.read(run)
+    return record.status if record is not None else None
 
 
 # --------------------------------------------------------------------------- run.json
@@ -114,48 +113,105 @@ def package_versions() -> dict:
     return versions
 
 
-def load_record(run_path: Path) -> dict:
-    """A run folder's run.json; FileNotFoundError when it is not a run folder."""
-    path = Path(run_path) / RUN_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{run_path} has no {RUN_FILE}: it is not a DreamLift run folder")
-    return json.loads(path.read_text())
+@dataclass
+class RunRecord:
+    """A run's `run.json`: what it ran, how each stage went and how it ended; the file's one reader and writer.
+
+    Files of other versions load: a key they lack takes its default here, a key this version does not
+    know is kept in `extra` and written back as it was."""
+
+    prompt: str = ""  # the checked prompt
+    seed: int = 0  # the run's seed
+    preset: str | None = None  # the preset the config started from
+    guidance: str | None = None  # the guidance model's registry name ("auto" resolved)
+    model_id: str | None = None  # its hub id or folder; None = the model's default
+    config: dict = dataclasses.field(default_factory=dict)  # the resolved config (`stages.config.to_dict`)
+    packages: dict = dataclasses.field(default_factory=dict)  # package -> version the run imported
+    status: str | None = None  # "running", "finished", "failed" or "cancelled"
+    started_at: float | None = None  # epoch seconds when the run got the device
+    ended_at: float | None = None  # epoch seconds when it ended
+    device: str | None = None  # where it trained
+    device_facts: dict | None = None  # `stages.run_facts.device_facts`
+    guidance_facts: dict = dataclasses.field(default_factory=dict)  # stage -> `stages.run_facts.guidance_facts`
+    finished_stages: list = dataclasses.field(default_factory=list)  # stages done, in order (resume skips them)
+    stage_seconds: dict = dataclasses.field(default_factory=dict)  # stage -> seconds it took
+    stage_stats: dict = dataclasses.field(default_factory=dict)  # stage -> what the stage reported (timings, losses, faces)
+    peak_memory: dict = dataclasses.field(default_factory=dict)  # stage -> `stages.run_facts.peak_memory` at its end
+    nonfinite_skipped: dict = dataclasses.field(default_factory=dict)  # stage -> steps skipped for a non-finite loss or gradient
+    stage_calls: int = 0  # calls that ran some stages and left the rest to a later one (a ZeroGPU run)
+    outputs: dict = dataclasses.field(default_factory=dict)  # name -> path of the exported files
+    total_seconds: float | None = None  # the whole run's seconds, when finished
+    error: str | None = None  # why it failed or was cancelled
+    traceback: str | None = None  # the failure's traceback text
+    extra: dict = dataclasses.field(default_factory=dict)  # keys of another version, kept as they were
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunRecord:
+        if not isinstance(data, dict):
+            raise ValueError(f"{RUN_FILE} must hold a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **data}
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunRecord:
+        """A run folder's record; FileNotFoundError when it is not a run folder, ValueError when unreadable."""
+        path = Path(run_dir) / RUN_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} has no {RUN_FILE}: it is not a DreamLift run folder")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> RunRecord | None:
+        """`load`, or None when the folder has no readable record (listings skip such folders)."""
+        try:
+            return cls.load(run_dir)
+        except (OSError, ValueError):
+            return None
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        write_json_atomic(Path(run_dir) / RUN_FILE, self.to_dict())
+
+    def finish_stage(self, stage: str, seconds: float, stats: dict) -> None:
+        """Record a finished stage: its seconds and stats."""
+        self.stage_seconds[stage] = seconds
+        if stage not in self.finished_stages:
+            self.finished_stages.append(stage)
+        self.stage_stats[stage] = stats
+        if "nonfinite_skipped" in stats:  # fp16 overflows survived, per stage
+            self.nonfinite_skipped[stage] = stats["nonfinite_skipped"]
+
+    def end(self, run_dir: str | os.PathLike, status: str, message: str, trace: str = "") -> None:
+        """Record how a run ended ("failed", "cancelled"); a folder that cannot be written is left as it is."""
+        self.status, self.error, self.ended_at = status, message, time.time()
+        if trace:
+            self.traceback = trace
+        try:
+            self.save(run_dir)
+        except OSError:
+            pass
+
+    def run_config(self):
+        """The resolved config as a `stages.config.Config` (old files' settings read as `from_dict` reads them)."""
+        from stages.config import from_dict
+
+        return from_dict(self.config)
 
 
 def load_run_config(run_dir: str | os.PathLike):
     """The prompt and config of an earlier run (for --resume): (prompt, stages.config.Config)."""
-    from stages.config import from_dict
-
-    record = load_record(Path(run_dir))
-    return record["prompt"], from_dict(record["config"])
-
-
-def finish_stage(record: dict, stage: str, seconds: float, run_path: Path, stats: dict) -> None:
-    """Record a finished stage (its seconds and stats) and write run.json."""
-    record["stage_seconds"][stage] = seconds
-    if stage not in record["finished_stages"]:
-        record["finished_stages"].append(stage)
-    record.setdefault("stage_stats", {})[stage] = stats
-    if "nonfinite_skipped" in stats:  # fp16 overflows survived, per stage
-        record.setdefault("nonfinite_skipped", {})[stage] = stats["nonfinite_skipped"]
-    write_json_atomic(run_path / RUN_FILE, record)
-
-
-def fail_record(record: dict, run_path: Path, status: str, message: str, trace: str = "") -> None:
-    """Record how a run ended ("failed", "cancelled"); a folder that cannot be written is left as it is."""
-    record.update(status=status, error=message, ended_at=time.time())
-    if trace:
-        record["traceback"] = trace
-    try:
-        write_json_atomic(run_path / RUN_FILE, record)
-    except OSError:
-        pass
+    record = RunRecord.load(run_dir)
+    return record.prompt, record.run_config()
 
 
 # --------------------------------------------------------------------------- checkpoints
-def has_checkpoint(record: dict, run_path: Path, stage: str) -> bool:
+def has_checkpoint(record: RunRecord, run_path: Path, stage: str) -> bool:
     """Whether `stage` finished in this run and its checkpoint is there."""
-    return stage in record["finished_stages"] and (run_path / CHECKPOINTS[stage]).exists()
+    return stage in record.finished_stages and (run_path / CHECKPOINTS[stage]).exists()
 
 
 def save_coarse_checkpoint(field, run_path: Path) -> None:

@@ -24,15 +24,20 @@ _PENDING_RUNS: dict[str, int] = {}  # runs handed to a device's worker and not y
 _RUNS_LOCK = threading.Lock()
 
 
-def guidance_loaded(plan: RunPlan) -> bool:
-    """Whether the model `guidance_for(plan)` returns is in memory already (no load)."""
+def guidance_loaded(plan: RunPlan, stage: str = "coarse") -> bool:
+    """Whether the model `guidance_for(plan, stage)` returns is in memory already (no load)."""
     with _GUIDANCE_LOCK:
-        return plan.guidance.cache_key(plan.config, plan.device) in _GUIDANCE_CACHE
+        return plan.guidance.cache_key(stage_config(plan, stage), plan.device) in _GUIDANCE_CACHE
 
 
-def guidance_for(plan: RunPlan):
-    """The plan's guidance model, loaded once per process (`kept_guidance`), as the run sees it."""
-    return kept_guidance(plan.guidance, plan.config, plan.device)
+def guidance_for(plan: RunPlan, stage: str = "coarse"):
+    """The plan's guidance model for `stage`, loaded once per process (`kept_guidance`), as that stage sees it."""
+    return kept_guidance(plan.guidance, stage_config(plan, stage), plan.device)
+
+
+def stage_config(plan: RunPlan, stage: str):
+    """The plan's config as `stage` sees it: the refine stage has cameras of its own (`RunPlan.refine_config`)."""
+    return plan.refine_config if stage == "refine" else plan.config
 
 
 def kept_guidance(spec: GuidanceSpec, config, device: torch.device):

@@ -162,7 +162,7 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
     from guidance.hub import load_error
     from stages import pipeline
 
-    def offline(plan):
+    def offline(plan, stage="coarse"):
         raise load_error("my/sd-model", "Stable Diffusion", OSError("offline"), "my/sd-model") from None
 
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
@@ -178,7 +178,7 @@ def test_a_model_that_fails_to_load_ends_the_status_with_a_web_message(monkeypat
 
 
 def test_server_model_ids_are_kept_per_family_and_a_set_model_id_is_obeyed():
-    from app import server_model_ids
+    from app_plan import server_model_ids
 
     ids, rest = server_model_ids(["/models/sd15", "deepfloyd-if=/models/if"], ["coarse.iters=3"], None)
     assert ids == {"stable-diffusion": "/models/sd15", "deepfloyd-if": "/models/if"} and rest == ["coarse.iters=3"]

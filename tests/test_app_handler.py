@@ -107,7 +107,7 @@ def test_the_viewer_shows_the_shape_while_it_trains_then_the_textured_model(tmp_
         if model:
             shown.append((Path(model).name, Path(model).is_file(), "In the viewer:" in status))
     names = [name for name, _, _ in shown]
-    assert names[-1] == "model.glb" and not shown[-1][2]  # the final model, with no intermediate label
+    assert names[-1] == "model.glb" and not shown[-1][2], shown  # the final model, with no intermediate label
     live = [s for s in shown if s[0].startswith("preview-")]
     assert live and all(exists and labelled for _, exists, labelled in live), shown
     assert set(names) <= {"preview-coarse.glb", "preview-refine-2.glb", "preview-refine-4.glb", "model.glb"}, names

@@ -90,8 +90,9 @@ def test_gpu_presets_are_refused_on_a_cpu_server_naming_quick():
     import gradio as gr
 
     import app
+    from app_plan import active_device
 
-    if app.active_device() != "cpu":
+    if active_device() != "cpu":
         pytest.skip("a GPU server accepts them")
     for name in ("fast", "standard", "high"):
         with pytest.raises(gr.Error) as err:
@@ -126,7 +127,7 @@ def test_the_typical_run_time_is_the_median_of_finished_runs_else_the_examples(t
 
 
 def test_an_example_shows_its_ready_made_result_or_only_fills_the_prompt(tmp_path, monkeypatch):
-    import app
+    from app_examples import show_example
     from examples import ready
 
     folder = tmp_path / "a-red-cube"
@@ -140,14 +141,12 @@ def test_an_example_shows_its_ready_made_result_or_only_fills_the_prompt(tmp_pat
              "seconds": 151.0, "commit": "0123456789abcdef"}
     (folder / "facts.json").write_text(json.dumps(facts))
     monkeypatch.setattr(ready, "RESULTS", tmp_path)
-    monkeypatch.setattr(app, "default_guidance", lambda: "primitives")
-    shown = app.show_example(["a red cube"])
+    shown = show_example(["a red cube"], "primitives")
     prompt, gallery, status, model, files, latest, run_id, button, video = shown  # the viewer follows the model
     assert prompt == "a red cube" and model == str(folder / "model.glb") and files == [model]
     assert "Ready-made result" in status and "2 min 31 s" in status and "0123456" in status and "Generate" in status
     assert video.endswith("turntable.mp4") and latest.shape[1] >= 512 and len(gallery) == 2 and run_id == ""
-    monkeypatch.setattr(app, "default_guidance", lambda: "stable-diffusion")  # made with another model: prompt only
-    other = app.show_example(["a red cube"])
+    other = show_example(["a red cube"], "stable-diffusion")  # made with another model: prompt only
     assert other[0] == "a red cube" and all(not isinstance(x, (str, list)) for x in other[1:])
 
 
@@ -155,20 +154,20 @@ def test_the_server_loads_the_priors_libraries_in_the_background_and_says_when_i
                                                                                                capsys):
     from app_warmup import Warmup
     from helpers import tiny_run_config
-    from stages.plan import refine_plan, resolve
+    from stages.plan import resolve
     from stages.workers import forget_guidance, guidance_loaded
 
     monkeypatch.setenv("DREAMLIFT_CACHE", str(tmp_path))  # nothing cached: both libraries are rendered
     forget_guidance()
     config = tiny_run_config()
-    config.prior_renders_per_view = 2  # small libraries, in an empty cache
+    config.prior.renders_per_view = 2  # small libraries, in an empty cache
     lines, warmup = [], Warmup()
     assert warmup.start("a red cube", config, log=lines.append)
     assert warmup.busy() and "still being rendered" in warmup.note()
     warmup._thread.join(120)
     assert not warmup.busy() and warmup.error is None and warmup.note() == ""
     plan = resolve("a red cube", config)
-    assert guidance_loaded(plan) and guidance_loaded(refine_plan(plan))  # the first run loads nothing
+    assert guidance_loaded(plan) and guidance_loaded(plan, "refine")  # the first run loads nothing
     printed = capsys.readouterr().out.splitlines()  # the prior's own lines, as the command line shows them
     rendering = [i for i, line in enumerate(printed) if "rendering a library" in line]
     built = [i for i, line in enumerate(printed) if "built library" in line]

@@ -284,6 +284,12 @@ def test_pages_that_leave_never_let_more_runs_wait_than_the_queue_size(server):
     text = _cancel(server, running.name)
     assert "Cancelled" in text, text
     for job in queued:
-        record = json.loads((run_dir_from_status(job.result(timeout=240)[1], server.out) / "run.json").read_text())
+        try:
+            result = job.result(timeout=240)
+        except TimeoutError:  # the open hang: say what the server and its runs were doing
+            states = {p.name: (r.get("status"), r.get("seed")) for p, r in server.runs().items()}
+            raise AssertionError(f"a queued run did not finish: runs {states}; job {job.status()}; server log:\n"
+                                 + server.log_path.read_text()[-4000:]) from None
+        record = json.loads((run_dir_from_status(result[1], server.out) / "run.json").read_text())
         assert record["status"] == "finished"
     assert server.proc.poll() is None

@@ -121,6 +121,31 @@ def test_a_crashing_run_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch
     assert report["summary"]["errors"] == 1 and report["summary"]["overall"] == {}
 
 
+
+def test_text_only_turns_the_elevation_kernel_off_after_every_set(tmp_path, monkeypatch, capsys):
+    args = quality.parse_args(["--text-only", "--set", "prior.elevation_sigma=3", "--out", str(tmp_path / "q")])
+    ((name, _, overrides, out_dir, json_path),) = quality.variants(args)
+    assert name == "text-only" and overrides == ["prior.elevation_sigma=3", "prior.elevation_sigma=0"]
+    assert (out_dir, json_path) == (tmp_path / "q-text-only", tmp_path / "q-text-only.json")
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--text-only", "--both"])
+
+    from stages import pipeline
+
+    sigmas = []
+
+    def crash(prompt, config, run_dir, **kwargs):
+        sigmas.append((run_dir.parent.name, config.prior.elevation_sigma))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "run_to_completion", crash)
+    assert quality.main(["--both", "--prompts", "a red cube", "--seeds", "0", "--out", str(tmp_path / "q")]) == 1
+    assert sigmas == [("q", None), ("q-text-only", 0.0)]
+    reports = [json.loads((tmp_path / f"{stem}.json").read_text()) for stem in ("q", "q-text-only")]
+    assert [r["variant"] for r in reports] == ["default", "text-only"]
+    printed = capsys.readouterr().out
+    assert printed.index("== default:") < printed.index("== text-only:") and "stands for the real" in printed
+
 @pytest.mark.slow
 def test_coarse_quality_measures_each_run(tmp_path, capsys):
     sets = _sets(["prior.resolution=16", "prior.renders_per_view=4", "coarse.iters=3", "coarse.resolution=16",

@@ -3,6 +3,7 @@
 Needs Debian's `chromium` and `chromium-driver` and selenium (`.ci/run` installs them); skipped
 with the reason where they are missing. Set DREAMLIFT_SCREENSHOT_DIR to keep the screenshots.
 """
+import contextlib
 import io
 import json
 import os
@@ -49,13 +50,20 @@ def app_url(tmp_path_factory):
     out = tmp_path_factory.mktemp("browser-outputs")
     examples = tmp_path_factory.mktemp("examples")
     build(["a red cube"], examples, tiny_run_config())  # a ready-made result, made as examples/build.py makes them
+    with served_app(out, "browser-server.log", DREAMLIFT_EXAMPLES_DIR=str(examples)) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def served_app(out: Path, log_name: str, **env_extra):
+    """app.py with the tiny settings on a free port, writing its runs to `out` and its log beside it; yields
+    (url, out, log path) once the page answers, and stops the server after."""
     port = free_port()
-    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False",
-               DREAMLIFT_EXAMPLES_DIR=str(examples))
+    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False", **env_extra)
     args = [sys.executable, "app.py", "--port", str(port)]
     for item in TINY_SETTINGS:
         args += ["--set", item]
-    log_path = out.parent / "browser-server.log"
+    log_path = out.parent / log_name
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}/"

@@ -5,16 +5,13 @@ needs (skipped with the reason where it is missing); set DREAMLIFT_SCREENSHOT_DI
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 from PIL import Image
 
-from helpers import ROOT, TINY_SETTINGS, free_port, stop_server
+from helpers import ROOT
 from test_browser import (  # noqa: F401 - the module's skip (no Chromium) applies here too
-    _answers,
     _generate,
     _open,
     _run_id,
@@ -23,6 +20,7 @@ from test_browser import (  # noqa: F401 - the module's skip (no Chromium) appli
     _until,
     browser,
     pytestmark,
+    served_app,
 )
 
 By = pytest.importorskip("selenium.webdriver.common.by").By
@@ -32,23 +30,10 @@ STANDIN = ROOT / "tests" / "zerogpu"
 @pytest.fixture(scope="module")
 def zerogpu_url(tmp_path_factory):
     out = tmp_path_factory.mktemp("zerogpu-outputs")
-    port = free_port()
-    env = dict(os.environ, DREAMLIFT_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False", SPACES_ZERO_GPU="true",
-               PYTHONPATH=os.pathsep.join([str(STANDIN), str(ROOT)]), ZEROGPU_STANDIN_TIME_SCALE="20",
-               ZEROGPU_STANDIN_LOG=str(out.parent / "zerogpu-requests.jsonl"))
-    args = [sys.executable, "app.py", "--port", str(port)]
-    for item in TINY_SETTINGS:
-        args += ["--set", item]
-    log_path = out.parent / "zerogpu-server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            _until(lambda: _answers(url) or proc.poll() is not None, "the app to start")
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            yield url, out, log_path
-        finally:
-            stop_server(proc)
+    with served_app(out, "zerogpu-server.log", SPACES_ZERO_GPU="true",
+                    PYTHONPATH=os.pathsep.join([str(STANDIN), str(ROOT)]), ZEROGPU_STANDIN_TIME_SCALE="20",
+                    ZEROGPU_STANDIN_LOG=str(out.parent / "zerogpu-requests.jsonl")) as served:
+        yield served
 
 
 def _viewer_shows_a_model(driver):

@@ -4,19 +4,15 @@ import pytest
 import torch
 
 from renderers.cameras import (
-    ALL_VIEW_WORDS,
-    VIEW_WORDS,
     CameraConfig,
-    banded_view_word,
     cameras_from_angles,
     get_rays,
     orbit_cameras,
     sample_cameras,
     scale_pose_jitter,
     to_clip,
-    view_word,
-    view_words_of,
 )
+from renderers.view_words import ALL_VIEW_WORDS, VIEW_WORDS, banded_view_word, view_word, view_words_of
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,7 @@ def nearest_color(rgb: list[float]) -> str:
     # darker at this size (0.237: 0.01, 0.45, 0.10), and darker still since the prior's elevation bands
     # (0.332: 0.01, 0.37, 0.04; the test-size prior has 32 renders per view word); the refine stage's
     # texture sets the final colour (whole `quick` runs of "a green cube", seeds 0 and 1: 0.022 and 0.031
-    # with the bands, 0.040 and 0.045 before, bench/RESULTS.md).
+    # with the bands, 0.040 and 0.045 before, bench/HISTORY.md).
     [("a red sphere", 0, 0.2), ("a green cube", 1, 0.35),
      # White objects train on a dark background; their albedo comes out light grey (about 0.75).
      ("a white capsule", 0, 0.35)],

@@ -5,7 +5,7 @@ import torch
 from geometry.nerf import FieldConfig
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
-from stages import coarse
+from stages import coarse, loop
 from stages.coarse import CoarseConfig
 
 
@@ -22,7 +22,7 @@ class UnitSDS:
 
 def _first_step_gradient_norm(batch_size: int, monkeypatch) -> float:
     norms = []
-    original = coarse.backward_finite
+    original = loop.backward_finite
 
     def recording(loss, optimizer):
         original(loss, optimizer)
@@ -30,7 +30,7 @@ def _first_step_gradient_norm(batch_size: int, monkeypatch) -> float:
         norms.append(float(torch.nn.utils.get_total_norm(grads)))
 
     monkeypatch.setattr(coarse, "SDSLoss", UnitSDS)
-    monkeypatch.setattr(coarse, "backward_finite", recording)
+    monkeypatch.setattr(loop, "backward_finite", recording)
     config = CoarseConfig(
         iters=1, batch_size=batch_size, resolution=16, preview_every=0, preview_views=1, preview_resolution=8,
         albedo_warmup=0, prob_albedo=1.0, prob_lambertian=0.0, prob_textureless=0.0, lambda_orientation=0.0, lambda_sparsity=0.0, lambda_entropy=0.0, background="white",
@@ -56,7 +56,8 @@ def test_repeated_non_finite_steps_name_the_precision_setting():
     import pytest
 
     from guidance.sds import NonFiniteError
-    from stages.common import NonFiniteSteps, StageError
+    from stages.common import StageError
+    from stages.loop import NonFiniteSteps
 
     steps = NonFiniteSteps("coarse", limit=2)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

@@ -202,7 +202,7 @@ def test_the_primitives_prior_gives_the_texture_cfg_3_on_white_and_lambertian_re
     config = preset("quick")
     registry.get("primitives").adapt(config, "a red cube")
     assert config.refine.sds.guidance_scale == 10.0 and config.refine.sds.texture_guidance_scale == 3.0
-    assert config.coarse.sds.texture_guidance_scale is None  # at 3 the cones' bases sank (bench/RESULTS.md, tenth pass)
+    assert config.coarse.sds.texture_guidance_scale is None  # at 3 the cones' bases sank (bench/HISTORY.md, tenth pass)
     assert (config.refine.prob_albedo, config.refine.prob_lambertian, config.refine.prob_textureless) == (0.0, 1.0, 0.0)
     config.check()
     custom = apply_overrides(preset("quick"), ["refine.sds.texture_guidance_scale=6", "refine.prob_albedo=0.5"])

@@ -4,21 +4,22 @@ import pytest
 import torch
 import trimesh
 
-from geometry.dmtet import (
+from geometry.dmtet import dmtet_from_field
+from geometry.level_set import (
     OPACITY_RANGE,
+    LevelSetSettings,
     auto_threshold,
     density_to_sdf,
-    dmtet_from_field,
     extract_mesh,
     occupied_box,
     opacity_level,
     opacity_maps,
 )
-from geometry.mesh_ops import laplacian_loss, normal_consistency_loss, vertex_normals
+from geometry.mesh_ops import is_watertight, laplacian_loss, mesh_volume, normal_consistency_loss
 from geometry.metrics import chamfer_distance, occupancy_grid, volumetric_iou
 from geometry.nerf import FieldConfig, NeRFField
-from geometry.tets import is_watertight, mesh_volume
 from guidance.primitive_shapes import primitive_mesh
+from renderers.mesh import vertex_normals
 
 
 class SoftBall(torch.nn.Module):
@@ -107,7 +108,7 @@ class FoggyBall(SoftBall):
 
 
 def _mean_radius(field):
-    verts, faces = extract_mesh(field, grid_resolution=40)
+    verts, faces = extract_mesh(field, LevelSetSettings(40))
     assert is_watertight(faces)
     return (verts - field.centre).norm(dim=-1).mean().item()
 
@@ -124,7 +125,7 @@ def test_the_mesh_level_leaves_out_fog_and_keeps_faint_objects():
     assert _mean_radius(faint) == pytest.approx(0.45, abs=0.06)
     # A fixed target can still be asked for (refine.surface_opacity): stricter, smaller.
     soft = SoftBall(radius=0.45, peak=8.0, softness=0.1)
-    radii = [extract_mesh(soft, 40, opacity=o)[0].norm(dim=-1).mean().item() for o in (0.3, 0.9)]
+    radii = [extract_mesh(soft, LevelSetSettings(40, opacity=o))[0].norm(dim=-1).mean().item() for o in (0.3, 0.9)]
     assert radii[0] > radii[1] + 0.03
     _, _, level = occupied_box(soft, opacity=0.9)
     assert level_radius(soft, level) == pytest.approx(silhouette_radius(soft, 0.9), abs=1.5 / 64)
@@ -145,7 +146,7 @@ def test_density_to_sdf_has_the_same_slope_for_soft_and_sharp_fields():
 def test_extract_mesh_finds_the_level_set_of_a_known_field(peak, softness):
     ball = SoftBall(radius=0.45, peak=peak, softness=softness, centre=(0.1, -0.05, 0.0))
     _, _, level = occupied_box(ball)
-    verts, faces = extract_mesh(ball, grid_resolution=40)
+    verts, faces = extract_mesh(ball, LevelSetSettings(40))
     assert is_watertight(faces)
     expected = level_radius(ball, level)
     opacity = opacity_level(opacity_maps(probe_grid(ball), 2.0 / 64))
@@ -168,21 +169,21 @@ def test_occupied_box_fits_the_object_with_margin_and_falls_back_when_empty():
         assert c + r + 0.1 - 1e-6 <= hi[axis] <= c + r + 0.1 + 1 / 32 + 1e-6
     empty = SoftBall(peak=0.0)
     assert occupied_box(empty, threshold=1.0) == ((-1.0,) * 3, (1.0,) * 3, 1.0)
-    verts, faces = extract_mesh(empty, 16, threshold=1.0)
+    verts, faces = extract_mesh(empty, LevelSetSettings(16, threshold=1.0))
     assert verts.shape == (0, 3) and faces.shape == (0, 3)
 
 
 @pytest.mark.slow
 def test_surface_does_not_depend_on_the_grid_resolution():
     ball = SoftBall(radius=0.4, peak=30.0, softness=0.05)
-    volumes = [mesh_volume(*extract_mesh(ball, r)).item() for r in (24, 48)]
+    volumes = [mesh_volume(*extract_mesh(ball, LevelSetSettings(r))).item() for r in (24, 48)]
     assert volumes[0] == pytest.approx(volumes[1], rel=0.03)
 
 
 def test_extract_mesh_from_a_nerf_field():
     torch.manual_seed(0)
     field = NeRFField(FieldConfig(num_levels=4, log2_table_size=12, max_resolution=64, hidden_dim=16, num_layers=1))
-    verts, faces = extract_mesh(field, 24)
+    verts, faces = extract_mesh(field, LevelSetSettings(24))
     # A fresh field is its density blob: a small closed ball around the origin.
     assert faces.shape[0] > 100 and is_watertight(faces)
     assert verts.norm(dim=-1).max().item() < 0.5
@@ -190,11 +191,11 @@ def test_extract_mesh_from_a_nerf_field():
 
 def test_dmtet_initial_surface_gradients_and_bounded_deformation():
     ball = SoftBall(radius=0.45)
-    dmtet, level = dmtet_from_field(ball, grid_resolution=20, deform_scale=0.25)
+    dmtet, level = dmtet_from_field(ball, LevelSetSettings(20), deform_scale=0.25)
     sdf = dmtet.signed_distance()
     assert sdf.min() >= -1 - 1e-5 and sdf.max() <= 1 + 1e-5 and bool((sdf[dmtet.boundary] == 1).all())
     verts, faces = dmtet.extract()
-    ref_verts, ref_faces = extract_mesh(ball, 20)
+    ref_verts, ref_faces = extract_mesh(ball, LevelSetSettings(20))
     torch.testing.assert_close(verts, ref_verts)  # no training yet: the same surface as extract_mesh
     assert torch.equal(faces, ref_faces)
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 import trimesh
 
+from geometry.mesh_ops import clean_mesh, decimate
 from stages import export as export_module
 from stages.common import Cancelled
-from stages.export import ExportConfig, clean_mesh, decimate, dilate_texture, export, from_y_up, to_y_up
+from stages.export import ExportConfig, dilate_texture, export, from_y_up, to_y_up
 
 RED, BLUE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
 

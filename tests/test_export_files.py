@@ -15,10 +15,11 @@ import trimesh
 import geometry.uv as uv_module
 import geometry.uv_charts as charts_module
 from bench.export_checks import mp4_atoms, shape_mesh, shape_sdf
-from geometry.tets import is_watertight, make_tet_grid, marching_tets
+from geometry.mesh_ops import clean_mesh, is_watertight
+from geometry.tets import make_tet_grid, marching_tets
 from geometry.uv import MAX_OVERLAP, overlapping_texels, texture_fill, unwrap
 from geometry.uv_charts import MIN_FACING, axis_labels
-from stages.export import ExportConfig, clean_mesh, export
+from stages.export import ExportConfig, export
 from stages.export_files import MATERIAL_NAME
 
 

@@ -10,7 +10,8 @@ Low to high:
   4. app_gpu, app_queue, app_warmup: what the Gradio app needs beyond its handlers (where a run gets its
      GPU, the line of runs, the prior's libraries loaded at start)
   5. app_support: the runs that outlive their page and the status line (uses the line's text helpers)
-  6. app, generate: the entry points
+  6. app_examples, app_page, app_plan: the page's examples, its layout, and the plan from its fields
+  7. app, generate: the entry points
 Imports inside functions count as much as those at the top of a file.
 """
 import ast
@@ -23,7 +24,8 @@ from tests.helpers import ROOT
 
 LAYERS = {
     "renderers": 0, "geometry": 0, "guidance": 1, "stages": 2, "batch": 3, "bench": 3,
-    "app_gpu": 4, "app_queue": 4, "app_warmup": 4, "app_support": 5, "app": 6, "generate": 6,
+    "app_gpu": 4, "app_queue": 4, "app_warmup": 4, "app_support": 5, "app_examples": 6, "app_page": 6, "app_plan": 6,
+    "app": 7, "generate": 7,
 }
 NOT_PRODUCT = {"tests", "docs", "examples", "shared"}  # folders of the checkout that are not importable code
 

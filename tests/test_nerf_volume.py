@@ -6,14 +6,8 @@ import torch
 
 from geometry.nerf import FieldConfig, NeRFField
 from renderers.cameras import cameras_from_angles, orbit_cameras
-from renderers.volume import (
-    DREAMFUSION_SHADING,
-    OccupancyGrid,
-    VolumeConfig,
-    intersect_sphere,
-    render_volume,
-    sample_shading,
-)
+from renderers.ray_march import intersect_sphere
+from renderers.volume import DREAMFUSION_SHADING, OccupancyGrid, VolumeConfig, render_volume, sample_shading
 
 SMALL_FIELD = FieldConfig(num_levels=4, log2_table_size=12, base_resolution=8, max_resolution=64, hidden_dim=16, num_layers=1)
 ALBEDO = (0.8, 0.3, 0.1)

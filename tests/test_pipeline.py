@@ -8,7 +8,9 @@ from guidance.primitive_shapes import UnknownPromptError
 from helpers import NaNGuidance, tiny_run_config
 from stages import pipeline
 from stages.common import Cancelled, StageError
-from stages.pipeline import PromptError, generate, run_to_completion
+from stages.pipeline import generate, run_to_completion
+from stages.plan import PromptError, resolve
+from stages.runs import load_run_config
 
 
 def _drain(prompt, config, **kwargs):
@@ -102,7 +104,7 @@ def test_crash_in_refine_keeps_the_coarse_checkpoint_and_resume_continues(tmp_pa
         raise AssertionError("the coarse stage must not run again on resume")
 
     monkeypatch.setattr(pipeline.coarse_stage, "run", no_coarse)
-    prompt, config = pipeline.load_run_config(tmp_path / "run")
+    prompt, config = load_run_config(tmp_path / "run")
     assert prompt == "a green cube" and config.coarse.iters == 4
     done = run_to_completion(prompt, config, run_dir=tmp_path / "run", resume=True)
     assert done.stage == "done" and (tmp_path / "run" / "model.glb").is_file()
@@ -121,7 +123,7 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
 
 def test_one_prior_library_serves_white_and_coloured_prompts():
     # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
-    white, red = pipeline.resolve("a white cube", tiny_run_config()), pipeline.resolve("a red cube", tiny_run_config())
+    white, red = resolve("a white cube", tiny_run_config()), resolve("a red cube", tiny_run_config())
     assert white.config.prior.background < red.config.prior.background == 1.0
     red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
     assert (red_prior.background, white_prior.background) == (red.config.prior.background, white.config.prior.background)
@@ -154,3 +156,44 @@ def test_the_refine_stage_gets_cameras_without_pose_jitter_and_a_prior_drawn_fro
     assert refine_camera.distance_range == coarse_camera.distance_range
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["config"]["refine"]["camera_jitter"] == 0.0
+
+
+def _forbid_plan_functions(monkeypatch) -> None:
+    """Every function of stages.plan raises from now on, wherever a module holds it (`from stages.plan import ...`)."""
+    import inspect
+    import sys
+
+    from stages import plan as plan_module
+
+    functions = {id(f): (name, f) for name, f in vars(plan_module).items()
+                 if inspect.isfunction(f) and f.__module__ == plan_module.__name__}
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"stages.plan.{name} was called during a run")
+        return call
+
+    for module in list(sys.modules.values()):
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if id(value) in functions and functions[id(value)][1] is value:
+                monkeypatch.setattr(module, attr, forbidden(functions[id(value)][0]))
+
+
+def test_a_run_takes_its_plan_once_and_never_comes_back_to_it(tmp_path, monkeypatch):
+    plan = resolve("a red cube", tiny_run_config())
+    assert plan.refine_config is not plan.config  # the primitives prior's refine stage has cameras of its own
+    assert plan.refine_config.camera.target_jitter == 0.0 < plan.config.camera.target_jitter
+    _forbid_plan_functions(monkeypatch)
+    with pytest.raises(AssertionError, match="stages.plan.resolve"):
+        pipeline.resolve("a red cube", tiny_run_config())  # the guard holds for the pipeline's own import
+    events = list(pipeline.run_plan(plan, run_dir=tmp_path / "run", stages=("coarse", "refine")))  # the export: none
+    assert events[-1].stage == "paused" and (tmp_path / "run" / "refine.pt").is_file()
+
+
+def test_a_plan_crosses_a_process_with_the_refine_stages_cameras():
+    from stages.plan import plan_from_payload, plan_payload
+
+    plan = resolve("a red cube", tiny_run_config())
+    again = plan_from_payload(plan_payload(plan))
+    assert again.config == plan.config and again.refine_config == plan.refine_config
+    assert again.refine_config.camera != again.config.camera

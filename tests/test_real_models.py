@@ -10,6 +10,7 @@ import generate as cli
 from helpers import TINY_SETTINGS, launch_app
 from stages import pipeline, workers
 from stages.pipeline import generate
+from stages.plan import resolve
 
 pytestmark = pytest.mark.slow  # whole runs through every stage with the tiny hub models
 
@@ -37,7 +38,7 @@ def offline(monkeypatch):
 @pytest.mark.parametrize("name", ["stable-diffusion", "deepfloyd-if"])
 def test_cli_runs_every_stage_then_a_second_prompt_on_the_cached_model(name, folders, tmp_path, capsys, one_thread):
     assert cli.main(_argv("a red cube", name, folders[name], tmp_path / "first")) == 0, capsys.readouterr().err
-    plan = pipeline.resolve("a red cube", cli.build_config(cli.parse_args(_argv("a red cube", name, folders[name], tmp_path))))
+    plan = resolve("a red cube", cli.build_config(cli.parse_args(_argv("a red cube", name, folders[name], tmp_path))))
     assert workers.guidance_loaded(plan)
     model = workers.guidance_for(plan)
     encoded = model.embeddings.encoded_texts

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.dmtet import extract_mesh
+from geometry.level_set import LevelSetSettings, extract_mesh
+from geometry.mesh_ops import is_watertight
 from geometry.metrics import volumetric_iou
-from geometry.tets import is_watertight
 from guidance.primitive_shapes import primitive_mesh
 from guidance.sds import SDSConfig
 from helpers import quick_primitives_config
@@ -192,6 +192,10 @@ def test_non_finite_guidance_is_a_stage_error(tiny_prior):
         refine.run(Blob(peak=0.0), tiny_prior, "a green cube", tiny_refine_config(), CAMERA)
 
 
+def level_set(config):  # the refine stage's starting surface: its grid and SDF smoothing
+    return LevelSetSettings(config.grid_resolution, smoothing=config.sdf_smoothing)
+
+
 def _iou(mesh, shape):
     return volumetric_iou(mesh, primitive_mesh(shape), resolution=64)
 
@@ -204,7 +208,7 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
         iters=150, batch_size=4, resolution=64, grid_resolution=32, preview_every=0,
         prob_albedo=0.0, prob_lambertian=1.0, sds=QUICK.refine.sds,  # the guidance scale of a run with the prior
     )
-    before = _iou(extract_mesh(field, config.grid_resolution, smoothing=config.sdf_smoothing), "cylinder")
+    before = _iou(extract_mesh(field, level_set(config)), "cylinder")
     result = refine.run(field, prior, "a yellow cylinder", config, CAMERA)
     after = _iou((result.vertices, result.faces), "cylinder")
     assert is_watertight(result.faces)
@@ -218,7 +222,7 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
     # (0.875 -> 0.862 as the product runs, 0.870 without the elevation kernel, 0.873 on a 48-cell grid; 0.861 ->
     # 0.873 from a coarse stage with the kernel), so there it must keep the start, not wreck it. A rough
     # cylinder gains (test_refine_moves_a_rounded_blob_toward_the_primitive), and at the quick preset's own size
-    # every shape gains (bench/RESULTS.md, ninth pass).
+    # every shape gains (bench/HISTORY.md, ninth pass).
     "prompt, shape, may_lose",
     [("a green cube", "cube", 0.0), ("a yellow cylinder", "cylinder", 0.02)],
 )
@@ -231,7 +235,7 @@ def test_coarse_then_refine_recovers_the_primitive(prior, prompt, shape, may_los
     # The quick preset's refine stage as a run with the prior gets it (300 steps, lr_sdf 0.05, regularizers
     # x 0.1, no pose jitter), on a 32-cell grid.
     config = dataclasses.replace(quick.refine, batch_size=4, grid_resolution=32, preview_every=0)
-    before = _iou(extract_mesh(field, config.grid_resolution, smoothing=config.sdf_smoothing), shape)
+    before = _iou(extract_mesh(field, level_set(config)), shape)
     result = refine.run(field, prior, prompt, config, camera)
     after = _iou((result.vertices, result.faces), shape)
     print(f"{prompt}: IoU before refinement {before:.3f}, after {after:.3f}, {result.stats['faces']} faces")

@@ -114,22 +114,21 @@ def test_the_command_line_the_app_and_the_batch_offer_the_new_model(still_model,
 def test_a_process_keeps_both_prior_libraries_of_a_run_and_one_model_of_another_kind(still_model):
     workers.forget_guidance()
     plan = resolve("a red cube", tiny_run_config())
-    refine = pipeline.refine_plan(plan)
-    assert refine is not plan and not workers.guidance_loaded(refine)
-    coarse_prior, refine_prior = workers.guidance_for(plan), workers.guidance_for(refine)
+    assert plan.refine_config is not plan.config and not workers.guidance_loaded(plan, "refine")
+    coarse_prior, refine_prior = workers.guidance_for(plan), workers.guidance_for(plan, "refine")
     assert coarse_prior.library_config.camera != refine_prior.library_config.camera
     # The next run finds both libraries in memory (the primitives prior keeps 2).
-    assert workers.guidance_loaded(plan) and workers.guidance_loaded(refine)
+    assert workers.guidance_loaded(plan) and workers.guidance_loaded(plan, "refine")
     assert workers.guidance_for(plan).lib_u is coarse_prior.lib_u
     # A third library (other settings) drops the least recently used one.
     smaller = tiny_run_config()
     smaller.prior.renders_per_view = 3
     other = resolve("a red cube", smaller)
     workers.guidance_for(other)
-    assert workers.guidance_loaded(other) and workers.guidance_loaded(plan) and not workers.guidance_loaded(refine)
+    assert workers.guidance_loaded(other) and workers.guidance_loaded(plan) and not workers.guidance_loaded(plan, "refine")
     # A model of another kind is kept alone, and its refine stage asks for the same model.
     still = resolve("a still cube", tiny_run_config(guidance="still"))
-    assert pipeline.refine_plan(still) is still
-    workers.guidance_for(still)
+    assert still.refine_config is still.config
+    workers.guidance_for(still, "refine")
     assert workers.guidance_loaded(still) and not workers.guidance_loaded(plan) and not workers.guidance_loaded(other)
     workers.forget_guidance()

@@ -2,6 +2,8 @@ import json
 import os
 import time
 
+import pytest
+
 from stages.runs import list_runs, new_run_dir, prune_runs, slugify
 
 
@@ -50,3 +52,59 @@ def test_prune_by_bytes(tmp_path):
         os.utime(path / "run.json", (stamp, stamp))
     prune_runs(tmp_path, max_bytes=2500)
     assert sorted(p.name for p in list_runs(tmp_path)) == ["run2", "run3"]
+
+
+# A run.json as the first versions wrote it: no start or end times, no device or guidance facts, the prior's
+# settings flat in the config, and a key this version does not know.
+OLD_RECORD = {
+    "prompt": "a green cube", "seed": 3, "preset": "quick", "guidance": "primitives", "device": "cpu", "model_id": None,
+    "config": {"seed": 3, "coarse": {"iters": 4}, "prior_renders_per_view": 5}, "packages": {"torch": "2.1.0"},
+    "status": "failed", "stage_seconds": {"coarse": 1.5}, "finished_stages": ["coarse"],
+    "stage_stats": {"coarse": {"final_loss": 0.25}}, "error": "refine stage failed", "traceback": "Traceback ...",
+    "gpu_hours": 0.5,
+}
+
+
+def test_an_old_run_json_loads_with_defaults_and_keeps_what_it_does_not_know(tmp_path):
+    from stages.runs import RunRecord, has_checkpoint, load_run_config
+
+    (tmp_path / "run.json").write_text(json.dumps(OLD_RECORD))
+    record = RunRecord.load(tmp_path)
+    assert (record.prompt, record.seed, record.status, record.finished_stages) == ("a green cube", 3, "failed", ["coarse"])
+    assert record.started_at is None and record.device_facts is None and record.guidance_facts == {}
+    assert record.peak_memory == {} and record.stage_calls == 0 and record.outputs == {}
+    assert record.extra == {"gpu_hours": 0.5}
+    assert not has_checkpoint(record, tmp_path, "coarse")  # finished, but its checkpoint is gone
+    prompt, config = load_run_config(tmp_path)  # what --resume reads
+    assert prompt == "a green cube" and config.coarse.iters == 4 and config.prior.renders_per_view == 5
+    record.finish_stage("refine", 2.0, {"nonfinite_skipped": 1})
+    record.save(tmp_path)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["gpu_hours"] == 0.5 and saved["traceback"] == "Traceback ..."
+    assert saved["finished_stages"] == ["coarse", "refine"] and saved["nonfinite_skipped"] == {"refine": 1}
+    assert RunRecord.load(tmp_path) == record
+
+
+def test_unreadable_records_are_skipped_by_listings_and_refused_by_load(tmp_path):
+    from stages.runs import RunRecord
+
+    assert RunRecord.read(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a DreamLift run folder"):
+        RunRecord.load(tmp_path)
+    for text in ("{not json", "[1, 2]"):
+        (tmp_path / "run.json").write_text(text)
+        assert RunRecord.read(tmp_path) is None
+        with pytest.raises(ValueError):
+            RunRecord.load(tmp_path)
+
+
+def test_ending_a_run_records_why_and_when(tmp_path):
+    from stages.runs import RunRecord
+
+    record = RunRecord(prompt="a red cube", status="running")
+    record.end(tmp_path, "cancelled", "cancelled by the user")
+    saved = RunRecord.load(tmp_path)
+    assert saved.status == "cancelled" and saved.error == "cancelled by the user" and saved.ended_at > 0
+    assert saved.traceback is None
+    record.end(tmp_path / "missing", "failed", "x")  # a folder that cannot be written: left as it is
+    assert not (tmp_path / "missing").exists()

@@ -1,4 +1,4 @@
-"""Solid by construction (issue 31): coarse fields whose level set has inner surfaces (an empty pocket,
+"""Solid by construction: coarse fields whose level set has inner surfaces (an empty pocket,
 a hollow tube that leaks out through small tunnels, a film across an opening) extract and export as one
 solid with the shape's Euler number; refinement's cavities are filled again; the export drops shells
 that lie inside another."""
@@ -8,7 +8,9 @@ import torch
 import trimesh
 
 from geometry import solid, visibility
-from geometry.dmtet import clean_sdf, density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf
+from geometry.dmtet import dmtet_from_field
+from geometry.level_set import LevelSetSettings, density_to_sdf, extract_mesh, initial_sdf
+from geometry.solid import clean_sdf
 from geometry.tets import marching_tets
 from stages.export import ExportConfig, export
 
@@ -55,7 +57,7 @@ def hollow_torus(x, film=0.0):  # a torus (0.4, 0.15) whose tube is empty inside
 
 def level_set(field, grid=GRID):
     """The field's plain level set (no cleaning) at the level and on the grid that extract_mesh uses."""
-    verts, tets, _, _, level = initial_sdf(field, grid)
+    verts, tets, _, _, level = initial_sdf(field, LevelSetSettings(grid))
     density = field.query(verts)[0].view(grid + 1, grid + 1, grid + 1)
     return marching_tets(verts, tets, density_to_sdf(density, level).reshape(-1))
 
@@ -79,7 +81,7 @@ def test_kuhn_structure_is_the_tet_grids_edges():
 def test_a_ball_with_an_empty_pocket_extracts_as_one_solid():
     field = Field(pocket_ball)
     assert topology(*level_set(field))[:2] == (2, 4)  # the plain level set: the ball and the pocket's inner wall
-    shells, euler, closed = topology(*extract_mesh(field, GRID))
+    shells, euler, closed = topology(*extract_mesh(field, LevelSetSettings(GRID)))
     assert (shells, euler, closed) == (1, 2, True)
 
 
@@ -87,17 +89,19 @@ def test_a_hollow_torus_that_leaks_through_tunnels_extracts_as_one_solid_torus()
     field = Field(hollow_torus)
     shells, euler, _ = topology(*level_set(field))
     assert shells == 1 and euler < 0  # one surface, with a handle for each tunnel into the hollow tube
-    assert topology(*extract_mesh(field, GRID, tunnel=0))[1] < 0  # filling closed cavities alone is not enough
-    assert topology(*extract_mesh(field, GRID)) == (1, 0, True)
+    # filling closed cavities alone is not enough
+    assert topology(*extract_mesh(field, LevelSetSettings(GRID, tunnel=0)))[1] < 0
+    assert topology(*extract_mesh(field, LevelSetSettings(GRID))) == (1, 0, True)
 
 
 def test_a_film_across_the_opening_of_a_hollow_torus_gives_one_solid_torus():
     field = Field(lambda x: hollow_torus(x, film=0.8))
-    assert topology(*extract_mesh(field, GRID)) == (1, 0, True)  # the opening stays open, the tube is filled
+    # the opening stays open, the tube is filled
+    assert topology(*extract_mesh(field, LevelSetSettings(GRID))) == (1, 0, True)
 
 
 def test_refinement_cavities_are_filled_without_touching_the_outer_surface():
-    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), GRID)
+    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), LevelSetSettings(GRID))
     with torch.no_grad():
         outer_verts, outer_faces = dmtet.extract()
         centre = dmtet.grid_verts.norm(dim=-1) < 0.15
@@ -227,20 +231,20 @@ def test_a_pit_in_a_base_that_cameras_barely_see_is_filled():
     from bench.solid_metrics import flat_faces
 
     def base_pit(views):
-        verts, faces = extract_mesh(Field(pitted_cylinder), GRID, cameras=views)
+        verts, faces = extract_mesh(Field(pitted_cylinder), LevelSetSettings(GRID, cameras=views))
         mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=True)
         assert topology(mesh.vertices, mesh.faces) == (1, 2, True)
         return flat_faces(mesh, "cylinder")["base_pit"]
 
     assert base_pit(None) > 0.2  # too wide for the tunnel rule
     assert base_pit(CAMERAS) < 0.03
-    plain = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), GRID)
-    with_views = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), GRID, cameras=CAMERAS)
+    plain = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID))
+    with_views = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID, cameras=CAMERAS))
     assert torch.equal(plain[1], with_views[1])  # nothing unseen on a plain cylinder: the same surface
 
 
 def test_refinement_keeps_unseen_space_filled():
-    dmtet, _ = dmtet_from_field(Field(lambda x: pitted_cylinder(x, pit=False)), GRID, cameras=CAMERAS)
+    dmtet, _ = dmtet_from_field(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID, cameras=CAMERAS))
     with torch.no_grad():
         p = dmtet.grid_verts
         pit = (p[:, :2].norm(dim=-1) < 0.15) & (p[:, 2] < -0.15)
@@ -253,7 +257,7 @@ def test_refinement_keeps_unseen_space_filled():
 def test_relaxing_flattens_folds_and_keeps_the_sdf():
     from bench.solid_metrics import adjacent_angles
 
-    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), 24, deform_scale=0.25)
+    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), LevelSetSettings(24), deform_scale=0.25)
     with torch.no_grad():
         dmtet.deform.copy_(torch.randn(dmtet.deform.shape, generator=torch.Generator().manual_seed(0)) * 0.7)
         sdf = dmtet.signed_distance().clone()

@@ -4,15 +4,8 @@ import pytest
 import torch
 import trimesh
 
-from geometry.tets import (
-    is_watertight,
-    make_tet_grid,
-    marching_tets,
-    marching_tets_full,
-    mesh_area,
-    mesh_volume,
-    tet_edges,
-)
+from geometry.mesh_ops import is_watertight, mesh_area, mesh_volume
+from geometry.tets import make_tet_grid, marching_tets, marching_tets_full, tet_edges
 
 RADIUS = 0.6
 

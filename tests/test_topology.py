@@ -3,7 +3,8 @@ the field leaves a film across the opening (what coarse NeRFs of tori tend to do
 import torch
 import trimesh
 
-from geometry.dmtet import density_to_sdf, dmtet_from_field, extract_mesh, initial_sdf, opacity_level
+from geometry.dmtet import dmtet_from_field
+from geometry.level_set import LevelSetSettings, density_to_sdf, extract_mesh, initial_sdf, opacity_level
 from geometry.silhouettes import axis_opacity
 from geometry.tets import marching_tets
 from stages.config import preset
@@ -47,7 +48,7 @@ GRID = preset("quick").refine.grid_resolution  # 48
 
 
 def test_torus_field_gives_genus_one_start_mesh():
-    dmtet, _ = dmtet_from_field(TorusField(), GRID)
+    dmtet, _ = dmtet_from_field(TorusField(), LevelSetSettings(GRID))
     with torch.no_grad():
         assert _euler(*dmtet.extract()) == 0
 
@@ -55,7 +56,7 @@ def test_torus_field_gives_genus_one_start_mesh():
 def test_film_across_the_opening_is_carved():
     field = TorusField(film=0.8)
     # The film is above the surface level: a plain level set closes the opening (genus 0) ...
-    verts, tets, _, _, level = initial_sdf(field, GRID)
+    verts, tets, _, _, level = initial_sdf(field, LevelSetSettings(GRID))
     density = field.query(verts)[0].view(GRID + 1, GRID + 1, GRID + 1)
     assert float(density.max()) * 0.8 > level
     assert _euler(*marching_tets(verts, tets, density_to_sdf(density, level).reshape(-1))) == 2
@@ -66,10 +67,10 @@ def test_film_across_the_opening_is_carved():
     depth = (MINOR - torch.sqrt((r - MAJOR) ** 2 + verts[:, 2] ** 2)).view_as(density)  # > 0 inside the tube
     assert float(depth[holes].max()) < 0.01  # the tube is never cut, its inner rim at most grazed
 
-    dmtet, _ = dmtet_from_field(field, GRID)
+    dmtet, _ = dmtet_from_field(field, LevelSetSettings(GRID))
     with torch.no_grad():
         assert _euler(*dmtet.extract()) == 0
-    assert _euler(*extract_mesh(field, GRID)) == 0  # the coarse-only export agrees
+    assert _euler(*extract_mesh(field, LevelSetSettings(GRID))) == 0  # the coarse-only export agrees
 
 
 def test_no_holes_in_solid_shapes():
@@ -87,7 +88,7 @@ def test_film_more_opaque_than_the_surface_level_is_carved():
     """A film that stops most of the light (opacity 0.76, above the field's surface opacity) still
     leaves a basin in the view from above, walled in by the ring: its floor is carved."""
     field = TorusField(film=3.0)
-    verts, _, _, _, level = initial_sdf(field, GRID)
+    verts, _, _, _, level = initial_sdf(field, LevelSetSettings(GRID))
     density = field.query(verts)[0].view(GRID + 1, GRID + 1, GRID + 1)
     maps = axis_opacity(density, [float(c) for c in (verts.amax(0) - verts.amin(0)) / GRID])
     film_opacity = float(maps[2][GRID // 2, GRID // 2])
@@ -98,7 +99,7 @@ def test_film_more_opaque_than_the_surface_level_is_carved():
     depth = (MINOR - torch.sqrt((r - MAJOR) ** 2 + verts[:, 2] ** 2)).view_as(density)
     assert float(depth[holes].max()) < 0.01
     with torch.no_grad():
-        assert _euler(*dmtet_from_field(field, GRID)[0].extract()) == 0
+        assert _euler(*dmtet_from_field(field, LevelSetSettings(GRID))[0].extract()) == 0
 
 
 def test_basins_are_filled_to_their_rim():
