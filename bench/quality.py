@@ -136,7 +136,7 @@ def render_textured(
     attrs = torch.tensor(corners, dtype=torch.float32, device=device)  # [3F, 8]
     faces, texture = torch.arange(3 * len(f), device=device).view(-1, 3), torch.tensor(mesh["texture"], device=device)
     image = mesh_renderer.render_textured(attrs[:, :3], faces, attrs[:, 6:], attrs[:, 3:6], texture, cameras, ambient,
-                                          background=background, antialiased=False, rasterizer=Rasterizer.make("torch", device))
+                                          background=background, antialiased=False, rasterizer=Rasterizer.make("torch"))
     if supersample > 1:
         image = F.avg_pool2d(image.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
     return image.clamp(0.0, 1.0)

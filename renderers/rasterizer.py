@@ -120,7 +120,9 @@ class Rasterizer:
         if self.backend == "torch":
             return raster.texture(tex, uv, filter, boundary)
         raster.check_texture(tex, uv, filter, boundary)
-        return _nvdr().texture(tex.float().contiguous(), uv.float().contiguous(), filter_mode=filter, boundary_mode=boundary)
+        return _nvdr().texture(
+            tex.float().contiguous(), uv.float().contiguous(), filter_mode=filter, boundary_mode=boundary
+        )
 
     def antialias(
         self,

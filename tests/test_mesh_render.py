@@ -35,7 +35,8 @@ def test_a_uniform_texture_renders_its_colour_lit_at_the_centre_and_the_backgrou
     torch.testing.assert_close(image[:, 24, 24], tex[0, 0].expand(2, 3), atol=0.03, rtol=0)  # faces the light
     torch.testing.assert_close(image[:, 0, 0], torch.full((2, 3), 0.6))
     with pytest.raises(ValueError, match="light"):
-        render_textured(verts, faces, torch.zeros(len(verts), 2), normals, tex, cams, 0.3, "sun", rasterizer=Rasterizer.make())
+        render_textured(verts, faces, torch.zeros(len(verts), 2), normals, tex, cams, 0.3, "sun",
+                        rasterizer=Rasterizer.make())
 
 
 def test_a_slice_of_cameras_renders_as_those_cameras():
@@ -47,8 +48,8 @@ def test_a_slice_of_cameras_renders_as_those_cameras():
     assert len(part) == 2 and part.view_words == cams.view_words[1:3] and part.height == 32
     torch_raster = Rasterizer.make("torch")
     whole = render_textured(verts, faces, uv, normals, tex, cams, 0.35, "view", rasterizer=torch_raster)
-    torch.testing.assert_close(render_textured(verts, faces, uv, normals, tex, part, 0.35, "view", rasterizer=torch_raster),
-                               whole[1:3])
+    part_image = render_textured(verts, faces, uv, normals, tex, part, 0.35, "view", rasterizer=torch_raster)
+    torch.testing.assert_close(part_image, whole[1:3])
 
 
 def test_file_normals_are_unit_outward_and_up_where_the_faces_cancel():
