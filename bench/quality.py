@@ -14,7 +14,7 @@ into the +z-up training frame (`stages.export.from_y_up`) and compared with the 
   renders classified as their own prompt (chance: 1/60). The same protocol applied to the true
   primitive gives its ceiling ("retrieval_reference"): at low prior resolutions the true cube
   itself passes for a sphere from some views;
-- the exported face count and the seconds per stage (run.json's stage_seconds).
+- the exported face count, the seconds per stage (run.json's stage_seconds) and the solid checks (`bench.solid_metrics`).
 
 A bad result is a number, not a failure. A run that crashes becomes an error row, and the script
 exits with 1 after the table; otherwise it exits with 0.
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from bench.evaluate import color_error, held_out_cameras, iou, mesh_silhouettes, primitive_silhouettes
 from bench.shape_checks import align_azimuth, expected_genus, face_colors, format_shape_table, shape_checks
+from bench.solid_metrics import benchmark_checks, format_solid_table, solid_summary
 from bench.speed import check_threads, in_worker_thread, machine_info, use_threads
 from geometry.mesh_ops import face_areas
 from geometry.metrics import chamfer_distance, volumetric_iou
@@ -179,8 +180,7 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
     true_masks = primitive_silhouettes(shape, cams)
     per_view = [iou(masks[i], true_masks[i]) for i in range(len(cams))]
 
-    # 2. Colour of the baked texture.
-    mean_color = mean_texture_color(mesh)
+    mean_color = mean_texture_color(mesh)  # 2. Colour of the baked texture.
 
     # 3. Retrieval among every prompt of the vocabulary, and the same for the true primitive (the
     #    protocol's ceiling: at low prior resolutions even the true cube passes for a sphere from some views).
@@ -199,7 +199,7 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
         "retrieval": sum(r == canonical for r in retrieved) / len(retrieved),
         "retrieved": retrieved,
         "retrieval_reference": sum(r == canonical for r in reference) / len(reference),
-        "faces": int(len(mesh["faces"])),
+        "faces": int(len(mesh["faces"])), "solid": benchmark_checks(mesh, shape),  # one clean solid (bench.solid_metrics)
         # 4. Topology, flat base, baked light and texture fill (bench.shape_checks).
         "shape": shape, "genus_expected": expected_genus(shape), **shape_checks(mesh, shape),
     }
@@ -254,7 +254,7 @@ def summarize(rows: list[dict]) -> dict:
 
     per_prompt = {p: means([r for r in ok if r["prompt"] == p]) for p in dict.fromkeys(r["prompt"] for r in rows)}
     return {"runs": len(rows), "finished": len(ok), "errors": len(rows) - len(ok), "per_prompt": per_prompt,
-            "overall": means(ok)}
+            "overall": means(ok), "solid": solid_summary(rows)}
 
 
 def _cells(m: dict) -> str:
@@ -278,7 +278,7 @@ def format_table(rows: list[dict], summary: dict) -> str:
     n = len(SHAPES) * len(COLORS)
     lines.append(f"{summary['finished']}/{summary['runs']} runs finished. R@1: share of the 8 held-out renders classified "
                  f"as their own prompt among all {n} (chance {1 / n:.3f}); ref: the same for the true primitive.")
-    return "\n".join(lines)
+    return "\n".join(lines + (["", format_solid_table(rows)] if any(r.get("solid") for r in rows) else []))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

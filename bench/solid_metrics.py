@@ -5,7 +5,7 @@ by position first, as an importer's merge by distance would.
 - shells: connected pieces, and how many of them are closed;
 - self-intersections: pairs of faces that share no vertex and cross each other;
 - flat faces (base, cap): the surface's lowest (base) or highest (cap) point along vertical lines over
-  the inner FLAT_INNER of the face's true footprint, against the face's true plane (as `base_gap`):
+  the inner FLAT_INNER of the face's true footprint (a square one in the object's own heading), against the face's true plane (as `base_gap`):
   `pit` is how far the deepest point lies inside it, `bulge` how far the farthest point sticks out;
   a line that misses the mesh (a hole) counts as a pit as deep as the object is tall;
 - cavity share: 1 - mesh volume / filled volume, on a CAVITY_RESOLUTION^3 occupancy grid whose
@@ -134,9 +134,21 @@ def _extreme_heights(solid: trimesh.Trimesh, centre: np.ndarray, half: float, fr
     return np.where(rast[0, ..., 3].numpy() > 0, z, np.nan)
 
 
+def square_heading(solid: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The mesh turned about z so that its smallest-area bounding rectangle seen from above is axis-aligned
+    (a square footprint is measured in the object's own heading, which SDS leaves free)."""
+    v = np.asarray(solid.vertices)
+    transform, _ = trimesh.bounds.oriented_bounds_2D(v[:, :2])
+    turned = v.copy()
+    turned[:, :2] = v[:, :2] @ transform[:2, :2].T
+    return trimesh.Trimesh(turned, np.asarray(solid.faces), process=False)
+
+
 def flat_faces(solid: trimesh.Trimesh, shape: str) -> dict:
     """Per flat face of the shape: `{face}_pit` and `{face}_bulge` (see the module docstring); {} for other shapes."""
     out = {}
+    if any(kind == "square" for _, _, kind, _ in FLAT_FACES.get(shape, ())):
+        solid = square_heading(solid)
     v = np.asarray(solid.vertices)
     centre = (v.min(0) + v.max(0)) / 2
     height = float(v[:, 2].max() - v[:, 2].min())
@@ -173,3 +185,67 @@ def solid_checks(mesh: dict, shape: str) -> dict:
         "cavity_share": cavity_share(mesh), "euler": euler, "euler_expected": expected_euler(shape),
         "euler_ok": euler == expected_euler(shape), **adjacent_angles(solid),
     }
+
+
+# --------------------------------------------------------------------------- the benchmark's table
+BARS = {  # check -> the largest value a clean solid may have
+    "cavity_share": 0.02, "angle_p95": 20.0, "pit_max": 0.03, "self_intersections": 0,
+}
+
+
+def flat_extremes(checks: dict) -> dict:
+    """The deepest pit and the largest bulge over the shape's flat faces (None without flat faces)."""
+    pits = [v for k, v in checks.items() if k.endswith("_pit")]
+    bulges = [v for k, v in checks.items() if k.endswith("_bulge")]
+    return {"pit_max": max(pits) if pits else None, "bulge_max": max(bulges) if bulges else None}
+
+
+def benchmark_checks(mesh: dict, shape: str) -> dict:
+    """`solid_checks` plus `flat_extremes` and whether every bar is met (`clean`)."""
+    checks = solid_checks(mesh, shape)
+    checks.update(flat_extremes(checks))
+    checks["clean"] = bool(
+        checks["shells"] == 1 and checks["euler_ok"] and all(
+            checks[k] is None or checks[k] <= bar for k, bar in BARS.items()))
+    return checks
+
+
+def _cell(value, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def format_solid_table(rows: list[dict]) -> str:
+    """Per finished run (rows with a "solid" dict of `benchmark_checks`): shells, Euler number against the
+    shape's, self-intersecting pairs, cavity share, adjacent-face angle p95, the deepest pit and largest
+    bulge over its flat faces; then how many runs meet each bar."""
+    head = (f"{'prompt':<18}{'seed':>5}{'shells':>7}{'euler':>6}{'want':>5}{'self-x':>7}{'cavity':>8}{'ang p95':>8}"
+            f"{'ang max':>8}{'pit':>7}{'bulge':>7}{'clean':>6}")
+    lines = [head, "-" * len(head)]
+    done = [r for r in rows if r.get("status") == "ok" and r.get("solid")]
+    for r in done:
+        s = r["solid"]
+        lines.append(f"{r['prompt']:<18}{r['seed']:>5}{s['shells']:>7}{s['euler']:>6}{s['euler_expected']:>5}"
+                     f"{s['self_intersections']:>7}{s['cavity_share']:>8.3f}{_cell(s['angle_p95'], '.1f', 8)}"
+                     f"{_cell(s['angle_max'], '.1f', 8)}{_cell(s['pit_max'], '.3f', 7)}{_cell(s['bulge_max'], '.3f', 7)}"
+                     f"{'yes' if s['clean'] else 'NO':>6}")
+    summary = solid_summary(rows)
+    if summary["runs"]:
+        lines += ["-" * len(head), "runs meeting each bar: " + ", ".join(
+            f"{name} {count}/{summary['runs']}" for name, count in summary["meeting"].items())]
+    return "\n".join(lines)
+
+
+def solid_summary(rows: list[dict]) -> dict:
+    """Over the finished rows with solid checks: how many meet each bar, and the worst value of each check."""
+    solids = [r["solid"] for r in rows if r.get("status") == "ok" and r.get("solid")]
+    meeting = {
+        "one shell": sum(s["shells"] == 1 for s in solids),
+        "euler": sum(bool(s["euler_ok"]) for s in solids),
+        **{f"{k} <= {bar:g}": sum(s[k] is None or s[k] <= bar for s in solids) for k, bar in BARS.items()},
+        "all": sum(bool(s["clean"]) for s in solids),
+    }
+    worst = {}
+    for k in ("shells", "self_intersections", "cavity_share", "angle_p95", "angle_max", "pit_max", "bulge_max"):
+        values = [s[k] for s in solids if s.get(k) is not None]
+        worst[k] = max(values) if values else None
+    return {"runs": len(solids), "meeting": meeting, "worst": worst}

@@ -60,6 +60,7 @@ class DMTet(nn.Module):
         self.register_buffer("boundary", boundary)  # [V] bool, vertices on the faces of the box
         self.register_buffer("sdf_init", sdf.clone())
         self.register_buffer("open_space", sdf > 0)  # [V] bool, outside at the start: `solidify` fills no tunnel there
+        self.cameras = None  # geometry.visibility.CameraBand of the training cameras: `solidify` fills what none sees
         self.sdf = nn.Parameter(torch.zeros_like(sdf))  # [V] learned SDF change, before smoothing
         self.deform = nn.Parameter(torch.zeros_like(grid_verts))  # [V, 3], pre-tanh
 
@@ -80,7 +81,8 @@ class DMTet(nn.Module):
         to open cavities, so the stage calls this every so often."""
         n = self.resolution + 1
         current = self.signed_distance().view(n, n, n)
-        cleaned = clean_sdf(current, min_component=None, tunnel=tunnel, keep_open=self.open_space.view(n, n, n))
+        cleaned = clean_sdf(current, min_component=None, tunnel=tunnel, keep_open=self.open_space.view(n, n, n),
+                            cameras=self.cameras, cell=self.cell_size, origin=self.grid_verts[0])
         changed = (cleaned < 0) != (current < 0)
         self.sdf_init.add_((cleaned - current).reshape(-1))
         return int(changed.sum())
@@ -101,6 +103,9 @@ def dmtet_from_field(
     update_smoothing: float = 2.0,  # Gaussian sigma applied to the learned SDF change, grid cells
     device=None,  # None = the field's device
 ) -> tuple[DMTet, float]:
-    """A DMTet whose initial surface is `extract_mesh(field, settings)`, and the level used."""
+    """A DMTet whose initial surface is `extract_mesh(field, settings)`, and the level used; its `solidify`
+    fills what `settings.cameras` do not see as well."""
     verts, tets, sdf, cell, level = initial_sdf(field, settings, device)
-    return DMTet(settings.grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing), level
+    dmtet = DMTet(settings.grid_resolution, verts, tets, sdf, cell, deform_scale, update_smoothing)
+    dmtet.cameras = settings.cameras
+    return dmtet, level

@@ -40,6 +40,7 @@ from torch import Tensor
 from geometry.silhouettes import axis_opacity, silhouette_holes
 from geometry.solid import FILL_TUNNEL, clean_sdf
 from geometry.tets import make_tet_grid, marching_tets_full
+from geometry.visibility import CameraBand
 
 __all__ = [
     "LevelSetSettings", "auto_threshold", "density_to_sdf", "extract_mesh", "initial_sdf", "occupied_box",
@@ -66,6 +67,7 @@ class LevelSetSettings:
     opacity: float | None = None  # with threshold None: the opacity that outlines the object; None = `opacity_level`
     tunnel: int = FILL_TUNNEL  # `clean_sdf`: cavities behind passages this narrow are filled (grid cells)
     chunk_size: int = 65536  # points per field query
+    cameras: CameraBand | None = None  # `clean_sdf`: where the training cameras are, what none sees is filled; None = no such fill
 
     def check(self) -> None:
         g = self.grid_resolution
@@ -278,17 +280,18 @@ def initial_sdf(
     lo, hi, level = occupied_box(field, settings.threshold, settings.margin, chunk_size, device, opacity)
     verts, tets = make_tet_grid(grid_resolution, lo, hi, device=device)
     n = grid_resolution + 1
+    cell = (torch.tensor(hi, device=device) - torch.tensor(lo, device=device)) / grid_resolution
     if level > 0:
         density = _query_density(field, verts, chunk_size).view(n, n, n)
         sdf = density_to_sdf(density, level)
         maps = axis_opacity(density, [(high - low) / grid_resolution for low, high in zip(lo, hi)])
         holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
         sdf = torch.where(holes, torch.ones_like(sdf), sdf)
-        sdf = clean_sdf(smooth_grid(sdf, settings.smoothing), tunnel=settings.tunnel, keep_open=holes)
+        sdf = clean_sdf(smooth_grid(sdf, settings.smoothing), tunnel=settings.tunnel, keep_open=holes,
+                        cameras=settings.cameras, cell=cell, origin=verts[0])
     else:  # no ray through the field becomes opaque: nothing to extract
         sdf = torch.ones(n, n, n, device=device, dtype=verts.dtype)
     sdf[[0, -1]], sdf[:, [0, -1]], sdf[:, :, [0, -1]] = 1.0, 1.0, 1.0
-    cell = (torch.tensor(hi, device=device) - torch.tensor(lo, device=device)) / grid_resolution
     return verts, tets, sdf.reshape(-1), cell.to(verts.dtype), level
 
 

@@ -10,7 +10,10 @@ at offsets +-(a, b, c) with a, b, c in {0, 1} (`KUHN_STRUCTURE`). An outside reg
 box's faces cannot reach through outside vertices is a closed cavity: filling it removes that
 inner shell and nothing else. With `tunnel > 0`, regions reached only through passages at most
 about 2 * tunnel + 1 vertices wide are filled as well (the cavities that leak to the outside
-through small tunnels, seen on the underside of tori).
+through small tunnels, seen on the underside of tori). With `cameras` (where the training cameras
+are), outside vertices that no such direction sees are filled too (`unseen`): SDS
+gives no evidence that space is empty where no camera ray reaches, such as the bottom of a pit in
+a base that cameras see only at grazing angles, or the inside of a tube.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor
+
+from geometry.visibility import CameraBand, unseen
 
 MIN_COMPONENT = 0.05  # inside parts smaller than this fraction of the largest one are floaters
 FILL_TUNNEL = 2  # cavities joined to the outside only through passages about 2 * this + 1 vertices wide count as inside
@@ -102,9 +107,12 @@ def clean_sdf(
     min_component: float | None = MIN_COMPONENT,  # inside parts smaller than this fraction of the largest are dropped; None = keep all
     tunnel: int = FILL_TUNNEL,  # cavities joined to the outside only through passages this narrow are filled too (grid cells)
     keep_open: Tensor | None = None,  # [X, Y, Z] bool, outside vertices the tunnel rule never fills (carved holes, open space)
+    cameras: CameraBand | None = None,  # where the training cameras are: what none sees is filled (`unseen`)
+    cell: Tensor | None = None,  # [3] grid spacing per axis, world units (needed with cameras)
+    origin: Tensor | None = None,  # [3] world position of vertex (0, 0, 0) (needed with cameras at a distance)
 ) -> Tensor:  # [X, Y, Z]
     """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to minus half
-    their distance, `enclosed`) and flip the sign of isolated vertices (`isolated`:
+    their distance, `enclosed`), and with `cameras` the space no camera sees (`unseen`), and flip the sign of isolated vertices (`isolated`:
     one-vertex spikes, pits and bubbles, set to -sdf / 2).
 
     Components use the tets' own connectivity (`KUHN_STRUCTURE`), so what is
@@ -114,9 +122,15 @@ def clean_sdf(
     drop = floaters(inside, min_component) if min_component is not None else np.zeros_like(inside)
     inside = inside & ~drop
     fill = enclosed(inside)
+    hidden = np.zeros_like(inside)
     if tunnel:
-        behind_tunnels = enclosed(inside, tunnel)
-        fill |= behind_tunnels if keep_open is None else behind_tunnels & ~keep_open.cpu().numpy()
+        hidden |= enclosed(inside, tunnel)
+    if cameras is not None:
+        if cell is None:
+            raise ValueError("clean_sdf needs the grid's cell size with cameras")
+        where = None if origin is None else np.asarray(torch.as_tensor(origin).cpu(), dtype=np.float64)
+        hidden |= unseen(inside, np.asarray(torch.as_tensor(cell).cpu(), dtype=np.float64), cameras, where)
+    fill |= hidden if keep_open is None else hidden & ~keep_open.cpu().numpy()
     inside = inside | fill
     flip = isolated(inside, ISOLATED_SAME)
     drop, fill, flip = (torch.from_numpy(mask).to(sdf.device) for mask in (drop, fill, flip))
@@ -182,3 +196,42 @@ def drop_enclosed_shells(
     kept = faces[keep]
     used, remap = np.unique(kept, return_inverse=True)
     return vertices[used], remap.reshape(-1, 3), int(inner.sum()), int((~keep).sum())
+
+
+# --------------------------------------------------------------------------- relaxing the surface
+def relax_surface(
+    dmtet,  # geometry.dmtet.DMTet: its deformation is trained, its SDF kept
+    steps: int,  # Adam steps (0 = none)
+    lambda_normal_consistency: float,
+    lambda_laplacian: float,
+    lr: float,  # Adam learning rate of the (pre-tanh) deformation
+) -> int:  # the steps taken
+    """Move the surface's vertices within their cells under the mesh regularisers alone.
+
+    SDS gradients are noisy, so the last step's surface carries that step's bumps, and a fill of the
+    enclosed or unseen space leaves steps where it moved the sign of vertices; neither is shaped by
+    a camera. The SDF (where the surface is) is kept, the deformation is bounded to its cell, so the
+    shape and its topology stay while the folds flatten.
+    """
+    from geometry.mesh_ops import laplacian_loss, normal_consistency_loss
+
+    if steps <= 0 or lambda_normal_consistency + lambda_laplacian <= 0:
+        return 0
+    optimizer = torch.optim.Adam([dmtet.deform], lr=lr, betas=(0.9, 0.99), eps=1e-15)
+    sdf = dmtet.sdf.requires_grad
+    dmtet.sdf.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            verts, faces = dmtet.extract()
+            if faces.shape[0] == 0:
+                break
+            loss = lambda_normal_consistency * normal_consistency_loss(verts, faces)
+            loss = loss + lambda_laplacian * laplacian_loss(verts, faces)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if not torch.isfinite(dmtet.deform.grad).all():
+                break
+            optimizer.step()
+    finally:
+        dmtet.sdf.requires_grad_(sdf)
+    return steps

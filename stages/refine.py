@@ -24,6 +24,8 @@ from torch import Tensor
 
 from geometry.dmtet import dmtet_from_field
 from geometry.level_set import LevelSetSettings
+from geometry.solid import relax_surface
+from geometry.visibility import camera_band
 from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consistency_loss
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, sample_cameras
@@ -37,6 +39,7 @@ from stages.loop import Step, Timer, adam, run_loop
 from stages.previews import mesh_preview
 
 BACKGROUNDS = ("white", "random")  # or a fixed (r, g, b) colour in [0, 1]
+UNSEEN_RAYS = ("parallel", "cameras", "off")  # refine.fill_unseen
 TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "backward")  # "backward" includes the Adam step
 
 
@@ -58,6 +61,8 @@ class RefineConfig:
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
     deform_scale: float = 0.25  # largest vertex deformation per axis, fraction of a grid cell (geometry.dmtet.MAX_SAFE_DEFORM rules out folded tets; not the default: bench/RESULTS.md)
     fill_tunnel: int = 2  # space reached from outside only through passages about 2 * this + 1 grid vertices wide is filled (0 = only closed cavities)
+    fill_unseen: str = "parallel"  # fill what no training camera sees (`geometry.solid.unseen`): "parallel" rays, "cameras" rays to their places, "off"
+    relax_steps: int = 50  # final steps that move the vertices under the mesh regularisers alone (`geometry.solid.relax_surface`)
     fill_every: int = 0  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
     lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)
     lr_deform: float = 1e-2  # Adam learning rate of the deformation (pre-tanh, so scale-free)
@@ -95,7 +100,9 @@ class RefineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"refine.{name} must be an integer >= 1, got {value!r}")
-        for name in ("fill_tunnel", "fill_every"):
+        if self.fill_unseen not in UNSEEN_RAYS:
+            raise ValueError(f"refine.fill_unseen must be one of {list(UNSEEN_RAYS)}, got {self.fill_unseen!r}")
+        for name in ("fill_tunnel", "fill_every", "relax_steps"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"refine.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in UNSET_REFINE:
@@ -168,8 +175,9 @@ def run(
     device = check_stage_inputs(prompt, config, camera, device)
     config = config.filled()
     generator = torch.Generator().manual_seed(config.seed)
+    cameras = None if config.fill_unseen == "off" else camera_band(camera, config.fill_unseen == "cameras")
     level_set = LevelSetSettings(config.grid_resolution, config.threshold, config.grid_margin, config.sdf_smoothing,
-                                 config.surface_opacity, config.fill_tunnel)
+                                 config.surface_opacity, config.fill_tunnel, cameras=cameras)
     dmtet, threshold = dmtet_from_field(field, level_set, config.deform_scale, config.update_smoothing, device)
     dmtet = dmtet.to(device)
     color_field = copy.deepcopy(field)
@@ -261,6 +269,7 @@ def run(
 
     # 3. Hand off the final mesh and the colour field.
     solidified[0] += dmtet.solidify(config.fill_tunnel)
+    relax_surface(dmtet, config.relax_steps, config.lambda_normal_consistency, config.lambda_laplacian, config.lr_deform)
     with torch.no_grad():
         verts, faces = dmtet.extract()
     _use_mean(color_params, color_mean, averaged[0])

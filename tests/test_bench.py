@@ -248,3 +248,53 @@ def test_gpu_check_without_a_gpu_says_so(capsys, tmp_path):
 
     assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 1
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_quality_table_shows_the_solid_checks_per_run():
+    def solid(**changes):
+        checks = {"shells": 1, "closed_shells": 1, "euler": 2, "euler_expected": 2, "euler_ok": True,
+                  "self_intersections": 0, "cavity_share": 0.0, "angle_p95": 12.5, "angle_max": 80.0,
+                  "pit_max": 0.01, "bulge_max": 0.02}
+        checks.update(changes)
+        checks["clean"] = checks["shells"] == 1 and checks["euler_ok"] and checks["angle_p95"] <= 20 and (
+            checks["pit_max"] is None or checks["pit_max"] <= 0.03)
+        return checks
+
+    cells = {"silhouette_iou": 0.9, "volume_iou": 0.9, "chamfer": 0.01, "color_error": 0.02, "retrieval": 1.0,
+             "retrieval_reference": 1.0, "faces": 100, "stage_seconds": {"coarse": 1.0}}
+    rows = [
+        {"prompt": "a red cube", "seed": 0, "status": "ok", **cells, "solid": solid()},
+        {"prompt": "a red torus", "seed": 1, "status": "ok", **cells,
+         "solid": solid(euler=-4, euler_expected=0, euler_ok=False, angle_p95=33.0, pit_max=None, bulge_max=None)},
+        {"prompt": "a red cone", "seed": 0, "status": "error", "error": "boom"},
+    ]
+    summary = quality.summarize(rows)
+    assert summary["solid"]["runs"] == 2 and summary["solid"]["meeting"]["euler"] == 1
+    assert summary["solid"]["meeting"]["angle_p95 <= 20"] == 1 and summary["solid"]["meeting"]["all"] == 1
+    assert summary["solid"]["worst"]["angle_p95"] == 33.0 and summary["solid"]["worst"]["pit_max"] == 0.01
+    table = quality.format_table(rows, summary)
+    head = next(line for line in table.splitlines() if line.startswith("prompt") and "shells" in line)
+    assert all(word in head for word in ("euler", "want", "self-x", "cavity", "ang p95", "pit", "bulge"))
+    cube = next(line for line in table.splitlines() if line.startswith("a red cube") and line.rstrip().endswith("yes"))
+    assert cube.split()[4:7] == ["1", "2", "2"]
+    torus = next(line for line in table.splitlines() if line.startswith("a red torus") and line.rstrip().endswith("NO"))
+    assert torus.split()[4:7] == ["1", "-4", "0"] and "33.0" in torus and torus.split()[-3:-1] == ["-", "-"]
+    assert "euler 1/2" in table and "all 1/2" in table
+    assert "shells" not in quality.format_table([{**rows[0], "solid": None}], quality.summarize(rows[:1]))
+
+
+def test_client_checks_without_the_clients_and_their_table(tmp_path, monkeypatch):
+    from bench import client_checks
+
+    monkeypatch.setattr(client_checks.shutil, "which", lambda name: None)
+    (tmp_path / "model.obj").write_text("v 0 0 0\n")
+    rows = client_checks.check_run(tmp_path)
+    assert [r["file"] for r in rows] == ["model.obj"] and rows[0]["blender"] is None and rows[0]["assimp"] is None
+    merged = {"vertices": 8, "faces": 12, "non_manifold_edges": 0, "boundary_edges": 0, "parts": 1,
+              "at_blender_default": {"vertices": 7, "faces": 10, "non_manifold_edges": 2}}
+    rows.append({"run": str(tmp_path), "file": "model.glb", "assimp": {"meshes": 1, "vertices": 24, "faces": 12},
+                 "blender": {"mesh_objects": 1, "raw": [{"vertices": 24, "faces": 12}], "merged": [merged]}})
+    lines = client_checks.format_rows(rows).splitlines()
+    assert lines[2].split()[1:] == ["model.obj"] + ["-"] * 9
+    assert lines[3].split()[1:] == ["model.glb", "1", "24", "12", "8", "1", "0", "0", "7/10/2", "1/24/12"]
+    assert client_checks.main([str(tmp_path / "nothing")]) == 2

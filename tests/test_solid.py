@@ -1,4 +1,4 @@
-"""Solid by construction (issue 31): coarse fields whose level set has inner surfaces (an empty pocket,
+"""Solid by construction: coarse fields whose level set has inner surfaces (an empty pocket,
 a hollow tube that leaks out through small tunnels, a film across an opening) extract and export as one
 solid with the shape's Euler number; refinement's cavities are filled again; the export drops shells
 that lie inside another."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from geometry import solid
+from geometry import solid, visibility
 from geometry.dmtet import dmtet_from_field
 from geometry.level_set import LevelSetSettings, density_to_sdf, extract_mesh, initial_sdf
 from geometry.solid import clean_sdf
@@ -171,3 +171,117 @@ def test_export_drops_shells_inside_another(tmp_path):
                     lambda p: torch.full_like(p, 0.5), tmp_path / "apart",
                     ExportConfig(texture_size=64, turntable=False, target_faces=0))
     assert result.dropped_shells == 0  # two balls side by side are two parts, neither inside the other
+
+
+PARALLEL = visibility.CameraBand((-10.0, 90.0))  # the default training cameras' elevations, infinitely far
+CAMERAS = visibility.CameraBand((-10.0, 90.0), distance=3.2)  # and at the farthest default distance
+
+
+def pitted_cylinder(x, pit=True):  # a cylinder (r 0.4, h 0.8) with an empty pit 0.3 wide and 0.25 deep in its base
+    ring = torch.sqrt(x[:, 0] ** 2 + x[:, 1] ** 2)
+    sigma = soft(torch.minimum(0.4 - ring, 0.4 - x[:, 2].abs()))
+    if pit:
+        sigma = sigma * (1 - torch.sigmoid(torch.minimum(0.15 - ring, -0.15 - x[:, 2]) / 0.02))
+    return sigma
+
+
+def test_view_directions_span_the_cameras_elevations_and_azimuths():
+    dirs = visibility.view_directions((-10.0, 90.0), elevation_step=15.0, azimuths=8)
+    np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0)
+    elevation = np.degrees(np.arcsin(dirs[:, 2]))
+    assert elevation.min() == pytest.approx(-10.0) and elevation.max() == pytest.approx(90.0)
+    assert (np.abs(elevation - 90.0) < 1e-6).sum() == 1  # straight above: one direction, not one per azimuth
+    assert len(dirs) == 7 * 8 + 1
+    half = visibility.view_directions((0.0, 0.0), azimuths=4, azimuth_range=(0.0, 90.0))
+    np.testing.assert_allclose(np.degrees(np.arctan2(half[:, 1], half[:, 0])), [0.0, 30.0, 60.0, 90.0], atol=1e-9)
+
+
+def test_space_no_camera_sees_is_unseen_and_open_space_is_seen():
+    n = 33
+    x = np.linspace(-0.6, 0.6, n)
+    xx, yy, zz = np.meshgrid(x, x, x, indexing="ij")
+    cell, origin = np.full(3, x[1] - x[0]), np.full(3, x[0])
+    ring = np.hypot(xx, yy)
+    cylinder = (ring <= 0.4) & (np.abs(zz) <= 0.4)
+    pit = (ring <= 0.1) & (zz < -0.15)
+    dish = (ring <= 0.3) & (zz < -0.4 + 0.05 * (1 - ring / 0.3))  # a shallow dent, 0.05 deep, across the base
+    cup = cylinder & ~((ring <= 0.25) & (zz > -0.1))  # a deep well open to the top: seen from above
+    tube = np.hypot(ring - 0.4, zz)
+    torus = tube <= 0.15
+    for cameras in (PARALLEL, CAMERAS):
+        assert not visibility.unseen(cylinder, cell, cameras, origin).any()
+        hidden = visibility.unseen(cylinder & ~pit, cell, cameras, origin)
+        assert hidden[cylinder & pit & (zz > -0.35)].all()  # rays at -10 degrees reach into the pit's mouth at most
+        assert not hidden[~(cylinder & pit)].any()
+        assert not visibility.unseen(cup, cell, cameras, origin).any()
+        assert not visibility.unseen(torus, cell, cameras, origin).any()  # the hole is seen from above
+        hidden = visibility.unseen(torus & (tube >= 0.08), cell, cameras, origin)
+        assert hidden[torus & (tube < 0.06)].all() and not hidden[~torus].any()
+    # From the cameras' real places a ray from the middle of the base to the lowest one runs almost flat:
+    # the shallow dent is unseen; parallel rays at -10 degrees would see into it.
+    assert not visibility.unseen(cylinder & ~dish, cell, PARALLEL)[cylinder & dish].any()
+    assert visibility.unseen(cylinder & ~dish, cell, CAMERAS, origin)[cylinder & dish & (ring < 0.2)].all()
+    below = visibility.CameraBand((-90.0, 90.0), distance=3.2)
+    assert not visibility.unseen(cylinder & ~pit, cell, below, origin).any()  # seen from straight below
+    with pytest.raises(ValueError, match="origin"):
+        visibility.unseen(cylinder, cell, CAMERAS)
+
+
+def test_a_pit_in_a_base_that_cameras_barely_see_is_filled():
+    from bench.solid_metrics import flat_faces
+
+    def base_pit(views):
+        verts, faces = extract_mesh(Field(pitted_cylinder), LevelSetSettings(GRID, cameras=views))
+        mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=True)
+        assert topology(mesh.vertices, mesh.faces) == (1, 2, True)
+        return flat_faces(mesh, "cylinder")["base_pit"]
+
+    assert base_pit(None) > 0.2  # too wide for the tunnel rule
+    assert base_pit(CAMERAS) < 0.03
+    plain = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID))
+    with_views = extract_mesh(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID, cameras=CAMERAS))
+    assert torch.equal(plain[1], with_views[1])  # nothing unseen on a plain cylinder: the same surface
+
+
+def test_refinement_keeps_unseen_space_filled():
+    dmtet, _ = dmtet_from_field(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID, cameras=CAMERAS))
+    with torch.no_grad():
+        p = dmtet.grid_verts
+        pit = (p[:, :2].norm(dim=-1) < 0.15) & (p[:, 2] < -0.15)
+        dmtet.sdf_init[pit] = 0.5  # what SDS can do where cameras barely look: a pit opens in the base
+        assert dmtet.solidify() > 0
+        inside = dmtet.signed_distance() < 0
+    assert inside[pit & (p[:, 2] > -0.35) & (p[:, 2] < 0.4)].all()
+
+
+def test_relaxing_flattens_folds_and_keeps_the_sdf():
+    from bench.solid_metrics import adjacent_angles
+
+    dmtet, _ = dmtet_from_field(Field(lambda x: soft(0.45 - x.norm(dim=-1))), LevelSetSettings(24), deform_scale=0.25)
+    with torch.no_grad():
+        dmtet.deform.copy_(torch.randn(dmtet.deform.shape, generator=torch.Generator().manual_seed(0)) * 0.7)
+        sdf = dmtet.signed_distance().clone()
+
+    def p95():
+        with torch.no_grad():
+            verts, faces = dmtet.extract()
+        return adjacent_angles(trimesh.Trimesh(verts.numpy(), faces.numpy(), process=True))["angle_p95"]
+
+    before = p95()
+    assert solid.relax_surface(dmtet, 40, 100.0, 1000.0, 1e-2) == 40
+    assert p95() < 0.6 * before
+    assert torch.equal(dmtet.signed_distance(), sdf) and dmtet.sdf.requires_grad
+    assert solid.relax_surface(dmtet, 0, 100.0, 1000.0, 1e-2) == 0
+
+
+def test_refine_settings_of_the_unseen_fill_and_the_relaxing():
+    from renderers.cameras import CameraConfig
+    from stages.refine import RefineConfig
+
+    assert RefineConfig().fill_unseen == "parallel" and RefineConfig().relax_steps > 0
+    for bad in ({"fill_unseen": True}, {"fill_unseen": "sometimes"}, {"relax_steps": -1}, {"relax_steps": 1.5}):
+        with pytest.raises(ValueError, match="fill_unseen|relax_steps"):
+            RefineConfig(**bad).check()
+    camera = CameraConfig(elevation_range=(-5.0, 80.0))
+    assert visibility.camera_band(camera) == visibility.CameraBand((-5.0, 80.0), (-180.0, 180.0), None)
+    assert visibility.camera_band(camera, at_distance=True).distance == max(camera.filled().distance_range)
