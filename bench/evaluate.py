@@ -23,7 +23,7 @@ def held_out_cameras(resolution: int = 64, device=None) -> Cameras:
 def mesh_silhouettes(vertices: Tensor, faces: Tensor, cameras: Cameras) -> Tensor:
     """Coverage masks [B, H, W] (bool) of a mesh seen by `cameras`."""
     pos = to_clip(vertices.float(), cameras.mvp)
-    rast = raster.rasterize(pos, faces.long(), (cameras.height, cameras.width), backend="torch")
+    rast = raster.rasterize(pos, faces.long(), (cameras.height, cameras.width))
     return rast[..., 3] > 0
 
 

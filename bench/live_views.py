@@ -39,6 +39,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def measure(overrides: list[str], repeats: int) -> dict:
+    from renderers.rasterizer import Rasterizer
     from stages.config import apply_overrides, preset
     from stages.live_models import LiveModels
     from stages.pipeline import generate
@@ -64,6 +65,7 @@ def measure(overrides: list[str], repeats: int) -> dict:
         (verts, faces), color_field = load_refine_checkpoint(Path(run_dir) / "refine.pt", device)
         live = LiveModels.for_run(run_dir, config.refine)
         white = torch.ones(1, 3)
+        rasterizer = Rasterizer.make(config.refine.backend, device)
         alone = {
             "coarse_model": timed(lambda: live.coarse_surface(field, device), repeats),
             "refine_model": timed(lambda: live.refine_mesh(verts, faces, color_field, 1), repeats),
@@ -72,7 +74,7 @@ def measure(overrides: list[str], repeats: int) -> dict:
                 repeats),
             "refine_preview": timed(lambda: mesh_preview(
                 verts, faces, color_field, config.refine.preview_views, config.refine.preview_resolution,
-                config.refine.ambient, config.refine.backend, device), repeats),
+                config.refine.ambient, rasterizer, device), repeats),
         }
     stats, seconds = record.stage_stats, record.stage_seconds
     full = preset("quick")

@@ -49,6 +49,7 @@ from geometry.metrics import chamfer_distance, volumetric_iou
 from guidance.primitive_shapes import COLORS, SHAPES, parse_prompt, primitive_mesh, prompt_text
 from renderers import mesh as mesh_renderer
 from renderers.cameras import Cameras
+from renderers.rasterizer import Rasterizer
 from renderers.view_words import banded_view_word, view_word
 from stages.config import PRESETS, apply_overrides, preset
 from stages.export import from_y_up
@@ -136,7 +137,7 @@ def render_textured(
     attrs = torch.tensor(corners, dtype=torch.float32, device=device)  # [3F, 8]
     faces, texture = torch.arange(3 * len(f), device=device).view(-1, 3), torch.tensor(mesh["texture"], device=device)
     image = mesh_renderer.render_textured(attrs[:, :3], faces, attrs[:, 6:], attrs[:, 3:6], texture, cameras, ambient,
-                                          background=background, antialiased=False, backend="torch")
+                                          background=background, antialiased=False, rasterizer=Rasterizer.make("torch"))
     if supersample > 1:
         image = F.avg_pool2d(image.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
     return image.clamp(0.0, 1.0)
@@ -217,9 +218,7 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
     row["run_dir"] = str(run_dir)
     try:
         config = copy.deepcopy(base_config)
-        config.seed = seed
-        # The stages read their own seeds (the pipeline does not pass config.seed on): set them too.
-        config.coarse.seed = config.refine.seed = seed
+        config.seed = config.coarse.seed = config.refine.seed = seed  # the stages read their own seeds too
         start = time.perf_counter()
         done = run_to_completion(prompt, config, run_dir=run_dir)
         record = RunRecord.load(run_dir)

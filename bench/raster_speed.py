@@ -74,22 +74,22 @@ def bench_resolution(res: int, verts: Tensor, tri: Tensor, repeats: int) -> dict
     pos_clip = pos[None].clone().requires_grad_(True)  # [1, V, 4]
     attr = (verts[None] * 0.5 + 0.5).clone().requires_grad_(True)  # [1, V, 3] colours
 
-    t_rast, rast = timed(lambda: rasterize(pos_clip, tri, (res, res), backend="torch"), repeats)
-    t_interp, color = timed(lambda: interpolate(attr, rast, tri, backend="torch"), repeats)
+    t_rast, rast = timed(lambda: rasterize(pos_clip, tri, (res, res)), repeats)
+    t_interp, color = timed(lambda: interpolate(attr, rast, tri), repeats)
 
     def backward() -> None:
-        r = rasterize(pos_clip, tri, (res, res), backend="torch")
-        interpolate(attr, r, tri, backend="torch").square().mean().backward()
+        r = rasterize(pos_clip, tri, (res, res))
+        interpolate(attr, r, tri).square().mean().backward()
 
     t_fwd_bwd, _ = timed(backward, repeats)
 
     def aa() -> None:
-        r = rasterize(pos_clip, tri, (res, res), backend="torch")
-        c = interpolate(attr, r, tri, backend="torch")
-        antialias(c, r, pos_clip, tri, backend="torch").square().mean().backward()
+        r = rasterize(pos_clip, tri, (res, res))
+        c = interpolate(attr, r, tri)
+        antialias(c, r, pos_clip, tri).square().mean().backward()
 
     t_aa_total, _ = timed(aa, repeats)
-    t_aa_fwd, _ = timed(lambda: antialias(color.detach(), rast.detach(), pos_clip.detach(), tri, "torch"), repeats)
+    t_aa_fwd, _ = timed(lambda: antialias(color.detach(), rast.detach(), pos_clip.detach(), tri), repeats)
     return {
         "resolution": res,
         "faces": int(tri.shape[0]),

@@ -100,7 +100,7 @@ def face_colors(mesh: dict) -> np.ndarray:
     """The texture sampled (bilinearly) at each face's centroid UV: [F, 3] in [0, 1]."""
     uv = torch.tensor(mesh["uv"][mesh["faces"]].mean(1), dtype=torch.float32)  # [F, 2]
     tex = torch.tensor(mesh["texture"])[None]  # [1, T, T, 3], row 0 = v 0
-    return raster.texture(tex, uv[None, :, None, :], boundary="clamp", backend="torch")[0, :, 0].double().numpy()
+    return raster.texture(tex, uv[None, :, None, :], boundary="clamp")[0, :, 0].double().numpy()
 
 
 def albedo_up_down(mesh: dict) -> dict:

@@ -129,8 +129,8 @@ def _extreme_heights(solid: trimesh.Trimesh, centre: np.ndarray, half: float, fr
     clip = torch.stack([x, y, depth, torch.ones_like(x)], 1)[None].float()
     faces = torch.tensor(np.asarray(solid.faces), dtype=torch.long)
     r = FLAT_RESOLUTION
-    rast = raster.rasterize(clip, faces, (r, r), backend="torch")
-    z = raster.interpolate(v[:, 2:3].float(), rast, faces, backend="torch")[0, ..., 0].double().numpy()
+    rast = raster.rasterize(clip, faces, (r, r))
+    z = raster.interpolate(v[:, 2:3].float(), rast, faces)[0, ..., 0].double().numpy()
     return np.where(rast[0, ..., 3].numpy() > 0, z, np.nan)
 
 

@@ -26,12 +26,16 @@ texels around it, and each chart's bitmap is conservative (it owns every texel i
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from geometry.mesh_ops import face_areas
 from geometry.uv_charts import axis_labels, components, cut_charts, edge_pairs, neighbours
+
+if TYPE_CHECKING:
+    from renderers.rasterizer import Rasterizer
 
 ATLAS_FILL_GUESS = 0.6  # expected fill of the atlas, sizes it just under the texture size
 RASTER_CHUNK = 8192  # triangles per visibility pass of the torch rasterizer
@@ -187,18 +191,20 @@ def uv_coverage(
     uv: torch.Tensor,  # [V', 2] in [0, 1]
     faces: torch.Tensor,  # [F, 3] long, into uv
     size: int,  # texels per side
+    rasterizer: Rasterizer,  # for uv's device
 ) -> tuple[torch.Tensor, torch.Tensor]:  # rast [1, T, T, 4] (see renderers.raster), covered [T, T] bool
     """Rasterize a mesh in UV space: which texel centres a triangle covers, and which one."""
-    from renderers.raster import rasterize
-
     pos_clip = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], 1)[None]
-    rast = rasterize(pos_clip, faces, (size, size), chunk_size=RASTER_CHUNK)
+    rast = rasterizer.rasterize(pos_clip, faces, (size, size), RASTER_CHUNK)
     return rast, rast[0, ..., 3] > 0
 
 
 def texture_fill(uv: np.ndarray, faces: np.ndarray, size: int) -> float:
     """Fraction of a size x size texture's texel centres that some triangle covers."""
-    _, covered = uv_coverage(torch.as_tensor(uv, dtype=torch.float32), torch.as_tensor(faces, dtype=torch.long), size)
+    from renderers.rasterizer import Rasterizer
+
+    uv_t, faces_t = torch.as_tensor(uv, dtype=torch.float32), torch.as_tensor(faces, dtype=torch.long)
+    _, covered = uv_coverage(uv_t, faces_t, size, Rasterizer.make("torch"))
     return float(covered.float().mean())
 
 
@@ -215,7 +221,7 @@ def overlapping_texels(uv: np.ndarray, faces: np.ndarray, size: int) -> int:
     winners = []
     for z in (depth, -depth):
         pos_clip = torch.cat([corners, z, torch.ones_like(z)], 1)[None]
-        rast = rasterize(pos_clip, triangles, (size, size), backend="torch", chunk_size=RASTER_CHUNK)
+        rast = rasterize(pos_clip, triangles, (size, size), chunk_size=RASTER_CHUNK)
         winners.append(rast[0, ..., 3].long() - 1)
     both = (winners[0] != winners[1]) & (winners[0] >= 0)
     first, second = faces_t[winners[0][both]], faces_t[winners[1][both]]  # [N, 3] each

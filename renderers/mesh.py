@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from renderers import raster
 from renderers.cameras import Cameras, to_clip
+from renderers.rasterizer import Rasterizer
 from renderers.shading import SHADINGS, lambert
 
 __all__ = ["face_normals", "rasterize_mesh", "render_mesh", "render_textured", "shade_mesh", "vertex_normals"]
@@ -40,14 +40,14 @@ def rasterize_mesh(
     verts: Tensor,  # [V, 3] world positions
     faces: Tensor,  # [F, 3] long
     cameras: Cameras,
-    backend: str = "auto",
+    rasterizer: Rasterizer,
     chunk_size: int = 0,
 ) -> dict:
     """pos_clip [B, V, 4], rast [B, H, W, 4], points [B, H, W, 3] and unit normals [B, H, W, 3] per pixel."""
     pos_clip = to_clip(verts, cameras.mvp)  # [B, V, 4]
-    rast = raster.rasterize(pos_clip, faces, (cameras.height, cameras.width), backend=backend, chunk_size=chunk_size)
+    rast = rasterizer.rasterize(pos_clip, faces, (cameras.height, cameras.width), chunk_size)
     attrs = torch.cat([verts, vertex_normals(verts, faces)], dim=-1)  # [V, 6]
-    interp = raster.interpolate(attrs, rast, faces, backend=backend)  # [B, H, W, 6]
+    interp = rasterizer.interpolate(attrs, rast, faces)  # [B, H, W, 6]
     normals = F.normalize(interp[..., 3:], dim=-1, eps=1e-12)
     return {"pos_clip": pos_clip, "rast": rast, "faces": faces, "points": interp[..., :3], "normals": normals}
 
@@ -59,7 +59,7 @@ def shade_mesh(
     shading: str,  # "albedo", "lambertian" or "textureless"
     ambient: float,
     background: Tensor,  # [B, 3]
-    backend: str = "auto",
+    rasterizer: Rasterizer,
 ) -> dict:
     """rgb [B, H, W, 3] composited over the background with antialiased silhouettes, alpha [B, H, W, 1].
 
@@ -83,7 +83,7 @@ def shade_mesh(
         color = albedo * lambert(normals[covered], to_light, ambient)
     bg = background.to(pts.dtype)[:, None, None, :].expand_as(points)
     rgb = bg.index_put((covered,), color)  # [B, H, W, 3]
-    rgb = raster.antialias(rgb, rast, raster_out["pos_clip"], raster_out["faces"], backend=backend)
+    rgb = rasterizer.antialias(rgb, rast, raster_out["pos_clip"], raster_out["faces"])
     return {"rgb": rgb, "alpha": covered[..., None].to(rgb.dtype)}
 
 
@@ -95,13 +95,14 @@ def render_mesh(
     shading: str = "lambertian",
     ambient: float = 0.3,
     background: Tensor | None = None,  # [B, 3]; None = white
-    backend: str = "auto",
+    *,
+    rasterizer: Rasterizer,
 ) -> dict:
     """rgb [B, H, W, 3], alpha [B, H, W, 1] and normal [B, H, W, 3] of a mesh (previews, turntables)."""
     if background is None:
         background = torch.ones(len(cameras), 3, device=verts.device, dtype=verts.dtype)
-    out = rasterize_mesh(verts, faces, cameras, backend)
-    shaded = shade_mesh(out, color_field, cameras, shading, ambient, background, backend)
+    out = rasterize_mesh(verts, faces, cameras, rasterizer)
+    shaded = shade_mesh(out, color_field, cameras, shading, ambient, background, rasterizer)
     return {**shaded, "normal": out["normals"] * shaded["alpha"]}
 
 
@@ -116,22 +117,22 @@ def render_textured(
     light: str = "point",  # LIGHTS: "point" (one-sided, at cameras.light_position) or "view" (two-sided headlight)
     background: float = 1.0,  # grey level behind the mesh
     antialiased: bool = True,  # antialias the silhouettes
-    backend: str = "auto",
     chunk_size: int = 0,  # triangles per visibility pass (torch backend), 0 = all at once
+    *,
+    rasterizer: Rasterizer,
 ) -> Tensor:  # [B, H, W, 3]
     """The textured mesh shaded over a grey level: the export's turntable, the quality benchmark's renders."""
     if light not in LIGHTS:
         raise ValueError(f"light must be one of {LIGHTS}, got {light!r}")
     pos_clip = to_clip(verts, cameras.mvp)  # [B, V, 4]
-    rast = raster.rasterize(pos_clip, faces, (cameras.height, cameras.width), backend=backend, chunk_size=chunk_size)
-    colour = raster.texture(tex[None], raster.interpolate(uv, rast, faces, backend=backend), boundary="clamp",
-                            backend=backend)  # [B, H, W, 3]
-    n = F.normalize(raster.interpolate(normals, rast, faces, backend=backend), dim=-1)
+    rast = rasterizer.rasterize(pos_clip, faces, (cameras.height, cameras.width), chunk_size)
+    colour = rasterizer.texture(tex[None], rasterizer.interpolate(uv, rast, faces), boundary="clamp")  # [B, H, W, 3]
+    n = F.normalize(rasterizer.interpolate(normals, rast, faces), dim=-1)
     if light == "view":
         shade = lambert(n, cameras.c2w[:, None, None, :3, 2], ambient, two_sided=True)  # towards the camera
     else:
-        points = raster.interpolate(verts, rast, faces, backend=backend)
+        points = rasterizer.interpolate(verts, rast, faces)
         shade = lambert(n, F.normalize(cameras.light_position[:, None, None, :] - points, dim=-1), ambient)
     alpha = (rast[..., 3:] > 0).to(colour.dtype)
     image = colour * shade * alpha + (1 - alpha) * background
-    return raster.antialias(image, rast, pos_clip, faces, backend=backend) if antialiased else image
+    return rasterizer.antialias(image, rast, pos_clip, faces) if antialiased else image

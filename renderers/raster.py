@@ -1,14 +1,8 @@
-"""Differentiable mesh rasterizer with nvdiffrast's API.
+"""Differentiable mesh rasterizer with nvdiffrast's API, in pure PyTorch (runs anywhere, CPU included).
 
-Two backends behind the same four functions (`rasterize`, `interpolate`, `texture`,
-`antialias`):
-
-- "torch": a pure PyTorch reference that runs anywhere (CPU included).
-- "nvdiffrast": thin wrappers over `nvdiffrast.torch`, used when it is importable and
-  the tensors live on a CUDA device.
-
-`backend="auto"` picks nvdiffrast when possible, else torch. The torch antialiasing
-lives in `renderers/silhouette_aa.py`.
+Four functions (`rasterize`, `interpolate`, `texture`, `antialias`; the antialiasing's walk lives in
+`renderers/silhouette_aa.py`) and the input checks they share with nvdiffrast's wrappers. A run picks
+its backend once, as a `renderers.rasterizer.Rasterizer` ("torch": these functions, or nvdiffrast on CUDA).
 
 Conventions (nvdiffrast's):
 - Pixel (row i, column j) covers NDC x in [-1 + 2j/W, -1 + 2(j+1)/W] and NDC y in
@@ -19,7 +13,7 @@ Conventions (nvdiffrast's):
 - `rasterize` returns only `rast` (nvdiffrast's second output, the image-space
   derivatives `rast_db`, is dropped: no mipmapped texturing here).
 
-Torch backend limits (documented, deliberate):
+Limits of this PyTorch rasterizer (documented, deliberate):
 - Triangles with any vertex at w <= 0 (partly behind the camera) are skipped whole
   instead of being clipped; degenerate (zero screen area) triangles are skipped.
 - Per pixel, only depths with -1 <= z/w <= 1 are visible (near/far clipping).
@@ -32,57 +26,10 @@ from torch import Tensor
 from renderers.screen import edge_values, pixel_coords, signed_area
 from renderers.silhouette_aa import antialias_torch
 
-_BACKENDS = ("auto", "torch", "nvdiffrast")
-_nvdr_module = None  # nvdiffrast.torch once imported; False when the import failed
-_nvdr_contexts: dict = {}  # torch.device -> nvdiffrast rasterizer context (created lazily)
-
-
-# --------------------------------------------------------------------------- backends
-def _nvdr():
-    """nvdiffrast.torch, or None when it cannot be imported."""
-    global _nvdr_module
-    if _nvdr_module is None:
-        try:
-            import nvdiffrast.torch as dr
-
-            _nvdr_module = dr
-        except Exception:  # ImportError, or a broken install
-            _nvdr_module = False
-    return _nvdr_module or None
-
-
-def available_backends() -> list[str]:
-    """Backends usable on this machine: always "torch", plus "nvdiffrast" with CUDA."""
-    found = ["torch"]
-    if _nvdr() is not None and torch.cuda.is_available():
-        found.append("nvdiffrast")
-    return found
-
-
-def _pick_backend(backend: str, tensor: Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "nvdiffrast" if tensor.is_cuda and _nvdr() is not None else "torch"
-    if backend == "nvdiffrast":
-        if _nvdr() is None:
-            raise RuntimeError("backend='nvdiffrast' requested but nvdiffrast is not importable")
-        if not tensor.is_cuda:
-            raise ValueError(f"backend='nvdiffrast' needs CUDA tensors, got device {tensor.device}")
-    return backend
-
-
-def _nvdr_context(device: torch.device):
-    """One nvdiffrast context per device. The CUDA context is preferred (no OpenGL
-    needed). Old nvdiffrast (< 0.3.2) CUDA contexts needed H and W to be multiples of
-    8; the GL context (used only when the CUDA one is missing) has no such limit."""
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    if device not in _nvdr_contexts:
-        dr = _nvdr()
-        make = getattr(dr, "RasterizeCudaContext", None) or dr.RasterizeGLContext
-        _nvdr_contexts[device] = make(device=device)
-    return _nvdr_contexts[device]
+__all__ = [
+    "antialias", "check_antialias", "check_interpolate", "check_rasterize", "check_texture", "interpolate",
+    "rasterize", "texture",
+]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -100,6 +47,47 @@ def _check_rast(rast: Tensor) -> None:
         raise ValueError(f"rast must have shape [B, H, W, 4], got {tuple(rast.shape)}")
 
 
+def check_rasterize(pos_clip: Tensor, tri: Tensor, resolution: tuple[int, int], chunk_size: int) -> tuple[int, int]:
+    """`rasterize`'s inputs checked; returns the resolution (H, W) as ints."""
+    _check_mesh(pos_clip, tri)
+    H, W = (int(r) for r in resolution)
+    if H < 1 or W < 1:
+        raise ValueError(f"resolution must be >= 1 in both dimensions, got {tuple(resolution)}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
+    return H, W
+
+
+def check_interpolate(attr: Tensor, rast: Tensor) -> Tensor:
+    """`interpolate`'s inputs checked; returns attr batched, [B or 1, V, C]."""
+    _check_rast(rast)
+    if attr.dim() == 2:
+        attr = attr[None]
+    if attr.dim() != 3 or attr.shape[0] not in (1, rast.shape[0]):
+        raise ValueError(f"attr must have shape [V, C] or [B or 1, V, C], got {tuple(attr.shape)}")
+    return attr
+
+
+def check_texture(tex: Tensor, uv: Tensor, filter: str, boundary: str) -> None:
+    """`texture`'s inputs checked."""
+    if tex.dim() != 4 or uv.dim() != 4 or uv.shape[-1] != 2:
+        raise ValueError(f"tex must be [B, Ht, Wt, C] and uv [B, H, W, 2], got {tuple(tex.shape)}, {tuple(uv.shape)}")
+    if filter not in ("linear", "nearest"):
+        raise ValueError(f"filter must be 'linear' or 'nearest', got {filter!r}")
+    if boundary not in ("wrap", "clamp", "zero"):
+        raise ValueError(f"boundary must be 'wrap', 'clamp' or 'zero', got {boundary!r}")
+    if tex.shape[0] not in (1, uv.shape[0]):
+        raise ValueError(f"tex batch must be 1 or {uv.shape[0]}, got {tex.shape[0]}")
+
+
+def check_antialias(color: Tensor, rast: Tensor, pos_clip: Tensor, tri: Tensor) -> None:
+    """`antialias`'s inputs checked."""
+    _check_rast(rast)
+    _check_mesh(pos_clip, tri)
+    if color.dim() != 4 or color.shape[:3] != rast.shape[:3]:
+        raise ValueError(f"color must have shape [B, H, W, C] matching rast, got {tuple(color.shape)}")
+
+
 def _float_order_key(z: Tensor) -> Tensor:
     """int64 keys [P] that sort like the float32 values z [P] (exact, no quantisation)."""
     bits = z.float().contiguous().view(torch.int32).long()
@@ -111,33 +99,18 @@ def rasterize(
     pos_clip: Tensor,  # [B, V, 4] clip-space vertex positions
     tri: Tensor,  # [F, 3] integer vertex indices
     resolution: tuple[int, int],  # (H, W) in pixels
-    backend: str = "auto",
-    chunk_size: int = 0,  # triangles per visibility pass (torch backend), 0 = all at once
+    chunk_size: int = 0,  # triangles per visibility pass, 0 = all at once
 ) -> Tensor:  # [B, H, W, 4] = (u, v, z/w, triangle_id + 1), zeros on background
     """Rasterize triangles; returns `rast` only (see the module docstring).
 
-    Torch backend: visibility (which triangle wins a pixel) is found without gradient by
+    Visibility (which triangle wins a pixel) is found without gradient by
     enumerating each triangle's pixel bounding box, testing pixel centres against the
     triangle's edges and keeping the nearest z/w with a scatter-min on packed
     (depth, triangle) keys. The barycentrics of the winning triangle are then recomputed
     differentiably from `pos_clip`, perspective-correct. Memory scales with the summed
     bounding-box areas of one chunk of triangles, hence `chunk_size`.
-
-    nvdiffrast backend: a cached RasterizeCudaContext per device (GL context if the
-    CUDA one is missing). nvdiffrast before 0.3.2 needed H and W to be multiples of 8
-    (and at most 2048) with its CUDA context; its GL context never had that limit.
     """
-    _check_mesh(pos_clip, tri)
-    H, W = (int(r) for r in resolution)
-    if H < 1 or W < 1:
-        raise ValueError(f"resolution must be >= 1 in both dimensions, got {tuple(resolution)}")
-    if chunk_size < 0:
-        raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
-    if _pick_backend(backend, pos_clip) == "nvdiffrast":
-        rast, _ = _nvdr().rasterize(
-            _nvdr_context(pos_clip.device), pos_clip.float().contiguous(), tri.int().contiguous(), (H, W)
-        )
-        return rast
+    H, W = check_rasterize(pos_clip, tri, resolution, chunk_size)
     winner = _visible_triangles(pos_clip.detach(), tri.long(), H, W, chunk_size)
     return _barycentric_buffer(pos_clip, tri.long(), winner, H, W)
 
@@ -213,17 +186,9 @@ def interpolate(
     attr: Tensor,  # [B, V, C] or [V, C] vertex attributes (batch 1 broadcasts)
     rast: Tensor,  # [B, H, W, 4] output of rasterize
     tri: Tensor,  # [F, 3] integer vertex indices
-    backend: str = "auto",
 ) -> Tensor:  # [B, H, W, C], zeros on background
     """Interpolate vertex attributes at each pixel (differentiable w.r.t. attr and rast's u, v)."""
-    _check_rast(rast)
-    if attr.dim() == 2:
-        attr = attr[None]
-    if attr.dim() != 3 or attr.shape[0] not in (1, rast.shape[0]):
-        raise ValueError(f"attr must have shape [V, C] or [B or 1, V, C], got {tuple(attr.shape)}")
-    if _pick_backend(backend, attr) == "nvdiffrast":
-        out, _ = _nvdr().interpolate(attr.float().contiguous(), rast.contiguous(), tri.int().contiguous())
-        return out
+    attr = check_interpolate(attr, rast)
     B, H, W, _ = rast.shape
     flat = rast.reshape(-1, 4)
     tid = (flat[:, 3].detach() + 0.5).long() - 1
@@ -242,24 +207,12 @@ def texture(
     uv: Tensor,  # [B, H, W, 2] texture coordinates
     filter: str = "linear",  # "linear" (bilinear) or "nearest"
     boundary: str = "wrap",  # "wrap", "clamp" (to boundary texel centres) or "zero"
-    backend: str = "auto",
 ) -> Tensor:  # [B, H, W, C]
     """Texture lookup with nvdiffrast's convention: uv (0, 0) is the start of the texture
     in memory (tex[:, 0, 0]); u runs along the width, v along the rows; texel (row r,
     column c) has its centre at uv = ((c + 0.5) / Wt, (r + 0.5) / Ht).
     Differentiable w.r.t. tex and (for "linear") uv."""
-    if tex.dim() != 4 or uv.dim() != 4 or uv.shape[-1] != 2:
-        raise ValueError(f"tex must be [B, Ht, Wt, C] and uv [B, H, W, 2], got {tuple(tex.shape)}, {tuple(uv.shape)}")
-    if filter not in ("linear", "nearest"):
-        raise ValueError(f"filter must be 'linear' or 'nearest', got {filter!r}")
-    if boundary not in ("wrap", "clamp", "zero"):
-        raise ValueError(f"boundary must be 'wrap', 'clamp' or 'zero', got {boundary!r}")
-    if tex.shape[0] not in (1, uv.shape[0]):
-        raise ValueError(f"tex batch must be 1 or {uv.shape[0]}, got {tex.shape[0]}")
-    if _pick_backend(backend, tex) == "nvdiffrast":
-        return _nvdr().texture(
-            tex.float().contiguous(), uv.float().contiguous(), filter_mode=filter, boundary_mode=boundary
-        )
+    check_texture(tex, uv, filter, boundary)
     B, H, W, _ = uv.shape
     Ht, Wt, C = tex.shape[1:]
     fx = uv[..., 0].reshape(B, -1) * Wt - 0.5  # [B, HW] texel coordinates
@@ -291,7 +244,6 @@ def antialias(
     rast: Tensor,  # [B, H, W, 4] output of rasterize for pos_clip, tri
     pos_clip: Tensor,  # [B, V, 4] the clip-space positions that produced rast
     tri: Tensor,  # [F, 3] integer vertex indices
-    backend: str = "auto",
 ) -> Tensor:  # [B, H, W, C]
     """Analytic silhouette antialiasing whose output is differentiable w.r.t. pos_clip.
 
@@ -307,12 +259,5 @@ def antialias(
     gets (1/2 - t) of B's colour. t is computed from pos_clip, so the loss gradient
     reaches silhouette vertices. Winding must be consistent for facing tests to work.
     """
-    _check_rast(rast)
-    _check_mesh(pos_clip, tri)
-    if color.dim() != 4 or color.shape[:3] != rast.shape[:3]:
-        raise ValueError(f"color must have shape [B, H, W, C] matching rast, got {tuple(color.shape)}")
-    if _pick_backend(backend, color) == "nvdiffrast":
-        return _nvdr().antialias(
-            color.float().contiguous(), rast.contiguous(), pos_clip.float().contiguous(), tri.int().contiguous()
-        )
+    check_antialias(color, rast, pos_clip, tri)
     return antialias_torch(color, rast, pos_clip, tri)

@@ -33,7 +33,7 @@ from geometry.solid import drop_enclosed_shells
 from geometry.uv import RASTER_CHUNK, unwrap, uv_coverage
 from renderers.cameras import orbit_cameras
 from renderers.mesh import render_textured
-from renderers.raster import interpolate
+from renderers.rasterizer import Rasterizer
 from stages.common import Callback, StepEvent, StopCheck, check_stop
 from stages.export_files import MTL_NAME, OBJ_NAME, TEXTURE_NAME, glb_bytes, mtl_text, obj_text, zip_bytes
 from stages.export_files import write_video as _write_video
@@ -137,11 +137,12 @@ def bake_texture(
     faces: Tensor,  # [F, 3] into V'
     albedo_fn: Callable[[Tensor], Tensor],
     config: ExportConfig,
+    rasterizer: Rasterizer,
 ) -> tuple[Tensor, Tensor]:  # texture [T, T, 3] (row 0 = v 0), covered [T, T] bool
     """Rasterize the mesh in UV space, query albedo_fn at covered texel centres, dilate seams."""
     size = config.texture_size
-    rast, covered = uv_coverage(uv, faces, size)  # [1, T, T, 4], [T, T]
-    points = interpolate(positions[None], rast, faces)[0]  # [T, T, 3]
+    rast, covered = uv_coverage(uv, faces, size, rasterizer)  # [1, T, T, 4], [T, T]
+    points = rasterizer.interpolate(positions[None], rast, faces)[0]  # [T, T, 3]
     query = points[covered]  # [N, 3]
     colours = []
     for start in range(0, len(query), config.bake_chunk_size):
@@ -160,6 +161,7 @@ def render_turntable(
     normals: Tensor,  # [V, 3]
     tex: Tensor,  # [T, T, 3] row 0 = v 0
     config: ExportConfig,
+    rasterizer: Rasterizer,
     batch: int = 8,
 ) -> np.ndarray:  # [N, R, R, 3] uint8
     """A 360-degree orbit around the mesh's bounding-box centre, framed to its bounding sphere,
@@ -175,7 +177,8 @@ def render_turntable(
     frames = []
     for start in range(0, len(cams), batch):
         image = render_textured(vertices - centre, faces, uv, normals, tex, cams[start : start + batch],
-                                TURNTABLE_AMBIENT, light="view", chunk_size=RASTER_CHUNK)  # [b, R, R, 3]
+                                TURNTABLE_AMBIENT, light="view", chunk_size=RASTER_CHUNK,
+                                rasterizer=rasterizer)  # [b, R, R, 3]
         frames.append((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
     return np.concatenate(frames)
 
@@ -214,6 +217,7 @@ def export(
         check_stop(should_stop, "export", step)
 
     device, dtype = vertices.device, vertices.dtype
+    rasterizer = Rasterizer.make("auto", device)  # the bake's and the turntable's, whatever the refine stage used
     timings: dict[str, float] = {}
     os.makedirs(out_dir, exist_ok=True)
     token = uuid.uuid4().hex[:8]
@@ -248,7 +252,7 @@ def export(
             pos_t = torch.as_tensor(v_split, dtype=dtype, device=device)
             uv_t = torch.as_tensor(uv, dtype=dtype, device=device)
             tri_t = torch.as_tensor(uv_faces, dtype=torch.long, device=device)
-            tex, covered = bake_texture(pos_t, uv_t, tri_t, albedo_fn, config)
+            tex, covered = bake_texture(pos_t, uv_t, tri_t, albedo_fn, config, rasterizer)
             timings["bake"] = time.perf_counter() - t0
             report("bake", f"baked a {config.texture_size}px texture")
             # 4. Encode every file in memory, then write the temporaries.
@@ -275,7 +279,7 @@ def export(
             t0 = time.perf_counter()
             if config.turntable:
                 frames = render_turntable(
-                    pos_t, tri_t, uv_t, torch.as_tensor(n_split, dtype=dtype, device=device), tex, config
+                    pos_t, tri_t, uv_t, torch.as_tensor(n_split, dtype=dtype, device=device), tex, config, rasterizer
                 )
                 _write_video(temps["turntable"], frames, config.turntable_fps)
             timings["turntable"] = time.perf_counter() - t0

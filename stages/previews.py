@@ -10,6 +10,7 @@ from torch import Tensor
 
 from renderers.cameras import Cameras, get_rays, orbit_cameras
 from renderers.mesh import render_mesh
+from renderers.rasterizer import Rasterizer
 from renderers.volume import OccupancyGrid, VolumeConfig, render_volume
 from stages.common import to_uint8
 
@@ -70,12 +71,12 @@ def nerf_preview(
 
 def mesh_preview(
     verts: Tensor, faces: Tensor,  # [V, 3], [F, 3]
-    color_field, views: int, resolution: int, ambient: float, backend: str, device,
+    color_field, views: int, resolution: int, ambient: float, rasterizer: Rasterizer, device,
 ) -> np.ndarray:
     """A textured mesh's orbit mosaic, Lambertian shaded (`ambient` share of ambient light)."""
 
     def render(cams):
-        out = render_mesh(verts, faces, color_field, cams, "lambertian", ambient, backend=backend)
+        out = render_mesh(verts, faces, color_field, cams, "lambertian", ambient, rasterizer=rasterizer)
         return out["rgb"], out["normal"], out["alpha"]
 
     return orbit_preview(render, views, resolution, device)

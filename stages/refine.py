@@ -30,6 +30,7 @@ from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consisten
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, sample_cameras
 from renderers.mesh import rasterize_mesh, shade_mesh
+from renderers.rasterizer import Rasterizer
 from renderers.volume import sample_shading
 from stages.background import Background, check_background
 from stages.common import Callback, StageError, StopCheck, check_stage_inputs
@@ -194,6 +195,7 @@ def run(
     optimizer = adam(groups)
     sds = SDSLoss(guidance, prompt, config.sds)
     background = Background(config.background).to(device)
+    rasterizer = Rasterizer.make(config.backend, device)  # chosen once for the stage's renders and previews
     probabilities = {
         "albedo": config.prob_albedo, "lambertian": config.prob_lambertian, "textureless": config.prob_textureless,
     }
@@ -219,9 +221,9 @@ def run(
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
         bg = background(config.batch_size, generator, device).to(verts.dtype)
-        rast_out = rasterize_mesh(verts, faces, cams, config.backend, config.chunk_size)
+        rast_out = rasterize_mesh(verts, faces, cams, rasterizer, config.chunk_size)
         timer.mark("rasterize")
-        images = shade_mesh(rast_out, color_field, cams, shading, config.ambient, bg, config.backend)["rgb"]
+        images = shade_mesh(rast_out, color_field, cams, shading, config.ambient, bg, rasterizer)["rgb"]
         timer.mark("shade")
         loss_sds, info = sds(
             _to_guidance_size(images, guidance.resolution), cams.view_words,
@@ -255,7 +257,7 @@ def run(
     def preview(out: Step) -> np.ndarray:
         verts, faces = out.view
         return mesh_preview(verts.detach(), faces, color_field, config.preview_views, config.preview_resolution,
-                            config.ambient, config.backend, device)
+                            config.ambient, rasterizer, device)
 
     def model(step: int, out: Step) -> tuple[str, str]:
         return live.refine_mesh(*out.view, color_field, step + 1), refine_label(step + 1)

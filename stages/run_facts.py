@@ -54,11 +54,12 @@ def device_facts(device: torch.device | str, raster_backend: str = "auto") -> di
 
 
 def resolved_raster_backend(backend: str, device: torch.device) -> str | None:
-    """The backend renderers/raster.py picks for `backend` on `device` (None: it would refuse)."""
-    from renderers import raster
+    """The backend `renderers.rasterizer.Rasterizer.make(backend, device)` resolves to, as the refine
+    stage makes it (None: it would refuse)."""
+    from renderers.rasterizer import resolve_backend
 
     try:
-        return raster._pick_backend(backend, torch.empty(0, device=device))
+        return resolve_backend(backend, device)
     except (RuntimeError, ValueError):  # nvdiffrast asked for where it is missing: the refine stage says why
         return None
 
