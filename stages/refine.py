@@ -30,7 +30,7 @@ from geometry.mesh_ops import albedo_tilt_loss, laplacian_loss, normal_consisten
 from guidance.sds import NonFiniteError, SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, sample_cameras
 from renderers.mesh import rasterize_mesh, shade_mesh
-from renderers.rasterizer import Rasterizer
+from renderers.rasterizer import BACKENDS, Rasterizer
 from renderers.volume import sample_shading
 from stages.background import Background, check_background
 from stages.common import Callback, StageError, StopCheck, check_stage_inputs
@@ -134,8 +134,8 @@ class RefineConfig:
         if probs.prob_albedo + probs.prob_lambertian + probs.prob_textureless <= 0:
             raise ValueError("refine.prob_albedo + prob_lambertian + prob_textureless must be > 0")
         check_background(self.background, "refine.background", BACKGROUNDS)
-        if self.backend not in ("auto", "torch", "nvdiffrast"):
-            raise ValueError(f"refine.backend must be 'auto', 'torch' or 'nvdiffrast', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"refine.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         self.sds.check()
 
 
