@@ -12,9 +12,9 @@ EXAMPLES_FILE = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 def adapt_to_hub_model(config, prompt: str | None = None) -> None:
     """Text-to-image models see real backgrounds: the coarse stage learns one, the refine stage draws random ones
     (unless the config chose a colour or mode of its own)."""
-    if not isinstance(config.coarse.background, str) or config.coarse.background == "white":
+    if config.coarse.background is None:
         config.coarse.background = "learned"
-    if not isinstance(config.refine.background, str) or config.refine.background == "white":
+    if config.refine.background is None:
         config.refine.background = "random"
 
 

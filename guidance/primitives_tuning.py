@@ -56,8 +56,10 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         config.camera.distance_range = (CAMERA_DISTANCE, CAMERA_DISTANCE)
     if config.camera.fovy_range is None:
         config.camera.fovy_range = (CAMERA_FOVY, CAMERA_FOVY)
-    config.coarse.background = grey
-    config.refine.background = grey
+    if config.coarse.background is None:
+        config.coarse.background = grey
+    if config.refine.background is None:
+        config.refine.background = grey
     config.coarse.volume.ambient = PRIOR_AMBIENT
     config.refine.ambient = PRIOR_AMBIENT
     if config.refine.sds.guidance_scale is None:

@@ -33,7 +33,7 @@ TIMING_PARTS = ("render", "guidance", "backward", "optimizer")  # "backward" inc
 
 
 # What the fields left unset (None) take when no guidance model sets them (`CoarseConfig.filled`).
-UNSET_COARSE = {"lr_network": 1e-3}
+UNSET_COARSE = {"lr_network": 1e-3, "background": "learned"}
 
 
 @dataclass
@@ -47,7 +47,7 @@ class CoarseConfig:
     prob_albedo: float = 0.25  # after the warm-up: probability of albedo shading
     prob_lambertian: float = 0.375  # after the warm-up: probability of Lambertian shading
     prob_textureless: float = 0.375  # after the warm-up: probability of textureless (white) shading
-    background: str | tuple = "learned"  # "white", "random" (a solid colour per image), "learned" (one colour) or an (r, g, b) in [0, 1]
+    background: str | tuple | None = None  # "white", "random" (a colour per image), "learned" (one colour), (r, g, b) in [0, 1]; None = the model's, else learned
     lambda_orientation: float = 1e-2  # weight of Ref-NeRF's orientation loss, reached after the ramp
     orientation_ramp: int = 500  # steps over which the orientation weight rises linearly from 0
     lambda_sparsity: float = 0.0  # weight of the mean opacity (pushes empty space to be empty)
@@ -82,7 +82,8 @@ class CoarseConfig:
                 raise ValueError(f"coarse.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.prob_albedo + self.prob_lambertian + self.prob_textureless <= 0:
             raise ValueError("coarse.prob_albedo + prob_lambertian + prob_textureless must be > 0")
-        check_background(self.background, "coarse.background")
+        if self.background is not None:
+            check_background(self.background, "coarse.background")
         self.field.check()
         self.volume.check()
         self.sds.check()

@@ -189,6 +189,8 @@ def parse_value(key: str, raw: str, current, text: str = ""):
         current = False if kind == "bool" else 0
     elif kind.startswith("tuple") or ("tuple" in kind and raw.strip()[:1] in ("(", "[")):
         current = ()
+    elif "str" in kind.split("|"):  # a background's mode by name
+        current = ""
     try:
         if isinstance(current, bool):
             if raw.lower() in ("true", "1", "yes", "on"):

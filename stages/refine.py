@@ -45,7 +45,7 @@ TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "bac
 
 # What the fields left unset (None) take when no guidance model sets them (`RefineConfig.filled`).
 UNSET_REFINE = {"lambda_normal_consistency": 1000.0, "lambda_laplacian": 10000.0,
-                "prob_albedo": 0.2, "prob_lambertian": 0.8, "prob_textureless": 0.0}
+                "prob_albedo": 0.2, "prob_lambertian": 0.8, "prob_textureless": 0.0, "background": "white"}
 
 
 @dataclass
@@ -78,7 +78,7 @@ class RefineConfig:
     prob_lambertian: float | None = None  # after the warm-up: probability of Lambertian shading; None = the guidance model's, else 0.8
     prob_textureless: float | None = None  # after the warm-up: probability of textureless (white) shading; None = the guidance model's, else 0
     ambient: float = 0.3  # ambient share of Lambertian shading; must match the guidance prior (primitives: 0.3)
-    background: str | tuple = "white"  # "white", "random" (a solid colour per image) or an (r, g, b) in [0, 1]
+    background: str | tuple | None = None  # "white", "random" (a colour per image) or (r, g, b) in [0, 1]; None = the model's, else white
     camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_view`); None = 1, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
@@ -105,7 +105,7 @@ class RefineConfig:
         for name in ("fill_tunnel", "fill_every", "relax_steps"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"refine.{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in UNSET_REFINE:
+        for name in UNSET_REFINE.keys() - {"background"}:  # the numbers; the background is checked below
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0 or None, got {getattr(self, name)!r}")
         probs = self.filled()
@@ -133,7 +133,8 @@ class RefineConfig:
             raise ValueError("refine.lr_sdf + lr_deform + lr_color must be > 0 (nothing would be trained)")
         if probs.prob_albedo + probs.prob_lambertian + probs.prob_textureless <= 0:
             raise ValueError("refine.prob_albedo + prob_lambertian + prob_textureless must be > 0")
-        check_background(self.background, "refine.background", BACKGROUNDS)
+        if self.background is not None:
+            check_background(self.background, "refine.background", BACKGROUNDS)
         if self.backend not in BACKENDS:
             raise ValueError(f"refine.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         self.sds.check()

@@ -102,3 +102,17 @@ def test_the_prior_settings_are_one_group_and_old_run_files_still_read():
     plan_config = resolve("a red cube", tiny_run_config()).config
     back = from_dict(json.loads(json.dumps(to_dict(plan_config))))
     assert back.camera.distance_range == (2.8, 2.8) and isinstance(back.camera.distance_range, tuple)
+
+
+@pytest.mark.parametrize("guidance", ["primitives", "stable-diffusion"])
+def test_a_background_given_is_the_runs_with_every_model(guidance):
+    """Each model picks the backgrounds it suits only where none is given; a given one, white included, stays."""
+    unset = _plan_config("a red cube", [], guidance=guidance)
+    assert (unset.coarse.background, unset.refine.background) == \
+        (("white", "white") if guidance == "primitives" else ("learned", "random"))
+    for coarse, refine in (("white", "white"), ("random", "(0.2, 0.3, 0.4)"), ("learned", "random")):
+        config = _plan_config("a red cube", [f"coarse.background={coarse}", f"refine.background={refine}"], guidance)
+        assert config.coarse.background == coarse, (guidance, coarse)
+        assert config.refine.background == (refine if refine[0] != "(" else (0.2, 0.3, 0.4)), (guidance, refine)
+    with pytest.raises(ValueError, match="refine.background must be one of"):
+        apply_overrides(preset("quick"), ["refine.background=learned"])
