@@ -60,6 +60,7 @@ def measure(overrides: list[str], repeats: int) -> dict:
         total = time.perf_counter() - start
         left_over = sorted(p.name for p in Path(run_dir).glob("preview-*.glb"))
         record = RunRecord.load(run_dir)
+        config = record.run_config()  # as the run resolved it (the model's backgrounds, ambient light)
         # Each live view again, on its own, from the checkpoints.
         field = load_coarse_checkpoint(Path(run_dir) / "coarse.pt", device)
         (verts, faces), color_field = load_refine_checkpoint(Path(run_dir) / "refine.pt", device)

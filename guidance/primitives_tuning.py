@@ -60,8 +60,10 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         config.coarse.background = grey
     if config.refine.background is None:
         config.refine.background = grey
-    config.coarse.volume.ambient = PRIOR_AMBIENT
-    config.refine.ambient = PRIOR_AMBIENT
+    if config.coarse.volume.ambient is None:
+        config.coarse.volume.ambient = PRIOR_AMBIENT
+    if config.refine.ambient is None:
+        config.refine.ambient = PRIOR_AMBIENT
     if config.refine.sds.guidance_scale is None:
         # The mesh regularizers' weights suit CFG-100 gradients: at the prior's 5 they hold the mesh still.
         config.refine.sds.guidance_scale = PRIMITIVES_REFINE_GUIDANCE_SCALE

@@ -38,7 +38,7 @@ class VolumeConfig:
     bound: float = 1.0  # radius of the bounding sphere, world units
     near_min: float = 0.05  # no sample closer to the camera than this, world units
     chunk_size: int = 0  # rays per chunk (0 = all rays at once): the memory knob
-    ambient: float = DREAMFUSION_AMBIENT  # ambient share of Lambertian shading, in [0, 1]
+    ambient: float | None = None  # ambient share of Lambertian shading, in [0, 1]; None = the guidance model's, else DREAMFUSION_AMBIENT
     use_occupancy: bool = True  # whether the caller keeps an OccupancyGrid to skip empty samples
     occupancy_resolution: int = 32  # occupancy cells per axis over [-bound, bound]^3
     occupancy_threshold: float = 0.01  # density (1 / world unit) below which a cell may be empty
@@ -55,7 +55,7 @@ class VolumeConfig:
             raise ValueError(f"near_min must be >= 0, got {self.near_min}")
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {self.chunk_size}")
-        if not 0.0 <= self.ambient <= 1.0:
+        if self.ambient is not None and not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"ambient must lie in [0, 1], got {self.ambient}")
         if self.occupancy_resolution < 1:
             raise ValueError(f"occupancy_resolution must be >= 1, got {self.occupancy_resolution}")
@@ -225,7 +225,7 @@ def render_volume(
         sl = slice(start, start + chunk)
         parts.append(
             march_rays(
-                field, config.num_samples, config.ambient, shading, with_normals, occupancy, origins[sl], dirs[sl], lights[sl],
+                field, config.num_samples, DREAMFUSION_AMBIENT if config.ambient is None else config.ambient, shading, with_normals, occupancy, origins[sl], dirs[sl], lights[sl],
                 near[sl], far[sl], hit[sl], None if jitter is None else jitter[sl], texture_path,
             )
         )

@@ -22,7 +22,7 @@ from torch import Tensor
 from geometry.nerf import FieldConfig, NeRFField
 from guidance.sds import SDSConfig, SDSLoss
 from renderers.cameras import CameraConfig, sample_cameras
-from renderers.volume import OccupancyGrid, VolumeConfig, render_volume, sample_shading
+from renderers.volume import DREAMFUSION_AMBIENT, OccupancyGrid, VolumeConfig, render_volume, sample_shading
 from stages.background import Background, check_background
 from stages.common import Callback, StepEvent, StopCheck, check_stage_inputs, clock
 from stages.live_models import COARSE_LABEL, LiveModels
@@ -64,6 +64,8 @@ class CoarseConfig:
     def filled(self) -> CoarseConfig:
         """A copy with the unset (None) fields at their values for a run whose guidance model chose none."""
         unset = {name: value for name, value in UNSET_COARSE.items() if getattr(self, name) is None}
+        if self.volume.ambient is None:
+            unset["volume"] = dataclasses.replace(self.volume, ambient=DREAMFUSION_AMBIENT)
         return dataclasses.replace(self, **unset) if unset else self
 
     def check(self) -> None:

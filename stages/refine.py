@@ -45,7 +45,8 @@ TIMING_PARTS = ("marching", "rasterize", "shade", "guidance", "regularize", "bac
 
 # What the fields left unset (None) take when no guidance model sets them (`RefineConfig.filled`).
 UNSET_REFINE = {"lambda_normal_consistency": 1000.0, "lambda_laplacian": 10000.0,
-                "prob_albedo": 0.2, "prob_lambertian": 0.8, "prob_textureless": 0.0, "background": "white"}
+                "prob_albedo": 0.2, "prob_lambertian": 0.8, "prob_textureless": 0.0, "background": "white",
+                "ambient": 0.3}
 
 
 @dataclass
@@ -77,7 +78,7 @@ class RefineConfig:
     prob_albedo: float | None = None  # after the warm-up: probability of albedo shading; None = the guidance model's, else 0.2
     prob_lambertian: float | None = None  # after the warm-up: probability of Lambertian shading; None = the guidance model's, else 0.8
     prob_textureless: float | None = None  # after the warm-up: probability of textureless (white) shading; None = the guidance model's, else 0
-    ambient: float = 0.3  # ambient share of Lambertian shading; must match the guidance prior (primitives: 0.3)
+    ambient: float | None = None  # ambient share of Lambertian shading (the prior renders with its own); None = the model's, else 0.3
     background: str | tuple | None = None  # "white", "random" (a colour per image) or (r, g, b) in [0, 1]; None = the model's, else white
     camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_view`); None = 1, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
@@ -119,7 +120,7 @@ class RefineConfig:
             raise ValueError(f"refine.color_average_from must be in [0, 1], got {self.color_average_from!r}")
         if not 0.0 <= self.deform_scale <= 0.5:
             raise ValueError(f"refine.deform_scale must be in [0, 0.5], got {self.deform_scale!r}")
-        if not 0.0 <= self.ambient <= 1.0:
+        if self.ambient is not None and not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"refine.ambient must be in [0, 1], got {self.ambient!r}")
         for name in ("lr_sdf", "lr_deform", "lr_color", "sdf_smoothing", "update_smoothing", "grid_margin", "albedo_warmup",
                      "preview_every", "chunk_size", "model_every"):

@@ -23,6 +23,8 @@ SETTINGS = {
     "refine.lambda_albedo_tilt": (0.0, 10.0, 1e5),
     "refine.sds.guidance_scale": (5.0, 20.0, 10.0),
     "refine.sds.texture_guidance_scale": (10.0, 6.0, 3.0),
+    "coarse.volume.ambient": (0.1, 0.2, 0.3),
+    "refine.ambient": (0.3, 0.5, 0.3),
 }
 
 
