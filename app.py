@@ -52,6 +52,7 @@ LINE = Line(RUNS, queue_size=8)  # the runs in line for the device; its bound is
 WARMUP = Warmup()  # the primitives prior's libraries, loaded in the background at start
 PROMPTS: dict[str, str] = {}  # run id -> prompt, for the runs this server started
 QUEUED: dict[str, float] = {}  # session -> when its run joined the queue, until the run starts
+LAST_RUN: dict[str, str] = {}  # session -> the run id its latest Generate started
 TICK_SECONDS = 3.0  # how often a page refreshes its place in line, the device's state and the recent runs
 
 TYPICAL = Cached(lambda: typical_seconds(OUTPUT_ROOT, default_preset(), example_seconds(default_guidance())))
@@ -115,6 +116,10 @@ def generate(prompt: str, preset: str = "quick", seed: int = 0, guidance: str = 
     job = RunJob(run_dir, lambda stopped: run_events(plan, str(run_dir), stopped))
     RUNS.add(job)
     PROMPTS[job.snapshot.run_id] = prompt
+    if request is not None:
+        if len(LAST_RUN) > 1000:  # pages long gone
+            LAST_RUN.clear()
+        LAST_RUN[request.session_hash] = job.snapshot.run_id
     try:
         for snap in job.follow(watch=lambda: LINE.job_place(job)):
             yield view(snap, job)
@@ -180,16 +185,25 @@ def cancel(run_id: str, request: gr.Request):
     return job.snapshot.status, gr.update(value="Generate", interactive=True)
 
 
-def tick(server_text: str, status_text: str, request: gr.Request):
+def tick(server_text: str, status_text: str, run_id: str = "", button_text: str = "", request: gr.Request = None):
     """Every few seconds: this page's place while its run is queued (else the device's state, on a page that shows
-    nothing of its own: also when the line is full and Gradio refused its load event); the recent runs."""
+    nothing of its own: also when the line is full and Gradio refused its load event); the end of this page's run
+    where the page still shows it running; the recent runs."""
     state = LINE.device_state()
-    place = LINE.queued_place(request.session_hash) if request is not None else None
+    session = request.session_hash if request is not None else ""
+    place = LINE.queued_place(session) if request is not None else None
     if place is None and is_device_state(status_text) and status_text != state:
         place = state
+    button = gr.skip()
+    job = RUNS.get(run_id) if run_id and LAST_RUN.get(session) == run_id else None
+    if place is None and job is not None and job.snapshot.done and button_text != "Generate" \
+            and status_text != job.snapshot.status:
+        # A cancel's answer can reach the page before the run's last update that was on its way, which then
+        # leaves a running status and a disabled button: the page settles on how its run ended.
+        place, button = job.snapshot.status, gr.update(value="Generate", interactive=True)
     text = f"{state}\n\n**Recent runs on this server** (click one to follow it)\n\n" + \
         recent_runs(OUTPUT_ROOT, {job.snapshot.run_id: job for job in RUNS.jobs()}, PROMPTS)
-    return (place if place is not None else gr.skip()), (text if text != server_text else gr.skip())
+    return (place if place is not None else gr.skip()), (text if text != server_text else gr.skip()), button
 
 
 def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Blocks:
@@ -248,10 +262,10 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
                             outputs=[page.prompt, *outputs], queue=False, show_progress="hidden",
                             api_visibility="undocumented")
         timer = gr.Timer(TICK_SECONDS)
-        timer.tick(tick, inputs=[page.server, status], outputs=[status, page.server], queue=False,
-                   show_progress="hidden", api_visibility="undocumented")
-        demo.load(tick, inputs=[page.server, status], outputs=[status, page.server], queue=False,
-                  show_progress="hidden", api_visibility="undocumented")
+        timer.tick(tick, inputs=[page.server, status, run_id, run_btn], outputs=[status, page.server, run_btn],
+                   queue=False, show_progress="hidden", api_visibility="undocumented")
+        demo.load(tick, inputs=[page.server, status, run_id, run_btn], outputs=[status, page.server, run_btn],
+                  queue=False, show_progress="hidden", api_visibility="undocumented")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     DEMO["blocks"] = demo
     LINE.demo = demo

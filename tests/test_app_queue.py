@@ -189,10 +189,36 @@ def test_a_page_showing_only_the_device_state_is_kept_current_and_a_queued_page_
 
     monkeypatch.setattr(app.LINE, "queued_place", lambda session: None)
     monkeypatch.setattr(app.LINE, "device_state", lambda: "**The device is busy** · 1 run going, 0 waiting (at most 8).")
-    status, server = app.tick("", "Ready.", Request())
+    status, server, _ = app.tick("", "Ready.", request=Request())
     assert status.startswith("**The device is busy**") and "Recent runs on this server" in server
-    assert app.tick(server, status, Request()) == (gr.skip(), gr.skip())  # nothing changed: nothing sent
-    kept, _ = app.tick("", "**Coarse NeRF** · step 3/500", Request())  # the page's own run: left alone
+    assert app.tick(server, status, request=Request()) == (gr.skip(), gr.skip(), gr.skip())  # nothing changed
+    kept, _, _ = app.tick("", "**Coarse NeRF** · step 3/500", request=Request())  # the page's own run: left alone
     assert kept == gr.skip()
     monkeypatch.setattr(app.LINE, "queued_place", lambda session: "**2nd in line** · 1 waiting ahead of yours")
-    assert app.tick("", "**Queued** · runs go one at a time", Request())[0].startswith("**2nd in line**")
+    assert app.tick("", "**Queued** · runs go one at a time", request=Request())[0].startswith("**2nd in line**")
+
+
+def test_a_page_left_showing_its_run_going_after_the_run_ended_settles_on_how_it_ended(monkeypatch):
+    """A cancel's answer can reach the page before the run's last update on its way: the timer repairs the page."""
+    import gradio as gr
+
+    import app
+    from app_support import Snapshot
+
+    class Request:
+        session_hash = "page-2"
+
+    class Ended:
+        snapshot = Snapshot(run_id="run-a", status="**Cancelled** at coarse step 50/3000.", done=True)
+
+    monkeypatch.setattr(app.LINE, "queued_place", lambda session: None)
+    monkeypatch.setattr(app.RUNS, "get", lambda run_id: Ended if run_id == "run-a" else None)
+    monkeypatch.setitem(app.LAST_RUN, "page-2", "run-a")
+    stale = "**Coarse NeRF** · step 49/3000 · 7 s elapsed"
+    status, _, button = app.tick("", stale, "run-a", "Running…", request=Request())
+    assert status == Ended.snapshot.status and button["interactive"] is True and button["value"] == "Generate"
+    # Left alone: a page showing its ended run already, one whose button is back, and one whose newest run is another.
+    assert app.tick("", Ended.snapshot.status, "run-a", "Running…", request=Request())[2] == gr.skip()
+    assert app.tick("", stale, "run-a", "Generate", request=Request())[2] == gr.skip()
+    monkeypatch.setitem(app.LAST_RUN, "page-2", "run-b")
+    assert app.tick("", stale, "run-a", "Running…", request=Request())[2] == gr.skip()

@@ -38,7 +38,11 @@ pytestmark = [
 ]
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1400,1200"]
+                "--disable-dev-shm-usage", "--window-size=1400,1200",
+                # A tab left for another one keeps running, as a person's would: without these, headless Chromium
+                # sometimes froze the first tab of the two-tab test (its status stopped at the step it had shown).
+                "--disable-background-timer-throttling", "--disable-backgrounding-occluded-windows",
+                "--disable-renderer-backgrounding"]
 WAIT = 120  # seconds any one awaited page state may take (a bound, not a timing)
 
 
@@ -340,4 +344,10 @@ def test_a_second_tab_sees_the_device_busy_its_place_in_line_and_a_cancel_that_r
         browser.close()
         browser.switch_to.window(first_tab)
     browser.find_element(By.CSS_SELECTOR, "#cancel").click()
-    _until(lambda: "Cancelled" in _status(browser), "the first run to stop")
+    try:
+        _until(lambda: "Cancelled" in _status(browser), "the first run to stop")
+    except AssertionError as exc:  # say what the page showed instead
+        _shot(browser, "first-tab-cancel.png")
+        run_id = browser.execute_script("const e = document.querySelector('#run-id textarea, #run-id input'); "
+                                        "return e && e.value;")
+        raise AssertionError(f"{exc}; the status line says {_status(browser)!r}, run id {run_id!r}") from None
