@@ -264,7 +264,9 @@ def build_demo(queue_size: int = 8, overrides: list[str] | None = None) -> gr.Bl
         timer = gr.Timer(TICK_SECONDS)
         timer.tick(tick, inputs=[page.server, status, run_id, run_btn], outputs=[status, page.server, run_btn],
                    queue=False, show_progress="hidden", api_visibility="undocumented")
-        demo.load(tick, inputs=[page.server, status, run_id, run_btn], outputs=[status, page.server, run_btn],
+        # After the page's own load: run at the same time, its device state could land after (and hide) what the
+        # load wrote, such as "No run ... on this server" for an unknown ?run=.
+        load.then(tick, inputs=[page.server, status, run_id, run_btn], outputs=[status, page.server, run_btn],
                   queue=False, show_progress="hidden", api_visibility="undocumented")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     DEMO["blocks"] = demo
