@@ -16,6 +16,7 @@ import numpy as np
 VIEW_ELEVATION_STEP = 15.0  # degrees between the elevation rows of `view_directions` (the range's ends always included)
 VIEW_AZIMUTHS = 24  # directions per elevation row of `view_directions` over a full turn
 PERSPECTIVE_STEP = 5.0  # degrees between the elevation rows of the rays toward cameras at a distance
+MARCH_BLOCK = 8  # slices `shadow_at` marches at once
 
 
 def view_directions(
@@ -105,6 +106,63 @@ def camera_band(
     return CameraBand(tuple(filled.elevation_range), tuple(filled.azimuth_range), distance)
 
 
+def shadow_at(
+    inside: np.ndarray,  # [X, Y, Z] bool
+    step: np.ndarray,  # [3] as `shadow`'s
+    where: np.ndarray,  # [P] flat indices of the vertices to look from
+) -> np.ndarray:  # [P] bool, `shadow(inside, step).reshape(-1)[where]`
+    """`shadow` for a few vertices: each one's digital line marched slice by slice (the same lines as the
+    sweep's), so the cost follows the vertices asked about rather than the whole grid."""
+    axis = int(np.argmax(np.abs(step)))
+    grid = np.moveaxis(inside, axis, 0)
+    forward = step[axis] > 0
+    if not forward:
+        grid = grid[::-1]
+    n, ny, nz = grid.shape
+    slope = np.delete(step, axis) / abs(step[axis])
+    position = np.floor(np.arange(n)[:, None] * slope[None] + 0.5).astype(int)  # [n, 2], as in `shadow`
+    index = np.stack(np.unravel_index(where, inside.shape))  # [3, P]
+    k = index[axis] if forward else n - 1 - index[axis]
+    y, z = np.delete(index, axis, 0)
+    hit = np.zeros(len(where), dtype=bool)
+    active = np.arange(len(where))
+    for first in range(1, n, MARCH_BLOCK):  # a block of slices at a time, dropping the lines that ended
+        ahead = np.arange(first, min(first + MARCH_BLOCK, n))  # [T]
+        kk = k[active, None]
+        j = kk + ahead  # [A, T]
+        within = j < n
+        j = np.minimum(j, n - 1)
+        yy = y[active, None] + position[j, 0] - position[kk, 0]
+        zz = z[active, None] + position[j, 1] - position[kk, 1]
+        within &= (yy >= 0) & (yy < ny) & (zz >= 0) & (zz < nz)  # lines run monotonically: once out, always out
+        blocked = (grid[j, np.clip(yy, 0, ny - 1), np.clip(zz, 0, nz - 1)] & within).any(1)
+        hit[active[blocked]] = True
+        active = active[~blocked & within[:, -1]]
+        if not len(active):
+            break
+    return hit
+
+
+def _spread_order(directions: np.ndarray) -> np.ndarray:  # [D, 3] -> [D] indices
+    """Farthest-first order: the first few directions already look from all around, so the hidden
+    set (what the later ones are asked about) shrinks fast; the result does not depend on the order."""
+    order = [0]
+    nearest = directions @ directions[0]
+    for _ in range(len(directions) - 1):
+        nearest[order[-1]] = np.inf
+        order.append(int(np.argmin(nearest)))
+        nearest = np.maximum(nearest, directions @ directions[order[-1]])
+    return np.asarray(order)
+
+
+def _still_hidden(inside: np.ndarray, step: np.ndarray, where: np.ndarray) -> np.ndarray:  # [P] bool
+    """`shadow` at the flat indices `where`: one sweep over the grid, or one march per vertex when
+    they are few (fewer than a slice's worth of vertices per slice)."""
+    if len(where) * max(inside.shape) < inside.size:
+        return shadow_at(inside, step, where)
+    return shadow(inside, step).reshape(-1)[where]
+
+
 def unseen(
     inside: np.ndarray,  # [X, Y, Z] bool, grid vertices inside the surface
     cell: np.ndarray,  # [3] grid spacing per axis, world units
@@ -119,25 +177,34 @@ def unseen(
     flatter than those cameras' own elevation, which is what leaves the middle of a base barely seen).
     """
     cell = np.asarray(cell, dtype=np.float64)
-    hidden = ~inside
+    where = np.flatnonzero(~inside)  # the vertices still hidden, as flat indices
     if cameras.distance is None:
-        for d in view_directions(cameras.elevation_range, cameras.azimuth_range):
-            hidden &= shadow(inside, d / cell)
-            if not hidden.any():
+        directions = view_directions(cameras.elevation_range, cameras.azimuth_range)
+        for d in directions[_spread_order(directions)]:
+            if not len(where):
                 break
-        return hidden
+            where = where[_still_hidden(inside, d / cell, where)]
+        return _mask(where, inside.shape)
     if origin is None:
         raise ValueError("unseen needs the grid's origin with cameras at a distance")
-    index = np.stack(np.meshgrid(*(np.arange(n) for n in inside.shape), indexing="ij"), -1)
-    points = np.asarray(origin, dtype=np.float64) + index * cell  # [X, Y, Z, 3]
-    spread = float(np.degrees(np.arcsin(min(np.sqrt((points**2).sum(-1).max()) / cameras.distance, 1.0))))
+    corners = np.asarray(origin, dtype=np.float64) + np.array(np.meshgrid(*([0, n - 1] for n in inside.shape))).reshape(3, -1).T * cell
+    spread = float(np.degrees(np.arcsin(min(np.sqrt((corners**2).sum(-1).max()) / cameras.distance, 1.0))))
     lo, hi = cameras.elevation_range
     rows = (max(lo - spread, -90.0), min(hi + spread, 90.0))
-    for d in view_directions(rows, elevation_step=PERSPECTIVE_STEP):
-        where = np.flatnonzero(hidden)
-        where = where[_reaches(points.reshape(-1, 3)[where], d, cameras)]
-        if len(where):
-            hidden.reshape(-1)[where] = shadow(inside, d / cell).reshape(-1)[where]
-            if not hidden.any():
-                break
-    return hidden
+    directions = view_directions(rows, elevation_step=PERSPECTIVE_STEP)
+    points = np.asarray(origin, dtype=np.float64) + np.stack(np.unravel_index(where, inside.shape), 1) * cell  # [P, 3]
+    for d in directions[_spread_order(directions)]:
+        if not len(where):
+            break
+        asked = np.flatnonzero(_reaches(points, d, cameras))
+        if len(asked):
+            keep = np.ones(len(where), dtype=bool)
+            keep[asked] = _still_hidden(inside, d / cell, where[asked])
+            where, points = where[keep], points[keep]
+    return _mask(where, inside.shape)
+
+
+def _mask(where: np.ndarray, shape: tuple) -> np.ndarray:  # flat indices -> [X, Y, Z] bool
+    out = np.zeros(int(np.prod(shape)), dtype=bool)
+    out[where] = True
+    return out.reshape(shape)

@@ -227,6 +227,44 @@ def test_space_no_camera_sees_is_unseen_and_open_space_is_seen():
         visibility.unseen(cylinder, cell, CAMERAS)
 
 
+def _unseen_by_sweeps(inside, cell, cameras, origin):
+    """`visibility.unseen` the plain way: one whole-grid sweep per direction, in the given order."""
+    hidden = ~inside
+    if cameras.distance is None:
+        for d in visibility.view_directions(cameras.elevation_range, cameras.azimuth_range):
+            hidden &= visibility.shadow(inside, d / cell)
+        return hidden
+    points = origin + np.stack(np.meshgrid(*(np.arange(n) for n in inside.shape), indexing="ij"), -1) * cell
+    spread = np.degrees(np.arcsin(min(np.linalg.norm(points, axis=-1).max() / cameras.distance, 1.0)))
+    rows = (max(cameras.elevation_range[0] - spread, -90.0), min(cameras.elevation_range[1] + spread, 90.0))
+    for d in visibility.view_directions(rows, elevation_step=visibility.PERSPECTIVE_STEP):
+        reached = visibility._reaches(points, d, cameras)
+        hidden &= ~reached | visibility.shadow(inside, d / cell)
+    return hidden
+
+
+def test_marching_a_few_lines_gives_the_sweeps_answer():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for n in (13, 24, 31):
+        x = np.linspace(-1.0, 1.0, n)
+        xx, yy, zz = np.meshgrid(x, x, x, indexing="ij")
+        blobs = ndimage.binary_opening(rng.random(xx.shape) < 0.4) & (xx**2 + yy**2 + zz**2 < 0.7)
+        dented = (np.maximum(np.abs(xx), np.abs(yy)) < 0.45) & (np.abs(zz) < 0.45) & ~((np.hypot(xx, yy) < 0.25) & (zz < -0.35))
+        cell = (x[1] - x[0]) * rng.uniform(0.9, 1.1, 3)
+        origin = np.full(3, -1.0)
+        for inside in (blobs | dented, dented):
+            where = rng.choice(inside.size, 300)
+            for d in rng.normal(size=(6, 3)):
+                assert np.array_equal(visibility.shadow_at(inside, d / cell, where),
+                                      visibility.shadow(inside, d / cell).reshape(-1)[where])
+            for cameras in (PARALLEL, CAMERAS, visibility.CameraBand((-30.0, 60.0), (-90.0, 45.0), distance=2.0),
+                            visibility.CameraBand((0.0, 30.0), (0.0, 120.0))):
+                assert np.array_equal(visibility.unseen(inside, cell, cameras, origin),
+                                      _unseen_by_sweeps(inside, cell, cameras, origin))
+
+
 def test_a_pit_in_a_base_that_cameras_barely_see_is_filled():
     from bench.solid_metrics import flat_faces
 
