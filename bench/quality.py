@@ -23,6 +23,7 @@ exits with 1 after the table; otherwise it exits with 0.
     python -m bench.quality --quick                          # CI smoke: 2 prompts, tiny settings, seed 0
     python -m bench.quality --prompts "a red cube" --seeds 0 --set coarse.iters=300
     python -m bench.quality --both    # then the text-only prior (view words only), which stands for the real path
+    python -m bench.quality --coarse-from bench/out/quality --out bench/out/quality-b   # same coarse fields, paired
 """
 from __future__ import annotations
 
@@ -205,8 +206,9 @@ def measure(obj_path: str | Path, prompt: str, prior) -> dict:
     }
 
 
-def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
-    """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row."""
+def run_one(prompt: str, seed: int, base_config, out_dir: Path, coarse_from: Path | None = None) -> dict:
+    """Run the pipeline for one prompt and seed, then measure it; a crash becomes an error row.
+    With `coarse_from`, the run starts from that folder's run of the same name (`bench.coarse_reuse`)."""
     from bench.refine_gain import measure_run
     from stages.pipeline import run_to_completion
     from stages.plan import resolve
@@ -220,7 +222,11 @@ def run_one(prompt: str, seed: int, base_config, out_dir: Path) -> dict:
         config = copy.deepcopy(base_config)
         config.seed = config.coarse.seed = config.refine.seed = seed  # the stages read their own seeds too
         start = time.perf_counter()
-        done = run_to_completion(prompt, config, run_dir=run_dir)
+        if coarse_from is not None:
+            from bench.coarse_reuse import start_from_coarse
+
+            start_from_coarse(coarse_from / run_dir.name, run_dir, resolve(prompt, config))
+        done = run_to_completion(prompt, config, run_dir=run_dir, resume=coarse_from is not None)
         record = RunRecord.load(run_dir)
         row["stage_seconds"] = {k: round(v, 2) for k, v in record.stage_seconds.items()}
         row["total_seconds"] = round(time.perf_counter() - start, 2)
@@ -292,6 +298,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/out/quality"), help="folder of the runs")
     parser.add_argument("--json", type=Path, help="report path (default: --out with .json, bench/out/quality.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--coarse-from", type=Path, metavar="RUNS",
+                        help="start each run from the coarse stage of the run of the same name in this folder "
+                             "(an earlier --out, whose text-only runs are in RUNS-text-only as --out's; the coarse settings "
+                             "must match): refine and export changes measured on the same coarse fields")
     variant = parser.add_mutually_exclusive_group()
     variant.add_argument("--text-only", action="store_true",
                          help="the prior without its elevation kernel (prior.elevation_sigma=0), into --out + '-text-only'")
@@ -312,6 +322,13 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], Path, 
     return [default, text_only] if args.both else [text_only] if args.text_only else [default]
 
 
+def coarse_source(coarse_from: Path | None, variant: str) -> Path | None:
+    """Where a variant's runs take their coarse stage from (the text-only runs' folder is named as `variants`)."""
+    if coarse_from is None or variant == "default":
+        return coarse_from
+    return coarse_from.with_name(coarse_from.name + "-text-only")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     use_threads(args.threads)
@@ -328,12 +345,13 @@ def main(argv=None) -> int:
         for prompt in prompts:
             for seed in seeds:
                 print(f"[quality] {name}: {prompt!r} seed {seed} ...", flush=True)
-                rows.append(run_one(prompt, seed, config, out_dir))
+                rows.append(run_one(prompt, seed, config, out_dir, coarse_source(args.coarse_from, name)))
                 if rows[-1]["status"] != "ok":
                     print(f"[quality]   error: {rows[-1]['error']}", file=sys.stderr, flush=True)
         summary = summarize(rows)
         report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "preset": args.preset,
-                  "quick": args.quick, "variant": name, "overrides": overrides, "seeds": seeds, "prompts": prompts,
+                  "quick": args.quick, "variant": name, "overrides": overrides,
+                  "coarse_from": None if args.coarse_from is None else str(args.coarse_from), "seeds": seeds, "prompts": prompts,
                   "summary": summary, "rows": rows}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2, default=str))
