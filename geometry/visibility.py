@@ -3,7 +3,8 @@ camera reaches without meeting the inside (`unseen` is the rest). SDS gives no e
 empty where no camera ray reaches, so `geometry.solid.clean_sdf` fills it.
 
 Rays are swept one direction at a time as digital lines through the grid (`shadow`), so a direction costs
-one pass over the grid. Cameras infinitely far send parallel rays along `view_directions`; cameras at a
+one pass over the grid; once few vertices are left hidden, only their own lines are marched (`shadow_at`,
+the same lines), and the directions come farthest-first so that few are left soon. Cameras infinitely far send parallel rays along `view_directions`; cameras at a
 distance are handled by the same sweeps, a direction counting for a vertex when its ray from there reaches
 the cameras' band (`CameraBand`).
 """
@@ -147,11 +148,11 @@ def _spread_order(directions: np.ndarray) -> np.ndarray:  # [D, 3] -> [D] indice
     """Farthest-first order: the first few directions already look from all around, so the hidden
     set (what the later ones are asked about) shrinks fast; the result does not depend on the order."""
     order = [0]
-    nearest = directions @ directions[0]
+    closeness = directions @ directions[0]  # cosine to the nearest direction taken so far
     for _ in range(len(directions) - 1):
-        nearest[order[-1]] = np.inf
-        order.append(int(np.argmin(nearest)))
-        nearest = np.maximum(nearest, directions @ directions[order[-1]])
+        closeness[order[-1]] = np.inf
+        order.append(int(np.argmin(closeness)))
+        closeness = np.maximum(closeness, directions @ directions[order[-1]])
     return np.asarray(order)
 
 
