@@ -122,16 +122,25 @@ def clean_sdf(
     drop = floaters(inside, min_component) if min_component is not None else np.zeros_like(inside)
     inside = inside & ~drop
     fill = enclosed(inside)
+    narrow = enclosed(inside, tunnel) if tunnel else np.zeros_like(inside)
     hidden = np.zeros_like(inside)
-    if tunnel:
-        hidden |= enclosed(inside, tunnel)
     if cameras is not None:
         if cell is None:
             raise ValueError("clean_sdf needs the grid's cell size with cameras")
         where = None if origin is None else np.asarray(torch.as_tensor(origin).cpu(), dtype=np.float64)
-        hidden |= unseen(inside, np.asarray(torch.as_tensor(cell).cpu(), dtype=np.float64), cameras, where)
-    fill |= hidden if keep_open is None else hidden & ~keep_open.cpu().numpy()
+        hidden = unseen(inside, np.asarray(torch.as_tensor(cell).cpu(), dtype=np.float64), cameras, where)
+    if keep_open is not None:
+        open_space = keep_open.cpu().numpy()
+        narrow, hidden = narrow & ~open_space, hidden & ~open_space
+    fill |= narrow | hidden
     inside = inside | fill
+    if tunnel and hidden.any():
+        # What no camera sees can lie just past a thin gap that one does see (a flat channel under a filled
+        # lip, seen end-on from a low camera): filled alone it leaves a handle, so such gaps beside it go too.
+        beside = ndimage.binary_dilation(hidden, KUHN_STRUCTURE, iterations=tunnel)
+        gaps = enclosed(inside, tunnel) & beside
+        fill |= gaps
+        inside |= gaps
     flip = isolated(inside, ISOLATED_SAME)
     drop, fill, flip = (torch.from_numpy(mask).to(sdf.device) for mask in (drop, fill, flip))
     sdf = torch.where(drop, torch.ones_like(sdf), sdf)
