@@ -62,7 +62,7 @@ class RefineConfig:
     update_smoothing: float = 2.0  # Gaussian sigma of the learned SDF change, grid cells (0 = per-vertex)
     deform_scale: float = 0.25  # largest vertex deformation per axis, fraction of a grid cell (geometry.dmtet.MAX_SAFE_DEFORM rules out folded tets; why it is not the default: bench/HISTORY.md)
     fill_tunnel: int = 2  # space reached from outside only through passages about 2 * this + 1 grid vertices wide is filled (0 = only closed cavities)
-    fill_unseen: str = "parallel"  # fill what no training camera sees (`geometry.visibility.unseen`): "parallel" rays, "cameras" rays to their places, "off"
+    fill_unseen: str = "cameras"  # fill what no training camera sees (`geometry.visibility.unseen`): "cameras" rays to their places, "parallel" rays, "off"
     relax_steps: int = 50  # final steps that move the vertices under the mesh regularisers alone (`geometry.solid.relax_surface`)
     fill_every: int = 0  # steps between fills of the enclosed space and undoing isolated sign flips (`DMTet.solidify`); 0 = only at the start and end
     lr_sdf: float = 1e-2  # Adam learning rate of the per-vertex SDF change (the SDF goes 0 -> 1 over ~2 cells)

@@ -281,6 +281,33 @@ def test_a_pit_in_a_base_that_cameras_barely_see_is_filled():
     assert torch.equal(plain[1], with_views[1])  # nothing unseen on a plain cylinder: the same surface
 
 
+def skirted_cylinder_sdf(slot_layers: int, n: int = GRID):
+    """A cylinder whose rim hangs below its base as a skirt, with a flat slot `slot_layers` grid layers high
+    run along x under the base and through the skirt: (grid verts, tets, sdf [n+1]^3, cell)."""
+    from geometry.tets import make_tet_grid
+
+    verts, tets = make_tet_grid(n, (-0.6,) * 3, (0.6,) * 3, dtype=torch.float64)
+    x, y, z = verts.numpy().T
+    ring = np.hypot(x, y)
+    inside = (ring <= 0.4) & (z >= -0.3) & (z <= 0.4)
+    inside |= (ring >= 0.34) & (ring <= 0.4) & (z >= -0.4) & (z < -0.3)
+    inside &= ~((np.abs(y) <= 0.03) & (z < -0.3) & (z > -0.3 - 1.2 / n * slot_layers - 1e-3))
+    sdf = torch.tensor(np.where(inside, -0.5, 0.5)).view(n + 1, n + 1, n + 1)
+    return verts, tets, sdf, torch.full((3,), 1.2 / n, dtype=torch.float64)
+
+
+def test_a_seen_slot_past_unseen_space_does_not_become_a_handle():
+    # Low cameras look along the slot but not into the pocket under it that the skirt hides: filled alone,
+    # the pocket would hang under the slot as a strap joined to the skirt at both ends (a handle per strap).
+    for layers in (1, 2):
+        verts, tets, sdf, cell = skirted_cylinder_sdf(layers)
+        assert topology(*marching_tets(verts, tets, sdf.reshape(-1))) == (1, -2, True)  # a window each side
+        cleaned = clean_sdf(sdf, cameras=CAMERAS, cell=cell, origin=verts[0])
+        assert topology(*marching_tets(verts, tets, cleaned.reshape(-1))) == (1, 2, True)
+        filled = (cleaned < 0) & (sdf > 0)
+        assert filled.sum() > 0.8 * (sdf > 0)[14:35, 14:35, 8:12].sum()  # the pocket under the base, slot and all
+
+
 def test_refinement_keeps_unseen_space_filled():
     dmtet, _ = dmtet_from_field(Field(lambda x: pitted_cylinder(x, pit=False)), LevelSetSettings(GRID, cameras=CAMERAS))
     with torch.no_grad():
@@ -316,7 +343,7 @@ def test_refine_settings_of_the_unseen_fill_and_the_relaxing():
     from renderers.cameras import CameraConfig
     from stages.refine import RefineConfig
 
-    assert RefineConfig().fill_unseen == "parallel" and RefineConfig().relax_steps > 0
+    assert RefineConfig().fill_unseen == "cameras" and RefineConfig().relax_steps > 0
     for bad in ({"fill_unseen": True}, {"fill_unseen": "sometimes"}, {"relax_steps": -1}, {"relax_steps": 1.5}):
         with pytest.raises(ValueError, match="fill_unseen|relax_steps"):
             RefineConfig(**bad).check()
