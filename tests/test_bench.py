@@ -298,3 +298,12 @@ def test_client_checks_without_the_clients_and_their_table(tmp_path, monkeypatch
     assert lines[2].split()[1:] == ["model.obj"] + ["-"] * 9
     assert lines[3].split()[1:] == ["model.glb", "1", "24", "12", "8", "1", "0", "0", "7/10/2", "1/24/12"]
     assert client_checks.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_visibility_speed_times_both_kinds_of_rays(capsys):
+    from bench import visibility_speed
+
+    assert visibility_speed.main(["--grids", "24"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["24", "parallel"], ["24", "cameras"]]
+    assert int(rows[1][3]) > 0  # the dent under the base: flat rays to the lowest cameras do not reach it
