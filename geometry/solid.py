@@ -112,8 +112,9 @@ def clean_sdf(
     origin: Tensor | None = None,  # [3] world position of vertex (0, 0, 0) (needed with cameras at a distance)
 ) -> Tensor:  # [X, Y, Z]
     """Drop small floating parts (set to +1), fill the space the outside cannot reach (set to minus half
-    their distance, `enclosed`), and with `cameras` the space no camera sees (`unseen`), and flip the sign of isolated vertices (`isolated`:
-    one-vertex spikes, pits and bubbles, set to -sdf / 2).
+    their distance, `enclosed`), and with `cameras` the space no camera sees (`unseen`) with the narrow
+    gaps beside it, and flip the sign of isolated vertices (`isolated`: one-vertex spikes, pits and
+    bubbles, set to -sdf / 2).
 
     Components use the tets' own connectivity (`KUHN_STRUCTURE`), so what is
     dropped or filled is exactly a part or a cavity of the extracted surface.

@@ -4,9 +4,9 @@ empty where no camera ray reaches, so `geometry.solid.clean_sdf` fills it.
 
 Rays are swept one direction at a time as digital lines through the grid (`shadow`), so a direction costs
 one pass over the grid; once few vertices are left hidden, only their own lines are marched (`shadow_at`,
-the same lines), and the directions come farthest-first so that few are left soon. Cameras infinitely far send parallel rays along `view_directions`; cameras at a
-distance are handled by the same sweeps, a direction counting for a vertex when its ray from there reaches
-the cameras' band (`CameraBand`).
+the same lines), and the directions come farthest-first so that few are left soon. Cameras infinitely far
+send parallel rays along `view_directions`; cameras at a distance are handled by the same sweeps, a
+direction counting for a vertex when its ray from there reaches the cameras' band (`CameraBand`).
 """
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ def _spread_order(directions: np.ndarray) -> np.ndarray:  # [D, 3] -> [D] indice
 
 
 def _still_hidden(inside: np.ndarray, step: np.ndarray, where: np.ndarray) -> np.ndarray:  # [P] bool
-    """`shadow` at the flat indices `where`: one sweep over the grid, or one march per vertex when
-    they are few (fewer than a slice's worth of vertices per slice)."""
+    """`shadow` at the flat indices `where`: one sweep over the grid, or one march per vertex when the
+    marches (up to a line's length each) cost less than the sweep."""
     if len(where) * max(inside.shape) < inside.size:
         return shadow_at(inside, step, where)
     return shadow(inside, step).reshape(-1)[where]
@@ -188,7 +188,8 @@ def unseen(
         return _mask(where, inside.shape)
     if origin is None:
         raise ValueError("unseen needs the grid's origin with cameras at a distance")
-    corners = np.asarray(origin, dtype=np.float64) + np.array(np.meshgrid(*([0, n - 1] for n in inside.shape))).reshape(3, -1).T * cell
+    ends = np.array(np.meshgrid(*([0, n - 1] for n in inside.shape))).reshape(3, -1).T  # [8, 3] the box's corners
+    corners = np.asarray(origin, dtype=np.float64) + ends * cell
     spread = float(np.degrees(np.arcsin(min(np.sqrt((corners**2).sum(-1).max()) / cameras.distance, 1.0))))
     lo, hi = cameras.elevation_range
     rows = (max(lo - spread, -90.0), min(hi + spread, 90.0))
