@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from geometry.mesh_ops import clean_mesh, decimate, file_normals, is_watertight
+from geometry.short_edges import collapse_short_edges
 from geometry.solid import drop_enclosed_shells
 from geometry.uv import RASTER_CHUNK, unwrap, uv_coverage
 from renderers.cameras import orbit_cameras
@@ -95,6 +96,7 @@ class ExportResult:
     texture_fill: float = 0.0  # fraction of texel centres a triangle covers
     dropped_shells: int = 0  # closed shells dropped because they lay inside another one (hidden walls, cavities)
     dropped_faces: int = 0  # faces of those shells
+    short_edges: int = 0  # edges shorter than geometry.short_edges.MIN_EDGE left, each unsafe to collapse
 
 
 # --------------------------------------------------------------------------- frames
@@ -226,13 +228,13 @@ def export(
         with torch.no_grad():
             # 1. Clean and decimate.
             t0 = time.perf_counter()
-            v, f = clean_mesh(
-                vertices.detach().cpu().double().numpy(), faces.detach().cpu().long().numpy(),
-                config.min_component_ratio, config.merge_distance,
-            )
+            # Edges an importer would weld are collapsed where that folds nothing, before the weld and after decimating.
+            v, f, _ = collapse_short_edges(vertices.detach().cpu().double().numpy(), faces.detach().cpu().long().numpy())
+            v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
             v, f = decimate(v, f, config.target_faces)
             if config.target_faces:  # collapses can pinch off a sliver of a few faces: drop it again
                 v, f = clean_mesh(v, f, config.min_component_ratio, config.merge_distance)
+            v, f, short_edges = collapse_short_edges(v, f)
             if len(f) == 0:
                 raise ValueError("the mesh has no faces left after cleaning")
             v, f, dropped_shells, dropped_faces = drop_enclosed_shells(v, f)  # the last guard for a solid
@@ -301,5 +303,5 @@ def export(
     return ExportResult(
         paths=paths, timings=timings, num_faces=len(uv_faces), num_vertices=len(v), num_uv_vertices=len(v_split),
         watertight=watertight, texture_fill=float(covered.float().mean()),
-        dropped_shells=dropped_shells, dropped_faces=dropped_faces,
+        dropped_shells=dropped_shells, dropped_faces=dropped_faces, short_edges=short_edges,
     )

@@ -268,7 +268,9 @@ def _run_stages(plan: RunPlan, run_path: Path, record: RunRecord, state: dict, e
             return color_field.albedo(points)
 
     exported = export_stage.export(mesh[0], mesh[1], albedo, run_path, config.export, on_step, stopped)
-    _finish_stage(record, "export", state, run_path, {"timings": exported.timings, "faces": exported.num_faces, "dropped_shells": exported.dropped_shells})
+    _finish_stage(record, "export", state, run_path, {"timings": exported.timings, "faces": exported.num_faces,
+                                                       "dropped_shells": exported.dropped_shells,
+                                                       "short_edges": exported.short_edges})
     return {k: str(v) for k, v in exported.paths.items() if v is not None}
 
 

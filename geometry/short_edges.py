@@ -1,0 +1,97 @@
+"""Collapsing the edges an importer would weld, without folding the surface.
+
+Where a surface passes through a grid vertex, marching tetrahedra puts several vertices within a
+micrometre of it, joined by slivers of no area. A file keeps six decimals, and Blender's "merge by
+distance" welds vertices within 1e-4: each weld is an edge collapse done blindly, and around a sliver
+it folds faces over their neighbours (self-intersections) or pinches the surface (non-manifold edges).
+`collapse_short_edges` does those collapses first, one at a time where they are safe: the two ends
+share exactly the neighbours of the faces on the edge (the link condition, so the surface stays a
+manifold), and they meet where no face around them turns over (their midpoint, else either end; a
+sliver of less than `min_length`^2 / 2 in area before and after may: it is a line either way).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from geometry.mesh_ops import drop_degenerate
+
+MIN_EDGE = 2e-4  # world units: twice Blender's default merge distance; the object spans about 1
+
+
+def collapse_short_edges(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    min_length: float = MIN_EDGE,
+    rounds: int = 100,  # at most; each collapses the edges no other collapse of the round touches
+) -> tuple[np.ndarray, np.ndarray, int]:  # ([V', 3], [F', 3], edges left shorter than min_length)
+    """Collapse edges shorter than `min_length` to their midpoints where safe (module docstring);
+    the third value counts those left (each unsafe to collapse)."""
+    v, f = np.asarray(vertices, np.float64).copy(), np.asarray(faces, np.int64)
+    for _ in range(rounds):
+        short = _short_edges(v, f, min_length)
+        if len(short) == 0:
+            return v, f, 0
+        v, f, done = _collapse_round(v, f, short, min_length)
+        if done == 0:
+            break
+    return v, f, len(_short_edges(v, f, min_length))
+
+
+def _short_edges(v: np.ndarray, f: np.ndarray, min_length: float) -> np.ndarray:  # [E, 2], shortest first
+    edges = np.unique(np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1), axis=0)
+    length = np.linalg.norm(v[edges[:, 0]] - v[edges[:, 1]], axis=1)
+    keep = length < min_length
+    return edges[keep][np.argsort(length[keep], kind="stable")]
+
+
+def _normals(v: np.ndarray, tri: np.ndarray) -> np.ndarray:  # [N, 3] area-weighted (length = twice the area)
+    return np.cross(v[tri[:, 1]] - v[tri[:, 0]], v[tri[:, 2]] - v[tri[:, 0]])
+
+
+def _unfolding_target(v: np.ndarray, rest: np.ndarray, a: int, b: int, min_length: float) -> np.ndarray | None:
+    """Where a and b can meet (their midpoint, else either end) without turning over a face of `rest`
+    (the faces around them but off the edge); None when nowhere."""
+    before = _normals(v, rest)
+    corners = np.unique(rest)
+    local = np.searchsorted(corners, rest)
+    for target in ((v[a] + v[b]) / 2, v[a], v[b]):
+        moved = v[corners].copy()
+        moved[(corners == a) | (corners == b)] = target
+        after = _normals(moved, local)
+        sliver = np.maximum(np.linalg.norm(before, axis=1), np.linalg.norm(after, axis=1)) < min_length**2
+        if not (((before * after).sum(1) <= 0) & ~sliver).any():
+            return target
+    return None
+
+
+def _collapse_round(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Collapse the safe ones of `short`, no two touching the same faces in one round."""
+    order = np.argsort(f.reshape(-1), kind="stable")
+    starts = np.searchsorted(f.reshape(-1)[order], np.arange(len(v) + 1))
+
+    def faces_of(i: int) -> np.ndarray:  # the faces around vertex i (as `f` was when the round began)
+        return order[starts[i]:starts[i + 1]] // 3
+
+    touched = np.zeros(len(v), dtype=bool)
+    done = 0
+    for a, b in short:
+        around = np.union1d(faces_of(a), faces_of(b))
+        ring = np.unique(f[around])
+        if touched[ring].any():  # a neighbour moved this round: look again next round
+            continue
+        on_edge = around[(f[around] == a).any(1) & (f[around] == b).any(1)]
+        near_a = np.setdiff1d(f[faces_of(a)], [a, b])
+        near_b = np.setdiff1d(f[faces_of(b)], [a, b])
+        opposite = np.setdiff1d(f[on_edge], [a, b])
+        if len(on_edge) != 2 or not np.array_equal(np.intersect1d(near_a, near_b), np.sort(opposite)):
+            continue  # the link condition fails: the collapse would pinch the surface
+        rest = np.setdiff1d(around, on_edge)
+        target = _unfolding_target(v, f[rest], a, b, min_length)
+        if target is None:
+            continue  # wherever the two ends meet, a face would turn over
+        v[a] = target
+        f = np.where(f == b, a, f)
+        touched[ring] = True
+        done += 1
+    v, f = drop_degenerate(v, f)
+    return v, f, done
