@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from geometry.silhouettes import axis_opacity, silhouette_holes
+from geometry.silhouettes import axis_opacity, axis_walls, silhouette_holes
 from geometry.solid import FILL_TUNNEL, clean_sdf
 from geometry.tets import make_tet_grid, marching_tets_full
 from geometry.visibility import CameraBand
@@ -285,7 +285,8 @@ def initial_sdf(
         density = _query_density(field, verts, chunk_size).view(n, n, n)
         sdf = density_to_sdf(density, level)
         maps = axis_opacity(density, [(high - low) / grid_resolution for low, high in zip(lo, hi)])
-        holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps))
+        holes = silhouette_holes(maps, opacity if opacity is not None else opacity_level(maps),
+                                 axis_walls(density, level))
         sdf = torch.where(holes, torch.ones_like(sdf), sdf)
         sdf = clean_sdf(smooth_grid(sdf, settings.smoothing), tunnel=settings.tunnel, keep_open=holes,
                         cameras=settings.cameras, cell=cell, origin=verts[0])

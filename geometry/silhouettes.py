@@ -12,6 +12,12 @@ but the opening is a basin of the opacity map, a dip that the ring around it wal
 at least BASIN_DEPTH below the map with its basins filled (greyscale hole filling) are
 carved too: solid shapes' coarse fields dip far less than BASIN_DEPTH, tori's openings far
 more (bench/HISTORY.md).
+
+A hollow coarse field (a shell whose inside SDS never filled) dips too: rays through its middle cross
+two walls and the empty inside between them, those along its rim more wall. Carved, that basin would
+be a tunnel through both walls, and the hollow it opens could never be filled. An opening has no wall
+across it (a film at most), so a hole most of whose rays meet two or more separate walls of the level
+set (`axis_walls`; HOLLOW_SHARE) is a hollow seen through a shell, and is not carved.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from torch import Tensor
 
 MIN_HOLE_RAYS = 9  # silhouette holes of fewer rays (about 3 x 3 cells) are noise, not openings
 BASIN_DEPTH = 0.15  # rays this much less opaque than the ring walling them in go through an opening
+HOLLOW_SHARE = 0.5  # a hole this share of whose rays cross two walls or more is a hollow (tori's openings: under 0.05)
 _FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)  # 4-connected: diagonal gaps do not leak
 
 
@@ -35,12 +42,28 @@ def axis_opacity(
     return [1.0 - torch.exp(-density.sum(axis) * cell[axis]) for axis in range(3)]
 
 
+def axis_walls(
+    density: Tensor,  # [X, Y, Z] densities on a regular grid of points
+    level: float,  # the surface's density level
+) -> list[Tensor]:  # [Y, Z], [X, Z], [X, Y]: separate runs of points at or above the level along each ray
+    """How many walls of the level set each straight ray along an axis crosses."""
+    dense = density >= level
+    walls = []
+    for axis in range(3):
+        before = torch.zeros_like(dense)
+        before.narrow(axis, 1, dense.shape[axis] - 1).copy_(dense.narrow(axis, 0, dense.shape[axis] - 1))
+        walls.append((dense & ~before).sum(axis))
+    return walls
+
+
 def silhouette_holes(
     maps: list[Tensor],  # the three opacity maps of `axis_opacity`
     opacity: float,  # a ray is on the object above this opacity
+    walls: list[Tensor] | None = None,  # the three maps of `axis_walls`: holes that are hollows stay (None: none are)
 ) -> Tensor:  # [X, Y, Z] bool: on a ray through a hole of a silhouette
     """The grid points that rays along an axis reach through a hole of at least MIN_HOLE_RAYS rays:
-    clear rays the border cannot reach, and rays at the bottom of a basin (see the module docstring).
+    clear rays the border cannot reach, and rays at the bottom of a basin (see the module docstring),
+    less the holes that are hollows.
 
     The object's outer outline is never moved: only rays enclosed by the object count (a hole's
     rim follows its silhouette, so a level set that bulges into the opening loses that bulge).
@@ -50,8 +73,19 @@ def silhouette_holes(
     for axis, opaque in enumerate(maps):
         opaque = opaque.double().cpu().numpy()
         clear = _enclosed(opaque <= opacity) | _basin_floors(opaque)
+        if walls is not None:
+            clear &= ~_hollows(clear, walls[axis].cpu().numpy())
         carve |= torch.from_numpy(clear).unsqueeze(axis).expand(shape)
     return carve.to(maps[0].device)
+
+
+def _hollows(holes: np.ndarray, walls: np.ndarray) -> np.ndarray:
+    """The 4-connected regions of a 2D hole mask more than HOLLOW_SHARE of whose rays cross two walls or more."""
+    labels, count = ndimage.label(holes, structure=_FOUR)
+    if count == 0:
+        return np.zeros_like(holes)
+    share = ndimage.mean(walls >= 2, labels, index=np.arange(1, count + 1))
+    return np.isin(labels, 1 + np.flatnonzero(share > HOLLOW_SHARE))
 
 
 def _large(mask: np.ndarray) -> np.ndarray:

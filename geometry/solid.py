@@ -132,7 +132,7 @@ def clean_sdf(
         hidden = unseen(inside, np.asarray(torch.as_tensor(cell).cpu(), dtype=np.float64), cameras, where)
     if keep_open is not None:
         open_space = keep_open.cpu().numpy()
-        narrow, hidden = narrow & ~open_space, hidden & ~open_space
+        narrow = narrow & ~open_space
     fill |= narrow | hidden
     inside = inside | fill
     if tunnel and hidden.any():
