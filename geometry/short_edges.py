@@ -27,21 +27,23 @@ def collapse_short_edges(
     """Collapse edges shorter than `min_length` to their midpoints where safe (module docstring);
     the third value counts those left (each unsafe to collapse)."""
     v, f = np.asarray(vertices, np.float64).copy(), np.asarray(faces, np.int64)
+    short = _short_edges(v, f, min_length)
     for _ in range(rounds):
-        short = _short_edges(v, f, min_length)
         if len(short) == 0:
-            return v, f, 0
-        v, f, done = _collapse_round(v, f, short, min_length)
+            break
+        f, done = _collapse_round(v, f, short, min_length)
+        short = _short_edges(v, f, min_length)
         if done == 0:
             break
-    return v, f, len(_short_edges(v, f, min_length))
+    v, f = drop_degenerate(v, f)
+    return v, f, len(short)
 
 
 def _short_edges(v: np.ndarray, f: np.ndarray, min_length: float) -> np.ndarray:  # [E, 2], shortest first
-    edges = np.unique(np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1), axis=0)
+    edges = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    edges = np.unique(np.sort(edges[np.linalg.norm(v[edges[:, 0]] - v[edges[:, 1]], axis=1) < min_length], axis=1), axis=0)
     length = np.linalg.norm(v[edges[:, 0]] - v[edges[:, 1]], axis=1)
-    keep = length < min_length
-    return edges[keep][np.argsort(length[keep], kind="stable")]
+    return edges[np.argsort(length, kind="stable")]
 
 
 def _normals(v: np.ndarray, tri: np.ndarray) -> np.ndarray:  # [N, 3] area-weighted (length = twice the area)
@@ -64,15 +66,19 @@ def _unfolding_target(v: np.ndarray, rest: np.ndarray, a: int, b: int, min_lengt
     return None
 
 
-def _collapse_round(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Collapse the safe ones of `short`, no two touching the same faces in one round."""
-    order = np.argsort(f.reshape(-1), kind="stable")
-    starts = np.searchsorted(f.reshape(-1)[order], np.arange(len(v) + 1))
+def _collapse_round(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> tuple[np.ndarray, int]:
+    """Collapse the safe ones of `short` (moving `v` in place), no two touching the same faces in one round;
+    the faces afterwards, less those left with a repeated vertex, and the number collapsed."""
+    near = np.flatnonzero(np.isin(f, short).any(1))  # the faces around the short edges' ends
+    corner = f[near].reshape(-1)
+    order = np.argsort(corner, kind="stable")
+    sorted_corner = corner[order]
 
     def faces_of(i: int) -> np.ndarray:  # the faces around vertex i (as `f` was when the round began)
-        return order[starts[i]:starts[i + 1]] // 3
+        return near[order[np.searchsorted(sorted_corner, i):np.searchsorted(sorted_corner, i, side="right")] // 3]
 
     touched = np.zeros(len(v), dtype=bool)
+    remap = np.arange(len(v))  # b -> a for each collapse, applied to the faces once the round is over
     done = 0
     for a, b in short:
         around = np.union1d(faces_of(a), faces_of(b))
@@ -90,8 +96,8 @@ def _collapse_round(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length:
         if target is None:
             continue  # wherever the two ends meet, a face would turn over
         v[a] = target
-        f = np.where(f == b, a, f)
+        remap[b] = a
         touched[ring] = True
         done += 1
-    v, f = drop_degenerate(v, f)
-    return v, f, done
+    f = remap[f]
+    return f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])], done
