@@ -7,7 +7,9 @@ it folds faces over their neighbours (self-intersections) or pinches the surface
 `collapse_short_edges` does those collapses first, one at a time where they are safe: the two ends
 share exactly the neighbours of the faces on the edge (the link condition, so the surface stays a
 manifold), and they meet where no face around them turns over (their midpoint, else either end; a
-sliver of less than `min_length`^2 / 2 in area before and after may: it is a line either way).
+sliver of less than `min_length`^2 / 2 in area before and after may: it is a line either way). Where
+every edge left is stuck, a tent beside one (a vertex on three faces, almost on the plane of its three
+neighbours: a common neighbour of both ends that fails the link condition) becomes one triangle.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def collapse_short_edges(
             break
         f, done = _collapse_round(v, f, short, min_length)
         short = _short_edges(v, f, min_length)
+        if done == 0:  # every edge left is stuck: flatten the tents that block some, or stop
+            f, done = _flatten_tents(v, f, short, min_length)
+            short = _short_edges(v, f, min_length)
         if done == 0:
             break
     v, f = drop_degenerate(v, f)
@@ -64,6 +69,44 @@ def _unfolding_target(v: np.ndarray, rest: np.ndarray, a: int, b: int, min_lengt
         if not (((before * after).sum(1) <= 0) & ~sliver).any():
             return target
     return None
+
+
+def _flatten_tents(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> tuple[np.ndarray, int]:
+    """Replace each tent beside a `short` edge (a vertex on exactly three faces, within `min_length` / 2 of the
+    plane of its three neighbours) by the one triangle of those neighbours. A tent's vertex is a common
+    neighbour of both ends of the edges under it, so those fail the link condition until it goes."""
+    if len(short) == 0:
+        return f, 0
+    count = np.bincount(f.reshape(-1), minlength=len(v))
+    beside = np.unique(f[np.isin(f, short).any(1)])
+    tents = beside[count[beside] == 3]
+    if len(tents) == 0:
+        return f, 0
+    near = np.flatnonzero(np.isin(f, tents).any(1))
+    keep = np.ones(len(f), dtype=bool)
+    added, used = [], np.zeros(len(v), dtype=bool)
+    for apex in tents:
+        around = near[(f[near] == apex).any(1)]
+        if used[np.unique(f[around])].any():
+            continue  # a neighbouring tent was flattened this round
+        turned = np.array([np.roll(t, -int(np.flatnonzero(t == apex)[0])) for t in f[around]])  # (apex, x, y)
+        follow = dict(zip(turned[:, 1], turned[:, 2]))
+        first = turned[0, 1]
+        base = np.array([first, follow.get(first, -1), follow.get(follow.get(first, -1), -1)])
+        if (base < 0).any() or len(set(base.tolist())) != 3 or follow.get(base[2]) != first:
+            continue  # the three faces do not close a fan around the apex
+        normal = _normals(v, base[None])[0]
+        if np.linalg.norm(normal) == 0 or (normal * _normals(v, f[around]).sum(0)).sum() <= 0:
+            continue
+        height = abs(float((v[apex] - v[base[0]]) @ normal)) / np.linalg.norm(normal)
+        if height >= min_length / 2 or (np.sort(f, axis=1) == np.sort(base)).all(1).any():
+            continue  # a real corner, or the base is a face already
+        keep[around] = False
+        added.append(base)
+        used[np.unique(f[around])] = True
+    if not added:
+        return f, 0
+    return np.concatenate([f[keep], np.array(added)]), len(added)
 
 
 def _collapse_round(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> tuple[np.ndarray, int]:
