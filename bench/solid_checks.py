@@ -29,7 +29,7 @@ VOLUME_RESOLUTION = 64  # as bench.quality
 COLUMNS = (  # key, header, format
     ("shells", "shells", "d"), ("closed_shells", "closed", "d"), ("euler", "euler", "d"), ("euler_expected", "want", "d"),
     ("self_intersections", "self-x", "d"), ("cavity_share", "cavity", ".3f"), ("angle_p95", "ang p95", ".1f"),
-    ("angle_max", "ang max", ".1f"), ("base_pit", "base pit", ".3f"), ("base_bulge", "bulge", ".3f"),
+    ("angle_max", "ang max", ".1f"), ("weld_pairs", "weld", "d"), ("base_pit", "base pit", ".3f"), ("base_bulge", "bulge", ".3f"),
     ("cap_pit", "cap pit", ".3f"), ("cap_bulge", "bulge", ".3f"), ("volume_iou", "vol IoU", ".3f"),
     ("color_error", "colour", ".3f"), ("dropped_shells", "dropped", "d"),
 )

@@ -11,7 +11,9 @@ by position first, as an importer's merge by distance would.
 - cavity share: 1 - mesh volume / filled volume, on a CAVITY_RESOLUTION^3 occupancy grid whose
   enclosed empty cells are filled (a tunnel narrower than a cell does not open a cavity);
 - Euler number against the shape's own (torus 0, every other shape 2);
-- angles between adjacent faces: 95th percentile and maximum, degrees.
+- angles between adjacent faces: 95th percentile and maximum, degrees;
+- weld pairs: distinct vertex positions closer than WELD_DISTANCE, which an importer's merge by distance
+  joins without looking (each such weld can fold or pinch the surface).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ EXPECTED_EULER = {"torus": 0}  # every other shape: 2
 FLAT_INNER = 0.8  # share of the footprint's half size measured (the rims are rounded on purpose)
 FLAT_RESOLUTION = 128  # px of the orthographic view from below / above
 CAVITY_RESOLUTION = 96  # cells per axis of the cavity share's grid over [-1, 1]^3
+WELD_DISTANCE = 1e-4  # Blender's default merge distance
 
 
 def welded(mesh: dict) -> trimesh.Trimesh:
@@ -176,6 +179,14 @@ def cavity_share(mesh: dict) -> float:
     return float(1.0 - inside.sum() / max(int(filled.sum()), 1))
 
 
+def weld_pairs(mesh: dict) -> int:
+    """Pairs of distinct vertex positions closer than WELD_DISTANCE."""
+    from scipy.spatial import cKDTree
+
+    positions = np.unique(np.asarray(mesh["vertices"], dtype=np.float64), axis=0)
+    return len(cKDTree(positions).query_pairs(WELD_DISTANCE))
+
+
 def solid_checks(mesh: dict, shape: str) -> dict:
     """Every check above for one exported model of `shape`."""
     solid = welded(mesh)
@@ -183,13 +194,13 @@ def solid_checks(mesh: dict, shape: str) -> dict:
     return {
         **shell_counts(solid), "self_intersections": self_intersections(solid), **flat_faces(solid, shape),
         "cavity_share": cavity_share(mesh), "euler": euler, "euler_expected": expected_euler(shape),
-        "euler_ok": euler == expected_euler(shape), **adjacent_angles(solid),
+        "euler_ok": euler == expected_euler(shape), **adjacent_angles(solid), "weld_pairs": weld_pairs(mesh),
     }
 
 
 # --------------------------------------------------------------------------- the benchmark's table
 BARS = {  # check -> the largest value a clean solid may have
-    "cavity_share": 0.02, "angle_p95": 20.0, "pit_max": 0.03, "self_intersections": 0,
+    "cavity_share": 0.02, "angle_p95": 20.0, "pit_max": 0.03, "self_intersections": 0, "weld_pairs": 0,
 }
 
 
@@ -206,7 +217,7 @@ def benchmark_checks(mesh: dict, shape: str) -> dict:
     checks.update(flat_extremes(checks))
     checks["clean"] = bool(
         checks["shells"] == 1 and checks["euler_ok"] and all(
-            checks[k] is None or checks[k] <= bar for k, bar in BARS.items()))
+            checks.get(k) is None or checks[k] <= bar for k, bar in BARS.items()))
     return checks
 
 
@@ -219,7 +230,7 @@ def format_solid_table(rows: list[dict]) -> str:
     shape's, self-intersecting pairs, cavity share, adjacent-face angle p95, the deepest pit and largest
     bulge over its flat faces; then how many runs meet each bar."""
     head = (f"{'prompt':<18}{'seed':>5}{'shells':>7}{'euler':>6}{'want':>5}{'self-x':>7}{'cavity':>8}{'ang p95':>8}"
-            f"{'ang max':>8}{'pit':>7}{'bulge':>7}{'clean':>6}")
+            f"{'ang max':>8}{'pit':>7}{'bulge':>7}{'weld':>5}{'clean':>6}")
     lines = [head, "-" * len(head)]
     done = [r for r in rows if r.get("status") == "ok" and r.get("solid")]
     for r in done:
@@ -227,7 +238,7 @@ def format_solid_table(rows: list[dict]) -> str:
         lines.append(f"{r['prompt']:<18}{r['seed']:>5}{s['shells']:>7}{s['euler']:>6}{s['euler_expected']:>5}"
                      f"{s['self_intersections']:>7}{s['cavity_share']:>8.3f}{_cell(s['angle_p95'], '.1f', 8)}"
                      f"{_cell(s['angle_max'], '.1f', 8)}{_cell(s['pit_max'], '.3f', 7)}{_cell(s['bulge_max'], '.3f', 7)}"
-                     f"{'yes' if s['clean'] else 'NO':>6}")
+                     f"{_cell(s.get('weld_pairs'), 'd', 5)}{'yes' if s['clean'] else 'NO':>6}")
     summary = solid_summary(rows)
     if summary["runs"]:
         lines += ["-" * len(head), "runs meeting each bar: " + ", ".join(
@@ -241,11 +252,12 @@ def solid_summary(rows: list[dict]) -> dict:
     meeting = {
         "one shell": sum(s["shells"] == 1 for s in solids),
         "euler": sum(bool(s["euler_ok"]) for s in solids),
-        **{f"{k} <= {bar:g}": sum(s[k] is None or s[k] <= bar for s in solids) for k, bar in BARS.items()},
+        **{f"{k} <= {bar:g}": sum(s.get(k) is None or s[k] <= bar for s in solids) for k, bar in BARS.items()},
         "all": sum(bool(s["clean"]) for s in solids),
     }
     worst = {}
-    for k in ("shells", "self_intersections", "cavity_share", "angle_p95", "angle_max", "pit_max", "bulge_max"):
+    for k in ("shells", "self_intersections", "cavity_share", "angle_p95", "angle_max", "pit_max", "bulge_max",
+              "weld_pairs"):
         values = [s[k] for s in solids if s.get(k) is not None]
         worst[k] = max(values) if values else None
     return {"runs": len(solids), "meeting": meeting, "worst": worst}

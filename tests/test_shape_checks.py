@@ -67,11 +67,23 @@ def test_solid_checks_pass_the_true_primitives():
     for shape in ("cube", "cylinder", "cone", "torus", "capsule"):
         checks = solid_checks(primitive_as_export(shape, "red"), shape)
         assert checks["shells"] == checks["closed_shells"] == 1, (shape, checks)
-        assert checks["self_intersections"] == 0 and checks["cavity_share"] == 0.0
+        assert checks["self_intersections"] == 0 and checks["cavity_share"] == 0.0 and checks["weld_pairs"] == 0
         assert checks["euler_ok"] and checks["euler"] == (0 if shape == "torus" else 2)
         for key in ("base_pit", "base_bulge", "cap_pit", "cap_bulge"):
             assert checks.get(key, 0.0) < 1e-6, (shape, key, checks[key])
     assert solid_checks(primitive_as_export("capsule", "red"), "capsule")["angle_p95"] < 10.0
+
+
+def test_vertices_an_importer_would_weld_are_counted():
+    import trimesh
+
+    from bench.solid_metrics import weld_pairs
+
+    ball = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
+    export = _export_of(ball)
+    assert weld_pairs(export) == 0
+    export["vertices"][7] = export["vertices"][3] + [5e-5, 0, 0]  # two vertices 5e-5 apart: Blender merges them
+    assert weld_pairs(export) == 1
 
 
 def test_a_hidden_shell_is_counted_with_its_cavity():
