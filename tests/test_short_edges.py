@@ -6,6 +6,7 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
+from bench.short_edges_speed import crowded_ball
 from bench.solid_metrics import self_intersections
 from geometry.short_edges import MIN_EDGE, collapse_short_edges
 from geometry.tets import make_tet_grid, marching_tets
@@ -78,11 +79,7 @@ def test_an_export_welded_like_blender_stays_one_closed_manifold(tmp_path, tilt,
 def test_a_crowd_of_piled_up_vertices_is_collapsed_to_the_last_edge():
     # Half the grid vertices near a wavy ball's surface a hair's breadth off it: thousands of short edges,
     # some blocked by tents (a vertex on three nearly flat faces) until those are flattened.
-    verts, tets = make_tet_grid(48, (-0.6,) * 3, (0.6,) * 3, dtype=torch.float64)
-    sdf = verts.norm(dim=1) - 0.45 + 0.02 * torch.sin(9 * verts[:, 0]) * torch.cos(7 * verts[:, 1])
-    crowd = (sdf.abs() < 0.004) & (torch.rand(sdf.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) < 0.5)
-    v, f = marching_tets(verts, tets, torch.where(crowd, torch.full_like(sdf, 1e-6), sdf))
-    v, f, left = collapse_short_edges(v.numpy(), f.numpy())
+    v, f, left = collapse_short_edges(*crowded_ball(48))
     assert left == 0
     mesh = trimesh.Trimesh(v, f, process=False)
     assert mesh.is_watertight and mesh.is_winding_consistent and mesh.euler_number == 2
