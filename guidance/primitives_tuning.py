@@ -16,6 +16,7 @@ PRIMITIVES_ALBEDO_TILT = 1e5  # refine.lambda_albedo_tilt with the primitives pr
 PRIMITIVES_REGULARIZER_SCALE = 0.1  # the refine stage's mesh regularizer weights with the primitives prior, times the defaults
 PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of the refine stage's texture gradient with the primitives prior
 PRIMITIVES_LR_NETWORK = 1e-2  # the coarse stage's MLP learning rate with the primitives prior (the default is 1e-3)
+ACHROMATIC = ("white", "gray")  # colours whose objects keep the default MLP learning rate
 PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitives prior: no pose jitter while refining
 
 
@@ -76,8 +77,9 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     if config.refine.sds.texture_guidance_scale is None and white:
         # At the shape's CFG the texture saturates; not for white objects, whose texture sinks to grey at 3.
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
-    if config.coarse.lr_network is None and white:
-        # Corners and rims beyond the initial blob stay a haze at the default rate; white objects break up at this one.
+    if config.coarse.lr_network is None and not _achromatic(prompt):
+        # Corners and rims beyond the initial blob stay a haze at the default rate; white and gray objects turn dark
+        # and break up at this one.
         config.coarse.lr_network = PRIMITIVES_LR_NETWORK
     if config.refine.camera_jitter is None:
         # Jitter the prior cannot see would let a shifted or stretched object match as well as the true one.
@@ -91,6 +93,13 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # The weights suit CFG-100 gradients: at the prior's refine CFG they hold the surface still.
         if getattr(config.refine, name) is None:
             setattr(config.refine, name, getattr(unset, name) * PRIMITIVES_REGULARIZER_SCALE)
+
+
+def _achromatic(prompt: str | None) -> bool:
+    """Whether the prompt names a white or gray object (no hue for CFG to push the albedo towards)."""
+    from guidance.primitive_shapes import parse_prompt
+
+    return prompt is not None and parse_prompt(prompt)[0] in ACHROMATIC
 
 
 def for_run(model, config):
