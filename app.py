@@ -32,7 +32,7 @@ from app_plan import (
     server_model_ids,
 )
 from app_queue import Cached, Line, as_text, is_device_state, recent_runs, run_prompt, typical_seconds
-from app_support import RunJob, Runs, Snapshot, enlarge, wait_until, web_message
+from app_support import RunJob, Runs, ShownModel, Snapshot, enlarge, wait_until, web_message
 from app_warmup import Warmup
 from examples import ready
 from stages.config import apply_overrides, preset
@@ -86,8 +86,9 @@ def run_events(plan, run_dir: str, should_stop):
     return run_plan(plan, run_dir=run_dir, should_stop=should_stop, close_wait=CLOSE_WAIT)
 
 
-def view(snap: Snapshot | None, job=None) -> tuple:
-    """(gallery newest first, status, model, files, latest preview, run id, Generate button, turntable) for a snapshot."""
+def view(snap: Snapshot | None, job=None, shown: ShownModel | None = None) -> tuple:
+    """(gallery newest first, status, model, files, latest preview, run id, Generate button, turntable) for a snapshot;
+    an intermediate model goes to the viewer as the page's own link (`shown`), which the worker cannot delete."""
     if snap is None:
         return [], LINE.device_state(), None, None, None, "", gr.update(value="Generate", interactive=True), None
     paths = snap.paths or {}
@@ -96,8 +97,11 @@ def view(snap: Snapshot | None, job=None) -> tuple:
     latest = enlarge(snap.previews[-1][0]) if snap.previews else None
     button = gr.update(value="Generate" if snap.done else "Running…", interactive=snap.done)
     model, status = paths.get("glb"), snap.status
-    if model is None and not snap.done and snap.model and os.path.isfile(snap.model):  # the export deletes it
-        model, status = snap.model, f"{status}\n\nIn the viewer: {snap.model_label}; the textured model replaces it at the end."
+    if shown is not None:
+        shown.release()  # Gradio has cached the last one
+    held = shown.hold(snap.model) if shown is not None and model is None and not snap.done and snap.model else None
+    if held is not None:
+        model, status = held, f"{status}\n\nIn the viewer: {snap.model_label}; the textured model replaces it at the end."
     if job is not None and not snap.done:
         status = LINE.job_place(job) or status  # waiting for the device: its place, not "waiting for the previous run"
         if WARMUP.busy() and status.startswith("**Loading"):
@@ -120,12 +124,14 @@ def generate(prompt: str, preset: str = "quick", seed: int = 0, guidance: str = 
         if len(LAST_RUN) > 1000:  # pages long gone
             LAST_RUN.clear()
         LAST_RUN[request.session_hash] = job.snapshot.run_id
+    shown = ShownModel(run_dir)
     try:
         for snap in job.follow(watch=lambda: LINE.job_place(job)):
-            yield view(snap, job)
+            yield view(snap, job, shown)
             if snap.error:
                 raise gr.Error(snap.error, print_exception=False)
     finally:  # Gradio closed this generator: a cancel stops the run; a page that went away (reload) leaves it running
+        shown.release()
         if not job.snapshot.done and not client_left(request):
             job.cancel()
 
@@ -148,10 +154,13 @@ def follow(request: gr.Request):
     run_id = (request.query_params.get("run") or "") if request is not None else ""
     job = RUNS.get(run_id) if run_id else None
     if job is not None:
-        prompt = run_prompt(job.run_dir, PROMPTS)
-        for snap in job.follow(watch=lambda: LINE.job_place(job)):
-            yield *view(snap, job), prompt
-            prompt = gr.update()  # once: the visitor may type a new one meanwhile
+        prompt, shown = run_prompt(job.run_dir, PROMPTS), ShownModel(job.run_dir)
+        try:
+            for snap in job.follow(watch=lambda: LINE.job_place(job)):
+                yield *view(snap, job, shown), prompt
+                prompt = gr.update()  # once: the visitor may type a new one meanwhile
+        finally:
+            shown.release()
         return
     if run_id:
         missing = Snapshot(run_id="", status=f"No run {as_text(run_id[:60])} on this server (its folder was pruned?).",

@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import contextvars
+import os
 import re
+import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,6 +246,36 @@ class Runs:
             message = web_message(record.error or status or "the run did not finish")
         return Snapshot(run_id=run_id, status=f"**{as_text(str(status).capitalize())}:** {as_text(message)}",
                         error=message, done=True)
+
+
+class ShownModel:
+    """The intermediate GLB one page's viewer shows, as the page's own link to it.
+
+    The worker replaces its previews and the export deletes them whenever it gets there, while Gradio
+    reads (caches) a yielded file only after the handler yields it. So the handler yields a link in a
+    folder of its own, removed when the handler resumes (Gradio has cached the file by then) or ends.
+    """
+
+    def __init__(self, run_dir):
+        self.folder = Path(run_dir) / f".shown-{uuid.uuid4().hex[:8]}"
+
+    def hold(self, path: str) -> str | None:
+        """A link to `path` that lasts until the next `hold` or `release`; None when `path` is gone already."""
+        self.release()
+        target = self.folder / Path(path).name
+        try:
+            self.folder.mkdir()
+            try:
+                os.link(path, target)
+            except OSError:  # a file system without hard links (or across devices)
+                shutil.copyfile(path, target)
+        except OSError:  # the worker deleted it meanwhile
+            self.release()
+            return None
+        return str(target)
+
+    def release(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def wait_until(condition, timeout: float, step: float = 0.05):

@@ -112,3 +112,26 @@ def test_the_viewer_shows_the_shape_while_it_trains_then_the_textured_model(tmp_
     assert live and all(exists and labelled for _, exists, labelled in live), shown
     assert set(names) <= {"preview-coarse.glb", "preview-refine-2.glb", "preview-refine-4.glb", "model.glb"}, names
     assert names.index("model.glb") > max(names.index(n) for n, _, _ in live)  # the intermediates came first
+    assert not list(root.rglob(".shown-*"))  # the page's links to them went with the handler
+
+
+def test_the_viewer_keeps_its_model_when_the_worker_deletes_the_preview(tmp_path):
+    """Gradio reads a yielded file after the handler yields; the worker may delete its preview meanwhile
+    (the next one replaces it, the export clears them). The handler yields its own link instead, which
+    lasts until it resumes."""
+    first, second = tmp_path / "preview-refine-2.glb", tmp_path / "preview-refine-4.glb"
+    first.write_bytes(b"two")
+    second.write_bytes(b"four")
+    snap = app.Snapshot(run_id="r", status="**Refine**", model=str(first), model_label="refine step 2")
+    shown = app.ShownModel(tmp_path)
+    model = Path(app.view(snap, None, shown)[2])
+    first.unlink()  # the worker's next preview replaced it before Gradio read it
+    assert model.name == first.name and model.read_bytes() == b"two"
+    snap.model = str(second)
+    later = Path(app.view(snap, None, shown)[2])  # the handler resumed: Gradio has cached the first one
+    assert later.read_bytes() == b"four" and not model.exists()
+    second.unlink()
+    snap.model = str(first)  # a preview that is gone by the time the handler looks: no model, no error
+    assert app.view(snap, None, shown)[2] is None
+    shown.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing of the page's left in the run folder
