@@ -6,10 +6,13 @@ distance" welds vertices within 1e-4: each weld is an edge collapse done blindly
 it folds faces over their neighbours (self-intersections) or pinches the surface (non-manifold edges).
 `collapse_short_edges` does those collapses first, one at a time where they are safe: the two ends
 share exactly the neighbours of the faces on the edge (the link condition, so the surface stays a
-manifold), and they meet where no face around them turns over (their midpoint, else either end; a
-sliver of less than `min_length`^2 / 2 in area before and after may: it is a line either way). Where
-every edge left is stuck, a tent beside one (a vertex on three faces, almost on the plane of its three
-neighbours: a common neighbour of both ends that fails the link condition) becomes one triangle.
+manifold), and they meet where no face around them turns by more than MAX_TURN (their midpoint, else
+either end; a sliver of less than `min_length`^2 / 2 in area before and after may: it is a line either
+way). Not turning over is too weak a bound: two small neighbours turning 89 degrees each, opposite
+ways, fold onto each other. Where every edge left is stuck, a tent beside one (a vertex on three
+faces, almost on the plane of its three neighbours: a common neighbour of both ends that fails the
+link condition) becomes one triangle; an edge stuck even so is stretched to `min_length`, its ends
+pushed apart along it (a move of under `min_length` / 2 that turns no face by more than MAX_TURN).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 from geometry.mesh_ops import drop_degenerate
 
 MIN_EDGE = 2e-4  # world units: twice Blender's default merge distance; the object spans about 1
+MAX_TURN = 45.0  # degrees a face around a collapse or stretch may turn (two neighbours fold by at most twice this)
 
 
 def collapse_short_edges(
@@ -40,6 +44,8 @@ def collapse_short_edges(
             short = _short_edges(v, f, min_length)
         if done == 0:
             break
+    if len(short) and _stretch_stuck(v, f, short, min_length):
+        short = _short_edges(v, f, min_length)
     v, f = drop_degenerate(v, f)
     return v, f, len(short)
 
@@ -55,20 +61,49 @@ def _normals(v: np.ndarray, tri: np.ndarray) -> np.ndarray:  # [N, 3] area-weigh
     return np.cross(v[tri[:, 1]] - v[tri[:, 0]], v[tri[:, 2]] - v[tri[:, 0]])
 
 
+def _turns_too_far(before: np.ndarray, after: np.ndarray, min_length: float) -> bool:
+    """Whether a face turns by more than MAX_TURN from normals `before` to `after` ([N, 3], `_normals`),
+    slivers of less than `min_length`^2 / 2 in area before and after aside."""
+    size_before, size_after = np.linalg.norm(before, axis=1), np.linalg.norm(after, axis=1)
+    sliver = np.maximum(size_before, size_after) < min_length**2
+    turned = (before * after).sum(1) < np.cos(np.radians(MAX_TURN)) * size_before * size_after
+    return bool((turned & ~sliver).any())
+
+
 def _unfolding_target(v: np.ndarray, rest: np.ndarray, a: int, b: int, min_length: float) -> np.ndarray | None:
-    """Where a and b can meet (their midpoint, else either end) without turning over a face of `rest`
-    (the faces around them but off the edge); None when nowhere."""
+    """Where a and b can meet (their midpoint, else either end) turning no face of `rest` (the faces
+    around them but off the edge) by more than MAX_TURN; None when nowhere."""
     before = _normals(v, rest)
     corners = np.unique(rest)
     local = np.searchsorted(corners, rest)
     for target in ((v[a] + v[b]) / 2, v[a], v[b]):
         moved = v[corners].copy()
         moved[(corners == a) | (corners == b)] = target
-        after = _normals(moved, local)
-        sliver = np.maximum(np.linalg.norm(before, axis=1), np.linalg.norm(after, axis=1)) < min_length**2
-        if not (((before * after).sum(1) <= 0) & ~sliver).any():
+        if not _turns_too_far(before, _normals(moved, local), min_length):
             return target
     return None
+
+
+def _stretch_stuck(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> int:
+    """Push the ends of each `short` edge apart along it until it is `min_length` long (moving `v` in place)
+    where no face around them turns by more than MAX_TURN; the number stretched."""
+    done = 0
+    for a, b in short:
+        along = v[b] - v[a]
+        length = float(np.linalg.norm(along))
+        if length == 0.0:
+            continue  # no direction to push along
+        around = f[((f == a) | (f == b)).any(1)]
+        corners = np.unique(around)
+        local = np.searchsorted(corners, around)
+        push = along / length * (min_length - length) / 2 * 1.001  # a hair over, so that it no longer counts as short
+        moved = v[corners].copy()
+        moved[corners == a] -= push
+        moved[corners == b] += push
+        if not _turns_too_far(_normals(v[corners], local), _normals(moved, local), min_length):
+            v[corners] = moved
+            done += 1
+    return done
 
 
 def _flatten_tents(v: np.ndarray, f: np.ndarray, short: np.ndarray, min_length: float) -> tuple[np.ndarray, int]:

@@ -8,7 +8,7 @@ from scipy.spatial import cKDTree
 
 from bench.short_edges_speed import crowded_ball
 from bench.solid_metrics import self_intersections
-from geometry.short_edges import MIN_EDGE, collapse_short_edges
+from geometry.short_edges import MAX_TURN, MIN_EDGE, _turns_too_far, collapse_short_edges
 from geometry.tets import make_tet_grid, marching_tets
 from stages.export import ExportConfig, export
 
@@ -89,7 +89,26 @@ def test_a_crowd_of_piled_up_vertices_is_collapsed_to_the_last_edge():
 def test_a_collapse_that_would_pinch_is_refused():
     # Two tetrahedra glued at a face share the edge (0, 1) with a third neighbour, 4: the ends' common
     # neighbours {2, 3, 4} are more than the edge's two opposite vertices, so the collapse would pinch.
+    # Stuck, the edge is stretched to MIN_EDGE instead, so that no importer welds its ends either.
     v = np.array([[0, 0, 0], [1e-5, 0, 0], [0, 1, 0], [0, 0, 1], [0.3, 0.3, 0.3], [-1, -1, -1.0]])
     f = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 4], [1, 4, 3], [0, 4, 2], [0, 3, 4], [0, 5, 2], [0, 3, 5], [2, 5, 3]])
-    _, cf, left = collapse_short_edges(v, f)
-    assert left == 1 and len(cf) == len(f)
+    cv, cf, left = collapse_short_edges(v, f)
+    assert len(cf) == len(f) and (np.sort(cf, axis=1) == np.sort(f, axis=1)).all()  # no collapse
+    assert left == 0 and MIN_EDGE <= np.linalg.norm(cv[1] - cv[0]) < 1.01 * MIN_EDGE
+    assert np.abs(cv - v).max() < MIN_EDGE / 2 and np.abs(cv[2:] - v[2:]).max() == 0  # only the ends moved, along it
+
+
+def test_a_collapse_may_not_turn_a_face_far_enough_to_fold_it_onto_a_neighbour():
+    # Two neighbours turning 89 degrees each, opposite ways, meet at 178: each face's turn is bounded.
+    corner = np.array([[0.0, 0.0, 0.0], [1e-3, 0.0, 0.0], [0.0, 1e-3, 0.0]])
+    before = np.cross(corner[1] - corner[0], corner[2] - corner[0])[None]
+
+    def turned(degrees: float, scale: float = 1.0) -> np.ndarray:
+        angle = np.radians(degrees)
+        return scale * np.linalg.norm(before) * np.array([[0.0, np.sin(angle), np.cos(angle)]])
+
+    assert _turns_too_far(before, turned(MAX_TURN + 5), MIN_EDGE)
+    assert _turns_too_far(before, turned(89), MIN_EDGE)  # not turned over, but far enough to fold
+    assert not _turns_too_far(before, turned(MAX_TURN - 5), MIN_EDGE)
+    tiny = before * 1e-6  # a sliver before and after: a line either way, free to turn
+    assert not _turns_too_far(tiny, turned(120, 1e-6), MIN_EDGE)
