@@ -33,7 +33,7 @@ TIMING_PARTS = ("render", "guidance", "backward", "optimizer")  # "backward" inc
 
 
 # What the fields left unset (None) take when no guidance model sets them (`CoarseConfig.filled`).
-UNSET_COARSE = {"lr_network": 1e-3, "background": "learned"}
+UNSET_COARSE = {"lr_network": 1e-3, "background": "learned", "background_greys": ()}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class CoarseConfig:
     prob_lambertian: float = 0.375  # after the warm-up: probability of Lambertian shading
     prob_textureless: float = 0.375  # after the warm-up: probability of textureless (white) shading
     background: str | tuple | None = None  # "white", "random" (a colour per image), "learned" (one colour), (r, g, b) in [0, 1]; None = the model's, else learned
+    background_greys: tuple | None = None  # grey levels in [0, 1]: each step renders on one drawn at random (`background` stays the previews'), and a model that takes a level (the primitives prior) denoises on it too; None = the model's, else () = off
     lambda_orientation: float = 1e-2  # weight of Ref-NeRF's orientation loss, reached after the ramp
     orientation_ramp: int = 500  # steps over which the orientation weight rises linearly from 0
     lambda_sparsity: float = 0.0  # weight of the mean opacity (pushes empty space to be empty)
@@ -86,6 +87,10 @@ class CoarseConfig:
             raise ValueError("coarse.prob_albedo + prob_lambertian + prob_textureless must be > 0")
         if self.background is not None:
             check_background(self.background, "coarse.background")
+        greys = self.background_greys
+        if greys is not None and (not isinstance(greys, tuple) or not all(
+                isinstance(g, (int, float)) and not isinstance(g, bool) and 0.0 <= g <= 1.0 for g in greys)):
+            raise ValueError(f"coarse.background_greys must be a tuple of grey levels in [0, 1] (or none), got {greys!r}")
         self.field.check()
         self.volume.check()
         self.sds.check()
@@ -121,6 +126,7 @@ def run(
         groups.append({"params": [background.logit], "lr": config.lr_network, "name": "background"})
     optimizer = adam(groups)
     sds = SDSLoss(guidance, prompt, config.sds)
+    greys = config.background_greys or ()
     occupancy = OccupancyGrid.from_config(config.volume, device) if config.volume.use_occupancy else None
     probabilities = {
         "albedo": config.prob_albedo, "lambertian": config.prob_lambertian, "textureless": config.prob_textureless,
@@ -137,6 +143,10 @@ def run(
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
         bg = background(config.batch_size, generator, device)
+        if greys:  # one level for the step's images; the prior must denoise on the level they show
+            level = float(greys[int(torch.randint(len(greys), (1,), generator=generator))])
+            bg = torch.full_like(bg, level)
+            sds.guidance = guidance.with_background(level) if hasattr(guidance, "with_background") else guidance
         out = render_volume(
             field_, cams, config.volume, shading=shading, background=bg, occupancy=occupancy,
             generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,

@@ -1,5 +1,6 @@
 """The coarse stage: config checks, failure and cancellation, progress events, reproducibility,
 and the real outcome: with the offline primitives prior it recovers a primitive's silhouette and colour."""
+import copy
 import dataclasses
 
 import numpy as np
@@ -14,7 +15,7 @@ from guidance.sds import SDSConfig
 from helpers import FakeGuidance, quick_primitives_config
 from renderers.cameras import CameraConfig
 from renderers.volume import VolumeConfig
-from stages import coarse
+from stages import coarse, previews
 from stages.coarse import CoarseConfig
 from stages.common import Cancelled, StageError, StepEvent
 from stages.config import preset
@@ -138,6 +139,49 @@ def test_runs_are_reproducible_with_the_same_seed():
     first, second, other = params(7), params(7), params(8)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+class _LevelledGuidance(FakeGuidance):
+    """A fake that, like the primitives prior, denoises on a grey background level of its own."""
+
+    level = 1.0
+
+    def with_background(self, level):
+        other = copy.copy(self)
+        other.level = level
+        return other
+
+    def predict_noise(self, x_t, t, cond):
+        self.seen.append(self.level)
+        return super().predict_noise(x_t, t, cond)
+
+
+def test_background_greys_show_a_drawn_level_per_step_and_the_model_denoises_on_it(monkeypatch):
+    """Each step renders on a grey level drawn from `background_greys`, and the guidance model that takes a
+    level is asked at that same level; previews keep the stage's own background."""
+    rendered = []
+    render = coarse.render_volume
+
+    def recording(field, cams, config, *args, background=None, **kwargs):
+        rendered.append(background.clone())
+        return render(field, cams, config, *args, background=background, **kwargs)
+
+    monkeypatch.setattr(coarse, "render_volume", recording)
+    monkeypatch.setattr(previews, "render_volume", recording)
+    guidance = _LevelledGuidance(resolution=16)
+    guidance.seen = []  # shared by its copies
+    greys = (0.1, 0.5, 0.9)
+    coarse.run(guidance, PROMPT, tiny_coarse_config(iters=12, preview_every=0, background=(0.2, 0.2, 0.2),
+                                                    background_greys=greys), CameraConfig())
+    training = [bg for bg in rendered if bg.shape[0] == 1][:12]  # the previews render 2 views at once
+    levels = [round(float(bg[0, 0]), 6) for bg in training]
+    assert all(torch.equal(bg, torch.full_like(bg, bg[0, 0].item())) for bg in training)  # grey, one level
+    assert set(levels) <= set(greys) and len(set(levels)) > 1, levels
+    assert [round(g, 6) for g in guidance.seen[: len(levels)]] == levels  # a model call per step, at its image's level
+    shown = [bg for bg in rendered if bg.shape[0] == 2]
+    assert shown and all(torch.allclose(bg, torch.full_like(bg, 0.2)) for bg in shown)
+    with pytest.raises(ValueError, match="coarse.background_greys must be a tuple of grey levels"):
+        tiny_coarse_config(background_greys=(0.5, 1.5)).check()
 
 
 def test_training_changes_the_field():
