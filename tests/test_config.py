@@ -170,25 +170,6 @@ def test_the_primitives_prior_gives_the_coarse_mlp_a_tenfold_learning_rate_unles
     assert other.coarse.filled().lr_network == default
 
 
-def test_the_primitives_prior_draws_a_grey_background_per_coarse_step_except_for_white_objects_or_when_set():
-    from guidance.primitives_tuning import PRIMITIVES_BACKGROUND_GREYS
-
-    for prompt in ("a pink sphere", "a gray cylinder", "a red cube"):
-        config = preset("quick")
-        registry.get("primitives").adapt(config, prompt)
-        assert config.coarse.background_greys == PRIMITIVES_BACKGROUND_GREYS, prompt
-        config.check()
-    white = preset("quick")
-    registry.get("primitives").adapt(white, "a white capsule")  # on the light levels its lit side would vanish
-    assert white.coarse.background_greys == () and white.prior.background < 0.5
-    custom = apply_overrides(preset("quick"), ["coarse.background_greys=()"])
-    registry.get("primitives").adapt(custom, "a pink sphere")
-    assert custom.coarse.background_greys == ()  # switched off by hand: kept
-    other = preset("quick")
-    registry.get("stable-diffusion").adapt(other, "a red cube")
-    assert other.coarse.background_greys is None and other.coarse.filled().background_greys == ()
-
-
 def test_the_primitives_prior_refines_without_camera_pose_jitter_unless_set():
     config = preset("quick")
     assert config.refine.camera_jitter is None  # 1: the camera config's own jitter
