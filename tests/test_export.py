@@ -143,6 +143,34 @@ def test_cleaning_and_decimation(tmp_path):
     assert 900 <= result.num_faces <= 1000
 
 
+def test_a_decimation_that_opens_the_mesh_is_redone_or_left_out():
+    """Quadric collapses can pinch a thin part into an edge of four faces: such a result is redone with another
+    aggressiveness, then a larger budget, and a watertight mesh is never returned open."""
+    from fast_simplification import simplify
+
+    dense = trimesh.creation.icosphere(subdivisions=4, radius=0.5)  # 5120 faces
+    calls = []
+
+    def pinching(v, f, target_count, agg):  # opens the mesh (drops a face) at fast-simplification's default agg
+        calls.append((target_count, agg))
+        dv, df = simplify(v, f, target_count=target_count, agg=agg)
+        return (dv, df[1:]) if agg == 7.0 else (dv, df)
+
+    v, f = decimate(dense.vertices, dense.faces, 1000, simplify=pinching)
+    assert calls == [(1000, 7.0), (1000, 5.0)]
+    assert 900 <= len(f) <= 1000 and trimesh.Trimesh(v, f, process=False).is_watertight
+
+    calls.clear()
+    v, f = decimate(dense.vertices, dense.faces, 1000, simplify=lambda v, f, target_count, agg: (
+        calls.append(target_count) or (v, f[1:])))
+    assert calls == [1000] * 4 + [1250] * 4 + [1500] * 4 + [2000] * 4  # every try opened it: kept as it was
+    assert np.array_equal(f, dense.faces) and np.array_equal(v, dense.vertices)
+
+    calls.clear()
+    v, f = decimate(dense.vertices, dense.faces[1:], 1000, simplify=pinching)  # open already: the first result
+    assert calls == [(1000, 7.0)] and len(f) < 1000
+
+
 def test_turntable_video(tmp_path):
     import imageio.v2 as imageio
 
