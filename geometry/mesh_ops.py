@@ -119,10 +119,10 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int, simplif
             raise ImportError("decimation needs `pip install fast-simplification` (or set target_faces=0)") from err
     closed = is_watertight(torch.as_tensor(np.asarray(faces, np.int64)))
     for budget in DECIMATE_BUDGETS:
+        count = int(target_faces * budget)
+        if count >= len(faces):
+            return vertices, faces
         for agg in DECIMATE_AGGRESSIVENESS:
-            count = int(target_faces * budget)
-            if count >= len(faces):
-                return vertices, faces
             v, f = simplify(vertices.astype(np.float64), faces.astype(np.int64), target_count=count, agg=agg)
             # Collapses can leave two vertices at one position (seen along a cube's edges): weld them,
             # or the mesh has open edges and exports as non-watertight.
