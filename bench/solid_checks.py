@@ -51,14 +51,18 @@ def measure_run(run_dir: Path) -> dict:
 def measure_initial(run_dir: Path, tunnel: int) -> dict:
     """The solid checks of the refine stage's starting surface from the run's coarse checkpoint."""
     from geometry.level_set import LevelSetSettings, extract_mesh
+    from geometry.visibility import camera_band
+    from stages.config import from_dict
     from stages.runs import load_coarse_checkpoint
 
     record = RunRecord.load(run_dir)
-    refine = record.config["refine"]
+    config = from_dict(record.config)
+    refine = config.refine
     _, shape, _ = parse_prompt(record.prompt)
     field = load_coarse_checkpoint(run_dir / "coarse.pt", torch.device("cpu"))
-    settings = LevelSetSettings(refine["grid_resolution"], refine["threshold"], refine["grid_margin"],
-                                refine["sdf_smoothing"], refine["surface_opacity"], tunnel)
+    cameras = None if refine.fill_unseen == "off" else camera_band(config.camera, refine.fill_unseen == "cameras")
+    settings = LevelSetSettings(refine.grid_resolution, refine.threshold, refine.grid_margin, refine.sdf_smoothing,
+                                refine.surface_opacity, tunnel, cameras=cameras)
     verts, faces = extract_mesh(field, settings)
     mesh = {"vertices": verts.double().numpy(), "faces": faces.numpy()}
     return {"run": f"{run_dir.name} tunnel {tunnel}", "prompt": record.prompt, "shape": shape,
