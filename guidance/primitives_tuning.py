@@ -18,6 +18,8 @@ PRIMITIVES_TEXTURE_GUIDANCE_SCALE = 3.0  # the CFG scale of the refine stage's t
 PRIMITIVES_LR_NETWORK = 1e-2  # the coarse stage's MLP learning rate with the primitives prior (the default is 1e-3)
 ACHROMATIC = ("white", "gray")  # colours whose objects keep the default MLP learning rate
 PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitives prior: no pose jitter while refining
+PRIMITIVES_BACKGROUND_GREYS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # coarse.background_greys with the primitives prior ...
+PRIMITIVES_GREYS_UNTIL = 0.5  # ... for this fraction of the coarse steps (coarse.greys_until)
 
 
 def build(device, dtype=None, model_id=None, **kwargs):
@@ -81,6 +83,14 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # Corners and rims beyond the initial blob stay a haze at the default rate; white and gray objects turn dark
         # and break up at this one.
         config.coarse.lr_network = PRIMITIVES_LR_NETWORK
+    if config.coarse.background_greys is None:
+        # On one background a translucent shell over a dark core can pass for a pale object's shading; on a grey level
+        # drawn per step (the prior denoising on the same) no shell does.
+        config.coarse.background_greys = PRIMITIVES_BACKGROUND_GREYS
+    if config.coarse.greys_until is None:
+        # The later steps settle the colour on the libraries' own level (on the levels to the end, a red sphere's
+        # text-only run came out dark red).
+        config.coarse.greys_until = PRIMITIVES_GREYS_UNTIL
     if config.refine.camera_jitter is None:
         # Jitter the prior cannot see would let a shifted or stretched object match as well as the true one.
         config.refine.camera_jitter = PRIMITIVES_REFINE_CAMERA_JITTER

@@ -33,7 +33,7 @@ TIMING_PARTS = ("render", "guidance", "backward", "optimizer")  # "backward" inc
 
 
 # What the fields left unset (None) take when no guidance model sets them (`CoarseConfig.filled`).
-UNSET_COARSE = {"lr_network": 1e-3, "background": "learned", "background_greys": ()}
+UNSET_COARSE = {"lr_network": 1e-3, "background": "learned", "background_greys": (), "greys_until": 1.0}
 
 
 @dataclass
@@ -49,6 +49,7 @@ class CoarseConfig:
     prob_textureless: float = 0.375  # after the warm-up: probability of textureless (white) shading
     background: str | tuple | None = None  # "white", "random" (a colour per image), "learned" (one colour), (r, g, b) in [0, 1]; None = the model's, else learned
     background_greys: tuple | None = None  # grey levels in [0, 1]: each step renders on one drawn at random (`background` stays the previews'), and a model that takes a level (the primitives prior) denoises on it too; None = the model's, else () = off
+    greys_until: float | None = None  # fraction of the steps (the first ones) rendered on `background_greys`; the rest on `background`, the model on its own level; None = the model's, else 1
     lambda_orientation: float = 1e-2  # weight of Ref-NeRF's orientation loss, reached after the ramp
     orientation_ramp: int = 500  # steps over which the orientation weight rises linearly from 0
     lambda_sparsity: float = 0.0  # weight of the mean opacity (pushes empty space to be empty)
@@ -91,6 +92,9 @@ class CoarseConfig:
         if greys is not None and (not isinstance(greys, tuple) or not all(
                 isinstance(g, (int, float)) and not isinstance(g, bool) and 0.0 <= g <= 1.0 for g in greys)):
             raise ValueError(f"coarse.background_greys must be a tuple of grey levels in [0, 1] (or none), got {greys!r}")
+        until = self.greys_until
+        if until is not None and (isinstance(until, bool) or not isinstance(until, (int, float)) or not 0.0 <= until <= 1.0):
+            raise ValueError(f"coarse.greys_until must be a fraction of the steps in [0, 1], got {until!r}")
         self.field.check()
         self.volume.check()
         self.sds.check()
@@ -143,10 +147,12 @@ def run(
         cams = sample_cameras(config.batch_size, camera, size, generator=generator, device=device)
         shading = sample_shading(step, config.albedo_warmup, generator, probabilities)
         bg = background(config.batch_size, generator, device)
-        if greys:  # one level for the step's images; the prior must denoise on the level they show
+        if greys and step < config.greys_until * config.iters:  # the prior must denoise on the level the images show
             level = float(greys[int(torch.randint(len(greys), (1,), generator=generator))])
             bg = torch.full_like(bg, level)
             sds.guidance = guidance.with_background(level) if hasattr(guidance, "with_background") else guidance
+        elif greys:
+            sds.guidance = guidance
         out = render_volume(
             field_, cams, config.volume, shading=shading, background=bg, occupancy=occupancy,
             generator=generator, need_normals=config.lambda_orientation > 0 and step >= config.albedo_warmup,

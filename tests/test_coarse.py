@@ -184,6 +184,30 @@ def test_background_greys_show_a_drawn_level_per_step_and_the_model_denoises_on_
         tiny_coarse_config(background_greys=(0.5, 1.5)).check()
 
 
+def test_greys_until_keeps_the_grey_levels_to_the_first_steps(monkeypatch):
+    """With `greys_until` the first share of the steps renders on the drawn levels; the rest render on the stage's
+    own background, and the model denoises on its own level again."""
+    rendered = []
+    render = coarse.render_volume
+
+    def recording(field, cams, config, *args, background=None, **kwargs):
+        rendered.append(background.clone())
+        return render(field, cams, config, *args, background=background, **kwargs)
+
+    monkeypatch.setattr(coarse, "render_volume", recording)
+    guidance = _LevelledGuidance(resolution=16)
+    guidance.seen = []
+    greys = (0.1, 0.5, 0.9)
+    coarse.run(guidance, PROMPT, tiny_coarse_config(iters=10, preview_every=0, background=(0.2, 0.2, 0.2),
+                                                    background_greys=greys, greys_until=0.4), CameraConfig())
+    levels = [round(float(bg[0, 0]), 6) for bg in rendered if bg.shape[0] == 1][:10]
+    assert set(levels[:4]) <= set(greys) and levels[4:] == [0.2] * 6, levels
+    assert [round(g, 6) for g in guidance.seen[:10]] == levels[:4] + [1.0] * 6  # the model's own level afterwards
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="coarse.greys_until must be a fraction"):
+            tiny_coarse_config(greys_until=bad).check()
+
+
 def test_training_changes_the_field():
     config = tiny_coarse_config(iters=3)
     torch.manual_seed(config.seed)

@@ -12,7 +12,8 @@ from tests.helpers import tiny_run_config
 # setting -> (the value a run takes when nothing sets it, another value, the primitives prior's value for "a red cube")
 SETTINGS = {
     "coarse.lr_network": (1e-3, 3e-3, 1e-2),
-    "coarse.background_greys": ((), (0.2, 0.8), ()),
+    "coarse.background_greys": ((), (0.2, 0.8), (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)),
+    "coarse.greys_until": (1.0, 0.3, 0.5),
     "refine.lambda_laplacian": (10000.0, 5.0, 1000.0),
     "refine.lambda_normal_consistency": (1000.0, 3.0, 100.0),
     "camera.distance_range": ((2.4, 3.2), (2.5, 3.0), (2.8, 2.8)),
