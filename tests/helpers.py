@@ -111,6 +111,10 @@ class NaNGuidance:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def with_background(self, level):  # the coarse stage's grey levels: the copy for a level is NaN as well
+        inner = self.inner.with_background(level) if hasattr(self.inner, "with_background") else self.inner
+        return type(self)(inner, self.on)
+
     def predict_noise(self, x_t, t, cond, **kwargs):
         eps = self.inner.predict_noise(x_t, t, cond, **kwargs)
         return torch.full_like(eps, float("nan")) if self.on is None or self.on["nan"] else eps
