@@ -156,9 +156,8 @@ class _LevelledGuidance(FakeGuidance):
         return super().predict_noise(x_t, t, cond)
 
 
-def test_background_greys_show_a_drawn_level_per_step_and_the_model_denoises_on_it(monkeypatch):
-    """Each step renders on a grey level drawn from `background_greys`, and the guidance model that takes a
-    level is asked at that same level; previews keep the stage's own background."""
+def _record_backgrounds(monkeypatch, *modules) -> list:
+    """The background of every volume render made through `modules`, in order."""
     rendered = []
     render = coarse.render_volume
 
@@ -166,8 +165,15 @@ def test_background_greys_show_a_drawn_level_per_step_and_the_model_denoises_on_
         rendered.append(background.clone())
         return render(field, cams, config, *args, background=background, **kwargs)
 
-    monkeypatch.setattr(coarse, "render_volume", recording)
-    monkeypatch.setattr(previews, "render_volume", recording)
+    for module in modules:
+        monkeypatch.setattr(module, "render_volume", recording)
+    return rendered
+
+
+def test_background_greys_show_a_drawn_level_per_step_and_the_model_denoises_on_it(monkeypatch):
+    """Each step renders on a grey level drawn from `background_greys`, and the guidance model that takes a
+    level is asked at that same level; previews keep the stage's own background."""
+    rendered = _record_backgrounds(monkeypatch, coarse, previews)
     guidance = _LevelledGuidance(resolution=16)
     guidance.seen = []  # shared by its copies
     greys = (0.1, 0.5, 0.9)
@@ -187,14 +193,7 @@ def test_background_greys_show_a_drawn_level_per_step_and_the_model_denoises_on_
 def test_greys_until_keeps_the_grey_levels_to_the_first_steps(monkeypatch):
     """With `greys_until` the first share of the steps renders on the drawn levels; the rest render on the stage's
     own background, and the model denoises on its own level again."""
-    rendered = []
-    render = coarse.render_volume
-
-    def recording(field, cams, config, *args, background=None, **kwargs):
-        rendered.append(background.clone())
-        return render(field, cams, config, *args, background=background, **kwargs)
-
-    monkeypatch.setattr(coarse, "render_volume", recording)
+    rendered = _record_backgrounds(monkeypatch, coarse)
     guidance = _LevelledGuidance(resolution=16)
     guidance.seen = []
     greys = (0.1, 0.5, 0.9)
