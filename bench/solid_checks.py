@@ -7,7 +7,8 @@ Each folder needs model.obj (+ its texture) and run.json (for the prompt, hence 
 Also printed: the volumetric IoU against the primitive (at its best heading) and the colour error of the
 baked texture, so that a cleaner solid can be checked for not costing shape or colour. With `--initial`,
 the surface the refine stage starts from (marching tets on the DMTet made from the run's coarse.pt, with
-the run's grid, no deformation) is measured instead, once per `refine.fill_tunnel` value given.
+the run's grid, no deformation) is measured instead, once per `refine.fill_tunnel` value given; its colour
+error is that of the coarse field's mean albedo on that surface's vertices.
 """
 from __future__ import annotations
 
@@ -58,16 +59,19 @@ def measure_initial(run_dir: Path, tunnel: int) -> dict:
     record = RunRecord.load(run_dir)
     config = from_dict(record.config)
     refine = config.refine
-    _, shape, _ = parse_prompt(record.prompt)
+    color, shape, _ = parse_prompt(record.prompt)
     field = load_coarse_checkpoint(run_dir / "coarse.pt", torch.device("cpu"))
     cameras = None if refine.fill_unseen == "off" else camera_band(config.camera, refine.fill_unseen == "cameras")
     settings = LevelSetSettings(refine.grid_resolution, refine.threshold, refine.grid_margin, refine.sdf_smoothing,
                                 refine.surface_opacity, tunnel, cameras=cameras)
     verts, faces = extract_mesh(field, settings)
     mesh = {"vertices": verts.double().numpy(), "faces": faces.numpy()}
+    with torch.no_grad():  # the colour the refine stage starts from: the field's albedo on that surface
+        albedo = field.albedo(verts.float()).mean(0) if verts.shape[0] else None
     return {"run": f"{run_dir.name} tunnel {tunnel}", "prompt": record.prompt, "shape": shape,
             **solid_checks(mesh, shape), "volume_iou": aligned_volume_iou(mesh["vertices"], mesh["faces"], shape,
-                                                                          VOLUME_RESOLUTION)}
+                                                                          VOLUME_RESOLUTION),
+            "color_error": None if albedo is None else color_error(albedo, color)}
 
 
 def format_table(rows: list[dict]) -> str:

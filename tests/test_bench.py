@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import coarse_quality, mesh_level, quality, random_models, refine_gain, speed, uv_fill
+from bench import coarse_quality, mesh_level, quality, random_models, refine_gain, solid_checks, speed, uv_fill
 from guidance.primitive_shapes import COLORS, UnknownPromptError, parse_prompt, primitive_mesh
 from stages.config import preset
 from stages.export import ExportConfig, export
@@ -83,6 +83,13 @@ def test_quality_quick_writes_one_measured_row_per_prompt(tmp_path, monkeypatch)
     assert sorted(fills) == sorted(g["run"] for g in gain)
     for row in rows:
         assert fills[f"{slugify(row['prompt'])}-seed0"] == pytest.approx(row["fill"], abs=0.01)
+    # The same runs' start surfaces: the solid checks, and the colour the coarse field hands the refine stage.
+    runs = [str(tmp_path / "quality" / f"{slugify(row['prompt'])}-seed0") for row in rows]
+    assert solid_checks.main([*runs, "--initial", "2", "--json", str(tmp_path / "initial.json")]) == 0
+    starts = json.loads((tmp_path / "initial.json").read_text())
+    assert [s["prompt"] for s in starts] == [row["prompt"] for row in rows]
+    for start in starts:
+        assert start["run"].endswith("tunnel 2") and 0.0 <= start["color_error"] <= math.sqrt(3)
 
 
 def test_measure_scores_the_true_primitive_perfectly_and_a_wrong_prompt_badly(tmp_path, monkeypatch):
