@@ -26,7 +26,7 @@ VIEW_FOVY = 45.0  # degrees: their vertical field of view
 
 
 # What the camera fields left unset (None) take when no guidance model sets them (`CameraConfig.filled`).
-UNSET_CAMERA = {"distance_range": (2.4, 3.2), "fovy_range": (40.0, 55.0)}
+UNSET_CAMERA = {"distance_range": (2.4, 3.2), "fovy_range": (40.0, 55.0), "light_jitter": 0.6}
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CameraConfig:
     target_jitter: float = 0.05  # std of the noise added to the look-at point, world units
     up_jitter: float = 0.02  # std of the noise added to the up vector
     light_distance_range: tuple[float, float] = (0.8, 1.5)  # light distance, multiples of the camera distance
-    light_jitter: float = 0.6  # std of the light's offset around the camera direction, world units
+    light_jitter: float | None = None  # std of the light's offset around the camera direction, world units; None = the guidance model's, else 0.6
     near: float = 0.1  # near clip plane, world units
     far: float = 10.0  # far clip plane, world units
 
@@ -64,7 +64,9 @@ class CameraConfig:
         if self.fovy_range is not None and not (0 < self.fovy_range[0] and self.fovy_range[1] < 180):
             raise ValueError(f"fovy_range must lie in (0, 180) degrees, got {self.fovy_range}")
         for name in ("position_jitter", "target_jitter", "up_jitter", "light_jitter"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is None and name in UNSET_CAMERA:
+                continue
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 

@@ -18,6 +18,7 @@ SETTINGS = {
     "refine.lambda_normal_consistency": (1000.0, 3.0, 100.0),
     "camera.distance_range": ((2.4, 3.2), (2.5, 3.0), (2.8, 2.8)),
     "camera.fovy_range": ((40.0, 55.0), (30.0, 35.0), (45.0, 45.0)),
+    "camera.light_jitter": (0.6, 0.3, 0.6),
     "refine.prob_albedo": (0.2, 0.5, 0.0),
     "refine.prob_lambertian": (0.8, 0.6, 1.0),
     "refine.prob_textureless": (0.0, 0.3, 0.0),
@@ -70,6 +71,14 @@ def test_without_the_prior_an_unset_setting_takes_the_stages_value(key):
 def test_the_coarse_learning_rate_on_a_dark_background_stays_the_stages_unless_set():
     assert _plan_config("a white cube", []).coarse.lr_network == 1e-3
     assert _plan_config("a white cube", ["coarse.lr_network=0.01"]).coarse.lr_network == 0.01
+
+
+def test_pale_objects_get_the_light_at_the_camera_unless_set():
+    for prompt in ("a white cube", "a gray torus", "a grey sphere", "a pink cone"):
+        assert _plan_config(prompt, []).camera.light_jitter == 0.0, prompt
+        assert _plan_config(prompt, ["camera.light_jitter=0.6"]).camera.light_jitter == 0.6, prompt
+    for prompt in ("a red cube", "a yellow cone", "a brown sphere", "a purple torus"):  # saturated: the light's spread
+        assert _plan_config(prompt, []).camera.light_jitter == 0.6, prompt
 
 
 def test_one_shading_probability_set_by_hand_keeps_the_others_at_the_stages_values():
