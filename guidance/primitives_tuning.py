@@ -21,7 +21,8 @@ PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitive
 PRIMITIVES_BACKGROUND_GREYS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # coarse.background_greys with the primitives prior ...
 PRIMITIVES_GREYS_UNTIL = 0.5  # ... for this fraction of the coarse steps (coarse.greys_until)
 PALE_LIGHT_JITTER = 0.0  # camera.light_jitter for objects of a pale colour: the light at the camera ...
-PALE_SATURATION = 0.6  # ... a colour whose saturation (1 - min / max of its RGB) is below this: white, gray, pink
+PALE_SATURATION = 0.6  # ... a colour whose saturation (1 - min / max of its RGB) is below this: gray, pink (and white,
+# which keeps the light's spread: it trains on a dark background)
 
 
 def build(device, dtype=None, model_id=None, **kwargs):
@@ -55,8 +56,8 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     from guidance.primitives import CAMERA_DISTANCE, CAMERA_FOVY, background_for
 
     config.prior.background = background_for(prompt)
-    white = config.prior.background == 1.0
-    grey = "white" if white else (config.prior.background,) * 3
+    white_background = config.prior.background == 1.0  # every colour but white
+    grey = "white" if white_background else (config.prior.background,) * 3
     if config.camera.distance_range is None:
         config.camera.distance_range = (CAMERA_DISTANCE, CAMERA_DISTANCE)
     if config.camera.fovy_range is None:
@@ -78,7 +79,7 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
     if config.refine.lambda_albedo_tilt is None:
         # Every prompt of the prior is one colour, so brightness must not follow the normal's z.
         config.refine.lambda_albedo_tilt = PRIMITIVES_ALBEDO_TILT
-    if config.refine.sds.texture_guidance_scale is None and white:
+    if config.refine.sds.texture_guidance_scale is None and white_background:
         # At the shape's CFG the texture saturates; not for white objects, whose texture sinks to grey at 3.
         config.refine.sds.texture_guidance_scale = PRIMITIVES_TEXTURE_GUIDANCE_SCALE
     if config.coarse.lr_network is None and not _achromatic(prompt):
@@ -93,11 +94,12 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # The later steps settle the colour on the libraries' own level (on the levels to the end, a red sphere's
         # text-only run came out dark red).
         config.coarse.greys_until = PRIMITIVES_GREYS_UNTIL
-    if config.camera.light_jitter is None and _pale(prompt):
+    if config.camera.light_jitter is None and _pale(prompt) and white_background:
         # A pale colour is told from its neighbours by its brightness, which the light's direction changes as much:
-        # with the light around the camera (the library's renders have the same lights), a grey albedo lit head-on
-        # passes for a white object lit from the side, and the texture settles grey. With the light at the camera the
-        # brightness is the albedo's.
+        # with the light around the camera (the library's renders have the same lights), a darker albedo lit head-on
+        # passes for the colour lit from the side, and the field turns translucent or lumpy to match. With the light at
+        # the camera the brightness is the albedo's. Not for white objects on their dark background: their tori
+        # closed the hole (a knob in it) with the light at the camera or at half the spread.
         config.camera.light_jitter = PALE_LIGHT_JITTER
     if config.refine.camera_jitter is None:
         # Jitter the prior cannot see would let a shifted or stretched object match as well as the true one.
