@@ -20,9 +20,8 @@ ACHROMATIC = ("white", "gray")  # colours whose objects keep the default MLP lea
 PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitives prior: no pose jitter while refining
 PRIMITIVES_BACKGROUND_GREYS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # coarse.background_greys with the primitives prior ...
 PRIMITIVES_GREYS_UNTIL = 0.5  # ... for this fraction of the coarse steps (coarse.greys_until)
-PALE_LIGHT_JITTER = 0.0  # camera.light_jitter for objects of a pale colour: the light at the camera ...
-PALE_SATURATION = 0.6  # ... a colour whose saturation (1 - min / max of its RGB) is below this: gray, pink (and white,
-# which keeps the light's spread: it trains on a dark background)
+PRIMITIVES_LIGHT_JITTER = 0.0  # camera.light_jitter with the primitives prior, every colour but white: the light at
+# the camera (white objects train on a dark background and keep the light's spread)
 
 
 def build(device, dtype=None, model_id=None, **kwargs):
@@ -94,13 +93,13 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # The later steps settle the colour on the libraries' own level (on the levels to the end, a red sphere's
         # text-only run came out dark red).
         config.coarse.greys_until = PRIMITIVES_GREYS_UNTIL
-    if config.camera.light_jitter is None and _pale(prompt) and white_background:
-        # A pale colour is told from its neighbours by its brightness, which the light's direction changes as much:
-        # with the light around the camera (the library's renders have the same lights), a darker albedo lit head-on
-        # passes for the colour lit from the side, and the field turns translucent or lumpy to match. With the light at
-        # the camera the brightness is the albedo's. Not for white objects on their dark background: their tori
-        # closed the hole (a knob in it) with the light at the camera or at half the spread.
-        config.camera.light_jitter = PALE_LIGHT_JITTER
+    if config.camera.light_jitter is None and white_background:
+        # A colour's brightness changes with the light's direction as much as with the albedo: with the light around
+        # the camera (the library's renders have the same lights), a darker albedo lit head-on passes for the colour
+        # lit from the side, and the field turns translucent or lumpy to match (pale colours most, which are mostly
+        # brightness). With the light at the camera the brightness is the albedo's. Not for white objects on their
+        # dark background: their tori closed the hole (a knob in it) with the light at the camera or at half the spread.
+        config.camera.light_jitter = PRIMITIVES_LIGHT_JITTER
     if config.refine.camera_jitter is None:
         # Jitter the prior cannot see would let a shifted or stretched object match as well as the true one.
         config.refine.camera_jitter = PRIMITIVES_REFINE_CAMERA_JITTER
@@ -120,14 +119,6 @@ def _achromatic(prompt: str | None) -> bool:
     from guidance.primitive_shapes import parse_prompt
 
     return prompt is not None and parse_prompt(prompt)[0] in ACHROMATIC
-
-
-def _pale(prompt: str | None) -> bool:
-    """Whether the prompt's colour is pale: saturation 1 - min / max of its RGB below PALE_SATURATION."""
-    from guidance.primitive_shapes import COLORS, parse_prompt
-
-    rgb = COLORS.get(parse_prompt(prompt)[0]) if prompt is not None else None  # a prompt may name no colour
-    return rgb is not None and 1.0 - min(rgb) / max(rgb) < PALE_SATURATION
 
 
 def for_run(model, config):
