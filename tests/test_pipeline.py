@@ -8,6 +8,7 @@ from guidance.primitive_shapes import UnknownPromptError
 from helpers import NaNGuidance, tiny_run_config
 from stages import pipeline
 from stages.common import Cancelled, StageError
+from stages.config import apply_overrides
 from stages.pipeline import generate, run_to_completion
 from stages.plan import PromptError, resolve
 from stages.runs import load_run_config
@@ -121,13 +122,18 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
         _drain("a green cube", tiny_run_config(), run_dir=tmp_path / "run")
 
 
-def test_one_prior_library_serves_white_and_coloured_prompts():
-    # White objects train on a dark background: the cached prior is re-levelled, not rebuilt.
-    white, red = resolve("a white cube", tiny_run_config()), resolve("a red cube", tiny_run_config())
+def test_one_prior_library_serves_every_background_level_of_the_same_cameras_and_light():
+    # White objects train on a dark background: the cached prior is re-levelled, not rebuilt, where the cameras and
+    # the light are the same. By default they are not: white objects keep the light around the camera.
+    same_light = apply_overrides(tiny_run_config(), ["camera.light_jitter=0.0"])
+    white, red = resolve("a white cube", same_light), resolve("a red cube", tiny_run_config())
     assert white.config.prior.background < red.config.prior.background == 1.0
     red_prior, white_prior = pipeline.guidance_for(red), pipeline.guidance_for(white)
     assert (red_prior.background, white_prior.background) == (red.config.prior.background, white.config.prior.background)
     assert white_prior.lib_u is red_prior.lib_u and pipeline.guidance_for(red) is red_prior
+    default_white = resolve("a white cube", tiny_run_config())
+    assert default_white.config.camera.light_jitter != red.config.camera.light_jitter
+    assert pipeline.guidance_for(default_white).lib_u is not red_prior.lib_u
 
 
 @pytest.mark.slow

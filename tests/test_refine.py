@@ -205,14 +205,16 @@ def test_refine_moves_a_rounded_blob_toward_the_primitive(prior):
     # The coarse stage's typical mistake: a rounded, too large cylinder. Refinement sharpens and shrinks it.
     field = Blob(radius=0.45, p=3.0, cylinder=True, color=(0.95, 0.85, 0.10))
     config = refine.RefineConfig(
-        iters=150, batch_size=4, resolution=64, grid_resolution=32, preview_every=0,
+        iters=300, batch_size=4, resolution=64, grid_resolution=32, preview_every=0,
         prob_albedo=0.0, prob_lambertian=1.0, sds=QUICK.refine.sds,  # the guidance scale of a run with the prior
     )
     before = _iou(extract_mesh(field, level_set(config)), "cylinder")
     result = refine.run(field, prior, "a yellow cylinder", config, CAMERA)
     after = _iou((result.vertices, result.faces), "cylinder")
     assert is_watertight(result.faces)
-    assert after > before + 0.04, (before, after)  # observed: 0.49 -> 0.57
+    # Observed: 0.445 -> 0.503. With the light at the camera (the prior's default) the pull is slower than with the
+    # light around it: at 150 steps 0.477 against 0.502.
+    assert after > before + 0.04, (before, after)
 
 
 @pytest.mark.slow
