@@ -20,8 +20,8 @@ ACHROMATIC = ("white", "gray")  # colours whose objects keep the default MLP lea
 PRIMITIVES_REFINE_CAMERA_JITTER = 0.0  # refine.camera_jitter with the primitives prior: no pose jitter while refining
 PRIMITIVES_BACKGROUND_GREYS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # coarse.background_greys with the primitives prior ...
 PRIMITIVES_GREYS_UNTIL = 0.5  # ... for this fraction of the coarse steps (coarse.greys_until)
-PRIMITIVES_LIGHT_JITTER = 0.0  # camera.light_jitter with the primitives prior, every colour but white: the light at
-# the camera (white objects train on a dark background and keep the light's spread)
+PRIMITIVES_LIGHT_JITTER = 0.0  # camera.light_jitter with the primitives prior, every colour but white, and
+# refine.light_jitter for every colour: the light at the camera (white objects keep the light's spread in the coarse stage)
 
 
 def build(device, dtype=None, model_id=None, **kwargs):
@@ -93,13 +93,17 @@ def adapt_to_primitives(config, prompt: str | None = None) -> None:
         # The later steps settle the colour on the libraries' own level (on the levels to the end, a red sphere's
         # text-only run came out dark red).
         config.coarse.greys_until = PRIMITIVES_GREYS_UNTIL
-    if config.camera.light_jitter is None and white_background:
+    if config.camera.light_jitter is None:
         # A colour's brightness changes with the light's direction as much as with the albedo: with the light around
         # the camera (the library's renders have the same lights), a darker albedo lit head-on passes for the colour
         # lit from the side, and the field turns translucent or lumpy to match (pale colours most, which are mostly
-        # brightness). With the light at the camera the brightness is the albedo's. Not for white objects on their
-        # dark background: their tori closed the hole (a knob in it) with the light at the camera or at half the spread.
-        config.camera.light_jitter = PRIMITIVES_LIGHT_JITTER
+        # brightness). With the light at the camera the brightness is the albedo's. White objects on their dark
+        # background keep the spread in the coarse stage, whose fields of their tori were solid pucks with the light
+        # at the camera; their refine stage starts from a surface with its hole and takes the light at the camera.
+        if config.refine.light_jitter is None:
+            config.refine.light_jitter = PRIMITIVES_LIGHT_JITTER
+        if white_background:
+            config.camera.light_jitter = PRIMITIVES_LIGHT_JITTER
     if config.refine.camera_jitter is None:
         # Jitter the prior cannot see would let a shifted or stretched object match as well as the true one.
         config.refine.camera_jitter = PRIMITIVES_REFINE_CAMERA_JITTER

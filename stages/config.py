@@ -66,8 +66,10 @@ class Config:
 
     def filled(self) -> Config:
         """A copy whose unset (None) settings hold the values a run takes when its guidance model chose none."""
-        return dataclasses.replace(self, camera=self.camera.filled(), coarse=self.coarse.filled(),
-                                   refine=self.refine.filled())
+        camera, refine = self.camera.filled(), self.refine.filled()
+        if refine.light_jitter is None:  # the refine stage's light follows the cameras' unless set
+            refine = dataclasses.replace(refine, light_jitter=camera.light_jitter)
+        return dataclasses.replace(self, camera=camera, coarse=self.coarse.filled(), refine=refine)
 
 
 def _quick() -> Config:

@@ -87,14 +87,19 @@ def resolve(prompt, config: Config) -> RunPlan:
 
 
 def refine_view(config: Config) -> Config:
-    """A resolved config as the refine stage sees it: its cameras' pose jitter times `refine.camera_jitter`.
-    The config itself when that changes nothing; otherwise a copy, whose guidance model may differ (the
-    primitives prior's library follows the camera distribution)."""
-    scale = config.refine.camera_jitter
-    if scale is None or scale == 1.0:
+    """A resolved config as the refine stage sees it: its cameras' pose jitter times `refine.camera_jitter`, and
+    its light's spread `refine.light_jitter`. The config itself when that changes nothing; otherwise a copy,
+    whose guidance model may differ (the primitives prior's library follows the cameras and the light)."""
+    scale, light = config.refine.camera_jitter, config.refine.light_jitter
+    scaled = scale is not None and scale != 1.0
+    relit = light is not None and light != config.camera.light_jitter
+    if not (scaled or relit):
         return config
     view = copy.deepcopy(config)
-    view.camera = scale_pose_jitter(view.camera, scale)
+    if scaled:
+        view.camera = scale_pose_jitter(view.camera, scale)
+    if relit:
+        view.camera.light_jitter = light
     return view
 
 

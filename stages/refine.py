@@ -81,6 +81,7 @@ class RefineConfig:
     ambient: float | None = None  # ambient share of Lambertian shading (the prior renders with its own); None = the model's, else 0.3
     background: str | tuple | None = None  # "white", "random" (a colour per image) or (r, g, b) in [0, 1]; None = the model's, else white
     camera_jitter: float | None = None  # this stage's camera pose jitter, times the camera config's (`stages.plan.refine_view`); None = 1, or 0 with the primitives prior
+    light_jitter: float | None = None  # this stage's light spread (as camera.light_jitter, `stages.plan.refine_view`); None = camera.light_jitter's, or 0 with the primitives prior
     preview_every: int = 100  # steps between preview renders (0 = only at the end)
     preview_views: int = 4  # orbit views in a preview
     preview_resolution: int = 256  # preview image side, px (colour and normals of each view)
@@ -126,8 +127,9 @@ class RefineConfig:
                      "preview_every", "chunk_size", "model_every"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.camera_jitter is not None and not self.camera_jitter >= 0:
-            raise ValueError(f"refine.camera_jitter must be >= 0 or None, got {self.camera_jitter!r}")
+        for name in ("camera_jitter", "light_jitter"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"refine.{name} must be >= 0 or None, got {getattr(self, name)!r}")
         if self.lambda_albedo_tilt is not None and not self.lambda_albedo_tilt >= 0:
             raise ValueError(f"refine.lambda_albedo_tilt must be >= 0 or None, got {self.lambda_albedo_tilt!r}")
         if self.lr_sdf + self.lr_deform + self.lr_color <= 0:

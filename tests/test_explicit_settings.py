@@ -19,6 +19,7 @@ SETTINGS = {
     "camera.distance_range": ((2.4, 3.2), (2.5, 3.0), (2.8, 2.8)),
     "camera.fovy_range": ((40.0, 55.0), (30.0, 35.0), (45.0, 45.0)),
     "camera.light_jitter": (0.6, 0.3, 0.0),
+    "refine.light_jitter": (0.6, 0.3, 0.0),
     "refine.prob_albedo": (0.2, 0.5, 0.0),
     "refine.prob_lambertian": (0.8, 0.6, 1.0),
     "refine.prob_textureless": (0.0, 0.3, 0.0),
@@ -78,10 +79,23 @@ def test_objects_on_the_white_background_get_the_light_at_the_camera_unless_set(
                    "a purple torus", "a green capsule"):
         assert _plan_config(prompt, []).camera.light_jitter == 0.0, prompt
         assert _plan_config(prompt, ["camera.light_jitter=0.6"]).camera.light_jitter == 0.6, prompt
-    # White objects (on their dark background) keep the light's spread.
+    # White objects (on their dark background) keep the light's spread in the coarse stage, not in the refine stage.
     for prompt in ("a white torus", "a white capsule"):
-        assert _plan_config(prompt, []).camera.light_jitter == 0.6, prompt
+        plan = resolve(prompt, apply_overrides(tiny_run_config(), []))
+        assert (plan.config.camera.light_jitter, plan.config.refine.light_jitter) == (0.6, 0.0), prompt
+        assert plan.refine_config.camera.light_jitter == 0.0 and plan.refine_config.camera.distance_range == \
+            plan.config.camera.distance_range, prompt
     assert _plan_config("a white cube", ["camera.light_jitter=0.0"]).camera.light_jitter == 0.0
+
+
+def test_the_refine_stages_light_follows_the_cameras_unless_set():
+    for prompt, guidance in (("a white cube", "primitives"), ("a red cube", "primitives"), ("a red cube", "stable-diffusion")):
+        plan = resolve(prompt, apply_overrides(tiny_run_config(guidance=guidance), ["camera.light_jitter=0.3"]))
+        assert plan.config.refine.light_jitter == plan.refine_config.camera.light_jitter == 0.3, (prompt, guidance)
+        plan = resolve(prompt, apply_overrides(tiny_run_config(guidance=guidance), ["refine.light_jitter=0.2"]))
+        assert plan.refine_config.camera.light_jitter == 0.2 and plan.config.camera.light_jitter != 0.2, (prompt, guidance)
+    with pytest.raises(ValueError, match="refine.light_jitter must be >= 0"):
+        resolve("a red cube", apply_overrides(tiny_run_config(), ["refine.light_jitter=-0.1"]))
 
 
 def test_one_shading_probability_set_by_hand_keeps_the_others_at_the_stages_values():

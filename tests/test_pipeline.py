@@ -124,7 +124,8 @@ def test_out_of_memory_names_the_setting_to_lower(tmp_path, monkeypatch):
 
 def test_one_prior_library_serves_every_background_level_of_the_same_cameras_and_light():
     # White objects train on a dark background: the cached prior is re-levelled, not rebuilt, where the cameras and
-    # the light are the same. By default they are not: white objects keep the light around the camera.
+    # the light are the same. By default they are not: white objects keep the light around the camera in the coarse
+    # stage.
     same_light = apply_overrides(tiny_run_config(), ["camera.light_jitter=0.0"])
     white, red = resolve("a white cube", same_light), resolve("a red cube", tiny_run_config())
     assert white.config.prior.background < red.config.prior.background == 1.0
@@ -134,6 +135,8 @@ def test_one_prior_library_serves_every_background_level_of_the_same_cameras_and
     default_white = resolve("a white cube", tiny_run_config())
     assert default_white.config.camera.light_jitter != red.config.camera.light_jitter
     assert pipeline.guidance_for(default_white).lib_u is not red_prior.lib_u
+    # Their refine stages have the light at the camera: one library again.
+    assert pipeline.guidance_for(red, "refine").lib_u is pipeline.guidance_for(default_white, "refine").lib_u
 
 
 @pytest.mark.slow
